@@ -1,0 +1,84 @@
+#pragma once
+// Activations of conv2d_act: forward, and derivative from whichever tensor the op saved.
+#include <cmath>
+#include <string_view>
+
+#include <c10/util/Exception.h>
+
+#include "common/macros.h"
+
+namespace segfast {
+
+enum class Activation { None, ReLU, LeakyReLU, SiLU, GELU, Sigmoid };
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "none") return Activation::None;
+  if (name == "relu") return Activation::ReLU;
+  if (name == "leaky_relu") return Activation::LeakyReLU;
+  if (name == "silu") return Activation::SiLU;
+  if (name == "gelu") return Activation::GELU;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  TORCH_CHECK_VALUE(false, "activation: expected one of none, relu, leaky_relu, silu, gelu, sigmoid; got '",
+                    name, "'");
+}
+
+// Backward needs one activation-sized tensor: the output y where the derivative is a function of
+// y (relu, leaky_relu with slope >= 0, sigmoid), else the pre-activation z.
+inline bool derivative_from_output(Activation act, double negative_slope) {
+  return act == Activation::ReLU || act == Activation::Sigmoid ||
+         (act == Activation::LeakyReLU && negative_slope >= 0);
+}
+
+template <Activation A, typename T>
+SEGFAST_HOST_DEVICE T activate(T z, T negative_slope) {
+  if constexpr (A == Activation::ReLU) {
+    return z > T(0) || z != z ? z : T(0);  // NaN propagates, as in torch.relu
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return z > T(0) ? z : z * negative_slope;
+  } else if constexpr (A == Activation::SiLU) {
+    return z / (T(1) + std::exp(-z));
+  } else if constexpr (A == Activation::GELU) {
+    return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));
+  } else if constexpr (A == Activation::Sigmoid) {
+    return T(1) / (T(1) + std::exp(-z));
+  } else {
+    return z;
+  }
+}
+
+// d activation / dz, given `s`: the output y when derivative_from_output(), else z.
+template <Activation A, typename T>
+SEGFAST_HOST_DEVICE T activation_derivative(T s, T negative_slope) {
+  if constexpr (A == Activation::ReLU) {
+    return s > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return s > T(0) ? T(1) : negative_slope;
+  } else if constexpr (A == Activation::SiLU) {
+    const T sig = T(1) / (T(1) + std::exp(-s));
+    return sig * (T(1) + s * (T(1) - sig));
+  } else if constexpr (A == Activation::GELU) {
+    const T cdf = T(0.5) * (T(1) + std::erf(s * T(M_SQRT1_2)));
+    const T pdf = std::exp(T(-0.5) * s * s) * T(0.3989422804014327);  // 1/sqrt(2 pi)
+    return cdf + s * pdf;
+  } else if constexpr (A == Activation::Sigmoid) {
+    return s * (T(1) - s);
+  } else {
+    return T(1);
+  }
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the runtime value `act`.
+template <typename F>
+decltype(auto) dispatch_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::None: return f(std::integral_constant<Activation, Activation::None>{});
+    case Activation::ReLU: return f(std::integral_constant<Activation, Activation::ReLU>{});
+    case Activation::LeakyReLU: return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
+    case Activation::SiLU: return f(std::integral_constant<Activation, Activation::SiLU>{});
+    case Activation::GELU: return f(std::integral_constant<Activation, Activation::GELU>{});
+    case Activation::Sigmoid: return f(std::integral_constant<Activation, Activation::Sigmoid>{});
+  }
+  TORCH_CHECK(false, "unreachable activation");
+}
+
+}  // namespace segfast

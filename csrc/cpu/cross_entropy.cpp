@@ -1,0 +1,372 @@
+// Per-pixel softmax cross-entropy on CPU, straight on (N, C, S) logits of any strides.
+//
+// Work is cut into tiles of kTile pixels of one image. Within a tile the C x kTile logits stay in
+// L1, so the class loops (max, then sum of exp) read memory once; the inner loop runs over pixels
+// and vectorises when pixels are contiguous (NCHW). Backward recomputes softmax from the saved
+// per-pixel log-sum-exp. Sums over pixels go through per-tile partials added in a fixed order, so
+// results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#include "common/macros.h"
+#include "cpu/vec_math.h"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kTile = 64;
+
+enum class Reduction { None, Mean, Sum };
+
+Reduction parse_reduction(std::string_view name) {
+  if (name == "none") return Reduction::None;
+  if (name == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(name == "sum", "reduction: expected 'none', 'mean' or 'sum', got '", name, "'");
+  return Reduction::Sum;
+}
+
+// A tile of logits: x(c, j) = data[c * class_stride + j * pixel_stride], j < pixels <= kTile.
+// kUnit: pixel_stride is 1 (NCHW), known at compile time so the pixel loops vectorise.
+template <typename scalar_t, bool kUnit>
+struct Tile {
+  const scalar_t* data;
+  int64_t class_stride, pixel_stride_, classes, pixels;
+
+  int64_t pixel_stride() const { return kUnit ? 1 : pixel_stride_; }
+  const scalar_t* row(int64_t c) const { return data + c * class_stride; }
+};
+
+// lse[j] = log sum_c exp x(c, j): a max pass, then a sum-of-exp pass over the L1-resident tile.
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  acc_t max[kTile], sum[kTile];
+  for (int64_t j = 0; j < t.pixels; ++j) {
+    max[j] = -std::numeric_limits<acc_t>::infinity();
+    sum[j] = 0;
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j * ps]);
+      max[j] = v > max[j] ? v : max[j];  // NaN reaches lse through the sum below
+    }
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) sum[j] += cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - max[j]);
+  }
+  for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
+}
+
+// dot[j] = sum_c coef(c, j) x(c, j) and mass[j] = sum_c coef(c, j), where coef(c, j) is w_c
+// (class-index targets, for label smoothing) or w_c q'(c, j) with q' the smoothed target
+// probabilities (probability targets).
+template <typename scalar_t, bool kUnit, bool kProb>
+SEGFAST_CPU_MULTIVERSION void tile_weighted_sums(const Tile<scalar_t, kUnit> t, const scalar_t* prob,
+                                                 const at::opmath_type<scalar_t>* weight,
+                                                 at::opmath_type<scalar_t> smoothing,
+                                                 at::opmath_type<scalar_t>* dot, at::opmath_type<scalar_t>* mass) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
+  for (int64_t j = 0; j < t.pixels; ++j) dot[j] = mass[j] = 0;
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    const scalar_t* q = kProb ? prob + c * t.class_stride : nullptr;
+    const acc_t w = weight ? weight[c] : acc_t(1);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[j * ps]) + spread) : w;
+      dot[j] += coef * static_cast<acc_t>(x[j * ps]);
+      mass[j] += coef;
+    }
+  }
+}
+
+// grad(c, j) = scale[j] * (softmax(c, j) * mass[j] - coef(c, j)), coef as above but multiplied by
+// `spread` for class-index targets (whose target-class term the caller adds).
+template <typename scalar_t, bool kUnit, bool kProb>
+SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const scalar_t* prob,
+                                        const at::opmath_type<scalar_t>* weight, at::opmath_type<scalar_t> smoothing,
+                                        const at::opmath_type<scalar_t>* lse, const at::opmath_type<scalar_t>* mass,
+                                        const at::opmath_type<scalar_t>* scale, scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    const scalar_t* q = kProb ? prob + c * t.class_stride : nullptr;
+    scalar_t* g = grad + c * t.class_stride;
+    const acc_t w = weight ? weight[c] : acc_t(1);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[j * ps]) + spread) : w * spread;
+      const acc_t p = cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      g[j * ps] = static_cast<scalar_t>(scale[j] * (p * mass[j] - coef));
+    }
+  }
+}
+
+struct Geometry {
+  int64_t batch, classes, pixels;
+  int64_t batch_stride, class_stride, pixel_stride;
+  int64_t tiles_per_image() const { return (pixels + kTile - 1) / kTile; }
+  int64_t tiles() const { return batch * tiles_per_image(); }
+};
+
+Geometry geometry_of(const Tensor& input) {
+  return {input.size(0), input.size(1), input.size(2), input.stride(0), input.stride(1), input.stride(2)};
+}
+
+// Calls f(n, s0, pixels, tile_index) for every tile, in parallel.
+template <typename F>
+void for_each_tile(const Geometry& g, F&& f) {
+  const int64_t per_image = g.tiles_per_image();
+  at::parallel_for(0, g.tiles(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / per_image, s0 = tile % per_image * kTile;
+      f(n, s0, std::min(kTile, g.pixels - s0), tile);
+    }
+  });
+}
+
+template <typename scalar_t, bool kUnit>
+Tile<scalar_t, kUnit> tile_at(const scalar_t* base, const Geometry& g, int64_t n, int64_t s0, int64_t pixels) {
+  return {base + n * g.batch_stride + s0 * g.pixel_stride, g.class_stride, g.pixel_stride, g.classes, pixels};
+}
+
+template <typename F>
+void dispatch_unit_stride(const Geometry& g, F&& f) {
+  if (g.pixel_stride == 1) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+std::vector<double> class_weights(const std::optional<Tensor>& weight, int64_t classes) {
+  std::vector<double> w(classes, 1.0);
+  if (weight && weight->defined()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == classes, "weight: expected shape (", classes,
+                      ",), got ", weight->sizes());
+    const Tensor wd = weight->to(at::kDouble).contiguous();
+    std::copy(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + classes, w.begin());
+  }
+  return w;
+}
+
+void check_inputs(const Tensor& input, const Tensor& target, bool prob) {
+  TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
+  if (prob) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
+                      "cross_entropy: probability target must match input ", input.sizes(), " ",
+                      input.scalar_type(), ", got ", target.sizes(), " ", target.scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2),
+                      "cross_entropy: class-index target must be (N, S) = (", input.size(0), ", ", input.size(2),
+                      "), got ", target.sizes());
+  }
+}
+
+// Probability targets are read with the logits' offsets.
+Tensor with_logit_strides(const Tensor& target, const Tensor& input, bool prob) {
+  if (!prob || target.strides() == input.strides()) return target;
+  return at::empty_like(input).copy_(target);
+}
+
+template <typename F>
+void dispatch_target(const Tensor& target, F&& f) {
+  switch (target.scalar_type()) {
+    case at::kLong: return f(int64_t{});
+    case at::kInt: return f(int32_t{});
+    case at::kByte: return f(uint8_t{});
+    default: TORCH_CHECK_VALUE(false, "cross_entropy: target must be int64, int32 or uint8 class indices, or "
+                                      "probabilities of the input's dtype; got ", target.scalar_type());
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const Tensor& target_,
+                                                     const std::optional<Tensor>& weight, c10::string_view reduction_,
+                                                     int64_t ignore_index, double label_smoothing) {
+  const bool prob = at::isFloatingType(target_.scalar_type());
+  check_inputs(input, target_, prob);
+  const Reduction reduction = parse_reduction(reduction_);
+  const Geometry g = geometry_of(input);
+  const Tensor target = with_logit_strides(target_, input, prob);
+  Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+  Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options())
+                                             : at::empty({}, input.options());
+  std::vector<double> tile_loss(g.tiles()), tile_weight(g.tiles());
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<double> wd = class_weights(weight, g.classes);
+    const std::vector<acc_t> w(wd.begin(), wd.end());
+    const acc_t* wp = weight && weight->defined() ? w.data() : nullptr;
+    acc_t weight_total = 0;
+    for (acc_t v : w) weight_total += v;
+    const acc_t eps = static_cast<acc_t>(label_smoothing), spread = eps / static_cast<acc_t>(g.classes);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+    scalar_t* loss_p = reduction == Reduction::None ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+
+    dispatch_unit_stride(g, [&](auto unit) {
+      constexpr bool kUnit = decltype(unit)::value;
+      for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t tile) {
+        const auto t = tile_at<scalar_t, kUnit>(x, g, n, s0, pixels);
+        acc_t* tile_lse = lse_p + n * g.pixels + s0;
+        tile_logsumexp(t, tile_lse);
+        acc_t dot[kTile], mass[kTile], pixel_loss[kTile], pixel_weight[kTile];
+        if (prob) {
+          const scalar_t* q = target.const_data_ptr<scalar_t>() + (t.data - x);
+          tile_weighted_sums<scalar_t, kUnit, true>(t, q, wp, eps, dot, mass);
+          for (int64_t j = 0; j < pixels; ++j) {
+            pixel_loss[j] = tile_lse[j] * mass[j] - dot[j];
+            pixel_weight[j] = 1;
+          }
+        } else {
+          if (eps != 0) tile_weighted_sums<scalar_t, kUnit, false>(t, nullptr, wp, eps, dot, mass);
+          dispatch_target(target, [&](auto index) {
+            using index_t = decltype(index);
+            const index_t* tgt = target.const_data_ptr<index_t>() + n * target.stride(0) + s0 * target.stride(1);
+            for (int64_t j = 0; j < pixels; ++j) {
+              const int64_t cls = static_cast<int64_t>(tgt[j * target.stride(1)]);
+              if (cls == ignore_index) {
+                pixel_loss[j] = pixel_weight[j] = 0;
+                continue;
+              }
+              TORCH_CHECK_INDEX(cls >= 0 && cls < g.classes, "cross_entropy: target class ", cls, " at (n=", n,
+                                ", pixel=", s0 + j, ") is outside [0, ", g.classes, ") and is not ignore_index (",
+                                ignore_index, ")");
+              const acc_t wt = wp ? wp[cls] : acc_t(1);
+              const acc_t nll = tile_lse[j] - static_cast<acc_t>(t.row(cls)[j * t.pixel_stride()]);
+              pixel_loss[j] = (1 - eps) * wt * nll;
+              if (eps != 0) pixel_loss[j] += spread * (weight_total * tile_lse[j] - dot[j]);
+              pixel_weight[j] = wt;
+            }
+          });
+        }
+        if (loss_p) {
+          for (int64_t j = 0; j < pixels; ++j) loss_p[n * g.pixels + s0 + j] = static_cast<scalar_t>(pixel_loss[j]);
+        } else {
+          double l = 0, wsum = 0;
+          for (int64_t j = 0; j < pixels; ++j) {
+            l += pixel_loss[j];
+            wsum += pixel_weight[j];
+          }
+          tile_loss[tile] = l;
+          tile_weight[tile] = wsum;
+        }
+      });
+    });
+  });
+
+  double loss_sum = 0, weight_sum = 0;
+  for (int64_t i = 0; i < g.tiles(); ++i) {
+    loss_sum += tile_loss[i];
+    weight_sum += tile_weight[i];
+  }
+  if (prob) weight_sum = static_cast<double>(g.batch * g.pixels);  // torch: plain mean over pixels
+  if (reduction != Reduction::None) loss.fill_(reduction == Reduction::Mean ? loss_sum / weight_sum : loss_sum);
+  Tensor total_weight = at::scalar_tensor(weight_sum, input.options().dtype(lse.scalar_type()));
+  return {loss, lse, total_weight};
+}
+
+Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target_,
+                                  const std::optional<Tensor>& weight, const Tensor& lse_,
+                                  const Tensor& total_weight, c10::string_view reduction_, int64_t ignore_index,
+                                  double label_smoothing) {
+  const bool prob = at::isFloatingType(target_.scalar_type());
+  check_inputs(input, target_, prob);
+  const Reduction reduction = parse_reduction(reduction_);
+  const Geometry g = geometry_of(input);
+  const Tensor target = with_logit_strides(target_, input, prob);
+  const Tensor lse = lse_.contiguous();
+  const Tensor grad_pixels = reduction == Reduction::None ? grad_loss.to(lse.scalar_type()).contiguous()
+                                                          : grad_loss.to(lse.scalar_type()).reshape({});
+  Tensor grad = at::empty_like(input);  // keeps the logits' strides
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<double> wd = class_weights(weight, g.classes);
+    const std::vector<acc_t> w(wd.begin(), wd.end());
+    const acc_t* wp = weight && weight->defined() ? w.data() : nullptr;
+    acc_t weight_total = 0;
+    for (acc_t v : w) weight_total += v;
+    const acc_t eps = static_cast<acc_t>(label_smoothing), spread = eps / static_cast<acc_t>(g.classes);
+    const acc_t* gp = grad_pixels.const_data_ptr<acc_t>();
+    // d reduce / d pixel_loss
+    const acc_t reduced_scale = reduction == Reduction::Mean ? gp[0] / total_weight.item<acc_t>()
+                                                             : (reduction == Reduction::Sum ? gp[0] : acc_t(0));
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* grad_p = grad.mutable_data_ptr<scalar_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+
+    dispatch_unit_stride(g, [&](auto unit) {
+      constexpr bool kUnit = decltype(unit)::value;
+      for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
+        const auto t = tile_at<scalar_t, kUnit>(x, g, n, s0, pixels);
+        const acc_t* tile_lse = lse_p + n * g.pixels + s0;
+        scalar_t* tile_grad_p = grad_p + (t.data - x);
+        acc_t scale[kTile], mass[kTile], dot[kTile];
+        for (int64_t j = 0; j < pixels; ++j) {
+          scale[j] = reduction == Reduction::None ? gp[n * g.pixels + s0 + j] : reduced_scale;
+        }
+        if (prob) {
+          const scalar_t* q = target.const_data_ptr<scalar_t>() + (t.data - x);
+          tile_weighted_sums<scalar_t, kUnit, true>(t, q, wp, eps, dot, mass);
+          tile_grad<scalar_t, kUnit, true>(t, q, wp, eps, tile_lse, mass, scale, tile_grad_p);
+          return;
+        }
+        dispatch_target(target, [&](auto index) {
+          using index_t = decltype(index);
+          const index_t* tgt = target.const_data_ptr<index_t>() + n * target.stride(0) + s0 * target.stride(1);
+          int64_t cls[kTile];
+          for (int64_t j = 0; j < pixels; ++j) {
+            cls[j] = static_cast<int64_t>(tgt[j * target.stride(1)]);
+            const bool ignored = cls[j] == ignore_index;
+            TORCH_CHECK_INDEX(ignored || (cls[j] >= 0 && cls[j] < g.classes), "cross_entropy: target class ",
+                              cls[j], " is outside [0, ", g.classes, ")");
+            const acc_t wt = ignored ? acc_t(0) : (wp ? wp[cls[j]] : acc_t(1));
+            mass[j] = (1 - eps) * wt + spread * weight_total;
+            if (ignored) scale[j] = 0;  // also when the mean's total weight is 0 (torch gives 0, not NaN)
+          }
+          tile_grad<scalar_t, kUnit, false>(t, nullptr, wp, eps, tile_lse, mass, scale, tile_grad_p);
+          for (int64_t j = 0; j < pixels; ++j) {
+            if (cls[j] == ignore_index) continue;
+            scalar_t& gt = tile_grad_p[cls[j] * t.class_stride + j * t.pixel_stride()];
+            const acc_t wt = wp ? wp[cls[j]] : acc_t(1);
+            gt = static_cast<scalar_t>(static_cast<acc_t>(gt) - scale[j] * (1 - eps) * wt);
+          }
+        });
+      });
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("cross_entropy", &cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}
+
+}  // namespace segfast

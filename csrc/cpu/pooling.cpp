@@ -1,0 +1,472 @@
+// max_pool2d and avg_pool2d on CPU, NCHW and channels_last.
+//
+// NCHW: for each output row, every window tap (kh, kw) sweeps the whole row of outputs, so the
+// inner loop runs over outputs and vectorises. channels_last: the inner loop runs over channels.
+// Max pooling keeps the argmax as the tap's offset inside the window (kh * kW + kw), uint8 while
+// the window has at most 256 taps: 8x less backward state than torch's int64 indices.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "common/pooling.h"
+
+namespace segfast {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+struct Pool2d {
+  int64_t batch, channels;
+  PoolAxis h, w;
+  bool channels_last;
+
+  int64_t taps() const { return h.kernel * w.kernel; }
+  int64_t planes() const { return batch * channels; }
+};
+
+void check_pool_args(IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(kernel[d] > 0, "kernel_size must be positive, got ", kernel);
+    TORCH_CHECK_VALUE(stride[d] > 0, "stride must be positive, got ", stride);
+    TORCH_CHECK_VALUE(dilation[d] > 0, "dilation must be positive, got ", dilation);
+    TORCH_CHECK_VALUE(padding[d] >= 0 && padding[d] <= kernel[d] / 2,
+                      "padding must be in [0, kernel_size / 2], got padding=", padding,
+                      " for kernel_size=", kernel);
+  }
+}
+
+Pool2d make_pool(IntArrayRef size, bool channels_last, IntArrayRef kernel, IntArrayRef stride,
+                 IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK_VALUE(size.size() == 4, "pooling kernels take 4-D (N, C, H, W) input, got ", size);
+  check_pool_args(kernel, stride, padding, dilation);
+  auto axis = [&](int d) {
+    const int64_t in = size[2 + d];
+    const int64_t out = pool_output_size(in, kernel[d], stride[d], padding[d], dilation[d], ceil_mode);
+    TORCH_CHECK_VALUE(out > 0, "pooling output would be empty: input ", size, ", kernel_size ", kernel,
+                      ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
+    return PoolAxis{in, out, kernel[d], stride[d], padding[d], dilation[d]};
+  };
+  return {size[0], size[1], axis(0), axis(1), channels_last};
+}
+
+bool is_channels_last(const Tensor& t) {
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) {
+  return at::empty({p.batch, p.channels, p.h.out, p.w.out}, input.options().dtype(dtype),
+                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// Running max over a window's taps; NaN wins, and a later NaN replaces an earlier one (torch's rule).
+template <typename T, typename I>
+inline void max_update(T v, I tap, T& best, I& arg) {
+  const bool take = v > best || v != v;
+  best = take ? v : best;
+  arg = take ? tap : arg;
+}
+
+// ---------------------------------------------------------------------------------------- max
+
+// One NCHW output row `oh` of one plane.
+template <typename scalar_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void max_pool_row_nchw(const scalar_t* plane, scalar_t* out, index_t* argmax,
+                                                const PoolAxis& h, const PoolAxis& w, int64_t oh,
+                                                at::opmath_type<scalar_t>* best) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
+  for (int64_t ow = 0; ow < w.out; ++ow) {  // torch starts from the first tap inside the input
+    best[ow] = -std::numeric_limits<acc_t>::infinity();
+    argmax[ow] = static_cast<index_t>(kh0 * w.kernel + w.first_tap(ow));
+  }
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const scalar_t* row = plane + h.tap(oh, kh) * w.in;
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {
+      const auto tap = static_cast<index_t>(kh * w.kernel + kw);
+      const int64_t o1 = w.last_output(kw);
+      const scalar_t* src = row + w.tap(0, kw);
+#pragma omp simd
+      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) {
+        max_update(static_cast<acc_t>(src[ow * w.stride]), tap, best[ow], argmax[ow]);
+      }
+    }
+  }
+  for (int64_t ow = 0; ow < w.out; ++ow) out[ow] = static_cast<scalar_t>(best[ow]);
+}
+
+// One channels_last output pixel (all channels).
+template <typename scalar_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void max_pool_pixel_nhwc(const scalar_t* image, scalar_t* out, index_t* argmax,
+                                                  const PoolAxis& h, const PoolAxis& w, int64_t channels,
+                                                  int64_t oh, int64_t ow, at::opmath_type<scalar_t>* best) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
+  const int64_t kw0 = w.first_tap(ow), kw1 = w.last_tap(ow);
+  const auto first = static_cast<index_t>(kh0 * w.kernel + kw0);
+  for (int64_t c = 0; c < channels; ++c) {
+    best[c] = -std::numeric_limits<acc_t>::infinity();
+    argmax[c] = first;
+  }
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    for (int64_t kw = kw0; kw < kw1; ++kw) {
+      const scalar_t* src = image + (h.tap(oh, kh) * w.in + w.tap(ow, kw)) * channels;
+      const auto tap = static_cast<index_t>(kh * w.kernel + kw);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        max_update(static_cast<acc_t>(src[c]), tap, best[c], argmax[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(best[c]);
+}
+
+template <typename scalar_t, typename index_t>
+void max_pool_forward(const Tensor& input, Tensor& out, Tensor& argmax, const Pool2d& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  index_t* a = argmax.mutable_data_ptr<index_t>();
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  if (!p.channels_last) {
+    at::parallel_for(0, p.planes() * p.h.out, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> best(p.w.out);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t plane = row / p.h.out, oh = row % p.h.out;
+        const int64_t at_out = plane * out_plane + oh * p.w.out;
+        max_pool_row_nchw(in + plane * in_plane, o + at_out, a + at_out, p.h, p.w, oh, best.data());
+      }
+    });
+  } else {
+    at::parallel_for(0, p.batch * out_plane, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> best(p.channels);
+      for (int64_t pixel = begin; pixel < end; ++pixel) {
+        const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
+        max_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, a + pixel * p.channels,
+                            p.h, p.w, p.channels, oh, ow, best.data());
+      }
+    });
+  }
+}
+
+// Flat input index (torch's return_indices) of each output's compact argmax.
+template <typename index_t>
+Tensor flat_indices(const Tensor& argmax, const Pool2d& p) {
+  Tensor flat = at::empty(argmax.sizes(), argmax.options().dtype(at::kLong),
+                          p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const index_t* a = argmax.const_data_ptr<index_t>();
+  int64_t* f = flat.mutable_data_ptr<int64_t>();
+  const int64_t out_plane = p.h.out * p.w.out;
+  at::parallel_for(0, argmax.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t pixel = p.channels_last ? i / p.channels % out_plane : i % out_plane;
+      const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
+      const int64_t kh = a[i] / p.w.kernel, kw = a[i] % p.w.kernel;
+      f[i] = p.h.tap(oh, kh) * p.w.in + p.w.tap(ow, kw);
+    }
+  });
+  return flat;
+}
+
+template <typename F>
+void dispatch_argmax_type(at::ScalarType type, F&& f) {
+  if (type == at::kByte) {
+    f(uint8_t{});
+  } else if (type == at::kInt) {
+    f(int32_t{});
+  } else {
+    TORCH_CHECK_VALUE(type == at::kLong, "argmax: expected uint8, int32 or int64, got ", type);
+    f(int64_t{});
+  }
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride,
+                                          IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
+                                          bool return_indices) {
+  const bool cl = is_channels_last(input_);
+  const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const Pool2d p = make_pool(input.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
+  const auto compact = p.taps() <= 256 ? at::kByte : at::kInt;
+  Tensor out = empty_pooled(input, p, input.scalar_type());
+  Tensor argmax = empty_pooled(input, p, compact);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
+    dispatch_argmax_type(compact, [&](auto index) {
+      max_pool_forward<scalar_t, decltype(index)>(input, out, argmax, p);
+      if (return_indices) argmax = flat_indices<decltype(index)>(argmax, p);
+    });
+  });
+  return {out, argmax};
+}
+
+// grad_input[tap position] += grad_output. Parallel over planes (NCHW) or over images x channel
+// blocks (channels_last), so overlapping windows never race and the summation order is fixed.
+template <typename scalar_t, typename index_t>
+void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p,
+                       bool flat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+  const index_t* a = argmax.const_data_ptr<index_t>();
+  // accumulate in float for bfloat16, in place for float/double
+  Tensor acc = std::is_same_v<acc_t, scalar_t> ? grad_in : at::zeros_like(grad_in, at::kFloat);
+  acc_t* gi = acc.mutable_data_ptr<acc_t>();
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  auto input_offset = [&](int64_t oh, int64_t ow, int64_t code) {
+    return flat ? code : p.h.tap(oh, code / p.w.kernel) * p.w.in + p.w.tap(ow, code % p.w.kernel);
+  };
+  if (!p.channels_last) {
+    at::parallel_for(0, p.planes(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        for (int64_t oh = 0; oh < p.h.out; ++oh) {
+          for (int64_t ow = 0; ow < p.w.out; ++ow) {
+            const int64_t i = plane * out_plane + oh * p.w.out + ow;
+            gi[plane * in_plane + input_offset(oh, ow, a[i])] += static_cast<acc_t>(g[i]);
+          }
+        }
+      }
+    });
+  } else {
+    constexpr int64_t kChannelBlock = 16;
+    const int64_t blocks = (p.channels + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, c0 = task % blocks * kChannelBlock;
+        const int64_t c1 = std::min(p.channels, c0 + kChannelBlock);
+        for (int64_t pixel = 0; pixel < out_plane; ++pixel) {
+          const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t i = (n * out_plane + pixel) * p.channels + c;
+            gi[(n * in_plane + input_offset(oh, ow, a[i])) * p.channels + c] += static_cast<acc_t>(g[i]);
+          }
+        }
+      }
+    });
+  }
+  if (!acc.is_same(grad_in)) grad_in.copy_(acc);
+}
+
+Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, IntArrayRef input_size,
+                               IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                               IntArrayRef dilation) {
+  const bool cl = is_channels_last(argmax_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Tensor grad_out = grad_out_.contiguous(format), argmax = argmax_.contiguous(format);
+  // ceil_mode only changes the output size, which grad_output carries
+  Pool2d p = make_pool(input_size, cl, kernel, stride, padding, dilation, /*ceil_mode=*/false);
+  p.h.out = grad_out.size(2);
+  p.w.out = grad_out.size(3);
+  TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
+                    " and grad_output ", grad_out.sizes(), " differ");
+  Tensor grad_in = at::empty(input_size, grad_out.options(), format).zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
+    dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
+      max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p,
+                                                   std::is_same_v<decltype(index), int64_t>);
+    });
+  });
+  return grad_in;
+}
+
+// ---------------------------------------------------------------------------------------- avg
+
+struct AvgDivisor {
+  bool count_include_pad;
+  std::optional<int64_t> divisor_override;
+
+  int64_t operator()(const AvgWindow& h, const AvgWindow& w) const {
+    if (divisor_override) return *divisor_override;
+    return count_include_pad ? h.padded_count * w.padded_count : (h.end - h.begin) * (w.end - w.begin);
+  }
+};
+
+// One NCHW output row; `acc` is scratch of w.out elements.
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void avg_pool_row_nchw(const scalar_t* plane, scalar_t* out, const PoolAxis& h,
+                                                const PoolAxis& w, int64_t oh, const AvgDivisor& divisor,
+                                                at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+  for (int64_t ow = 0; ow < w.out; ++ow) acc[ow] = 0;
+  for (int64_t ih = wh.begin; ih < wh.end; ++ih) {
+    const scalar_t* row = plane + ih * w.in;
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {
+      const int64_t o1 = w.last_output(kw);
+      const scalar_t* src = row + w.tap(0, kw);
+#pragma omp simd
+      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) acc[ow] += static_cast<acc_t>(src[ow * w.stride]);
+    }
+  }
+  for (int64_t ow = 0; ow < w.out; ++ow) {
+    const AvgWindow ww = avg_window(ow, w.in, w.kernel, w.stride, w.pad);
+    const bool empty = wh.begin >= wh.end || ww.begin >= ww.end;
+    out[ow] = empty ? scalar_t(0) : static_cast<scalar_t>(acc[ow] / static_cast<acc_t>(divisor(wh, ww)));
+  }
+}
+
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_t* out, const PoolAxis& h,
+                                                  const PoolAxis& w, int64_t channels, int64_t oh, int64_t ow,
+                                                  const AvgDivisor& divisor, at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+  const AvgWindow ww = avg_window(ow, w.in, w.kernel, w.stride, w.pad);
+  for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
+  for (int64_t ih = wh.begin; ih < wh.end; ++ih) {
+    for (int64_t iw = ww.begin; iw < ww.end; ++iw) {
+      const scalar_t* src = image + (ih * w.in + iw) * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(src[c]);
+    }
+  }
+  const bool empty = wh.begin >= wh.end || ww.begin >= ww.end;
+  const acc_t scale = empty ? acc_t(0) : acc_t(1) / static_cast<acc_t>(divisor(wh, ww));
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(empty ? acc_t(0) : acc[c] * scale);
+}
+
+Pool2d make_avg_pool(IntArrayRef size, bool cl, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                     bool ceil_mode, std::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, "divisor_override must be non-zero");
+  const int64_t no_dilation[2] = {1, 1};
+  return make_pool(size, cl, kernel, stride, padding, no_dilation, ceil_mode);
+}
+
+Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                      bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
+  const bool cl = is_channels_last(input_);
+  const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
+  const AvgDivisor divisor{count_include_pad, divisor_override};
+  Tensor out = empty_pooled(input, p, input.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+    if (!cl) {
+      at::parallel_for(0, p.planes() * p.h.out, 16, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(p.w.out);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t plane = row / p.h.out, oh = row % p.h.out;
+          avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
+                            acc.data());
+        }
+      });
+    } else {
+      at::parallel_for(0, p.batch * out_plane, 16, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(p.channels);
+        for (int64_t pixel = begin; pixel < end; ++pixel) {
+          const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
+          avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh,
+                              ow, divisor, acc.data());
+        }
+      });
+    }
+  });
+  return out;
+}
+
+// NCHW: each input row gathers from the outputs whose windows cover it, so rows are independent
+// and written once, with no zero-fill and no races.
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_plane, scalar_t* grad_row,
+                                                         const PoolAxis& h, const PoolAxis& w, int64_t ih,
+                                                         const AvgDivisor& divisor,
+                                                         at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t iw = 0; iw < w.in; ++iw) acc[iw] = 0;
+  for (int64_t kh = 0; kh < h.kernel; ++kh) {
+    const int64_t num = ih + h.pad - kh;  // output row oh with oh * stride - pad + kh == ih
+    if (num < 0 || num % h.stride != 0 || num / h.stride >= h.out) continue;
+    const int64_t oh = num / h.stride;
+    const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+    const scalar_t* g = grad_plane + oh * w.out;
+    for (int64_t ow = 0; ow < w.out; ++ow) {
+      const AvgWindow ww = avg_window(ow, w.in, w.kernel, w.stride, w.pad);
+      if (ww.begin >= ww.end) continue;
+      const acc_t share = static_cast<acc_t>(g[ow]) / static_cast<acc_t>(divisor(wh, ww));
+      for (int64_t iw = ww.begin; iw < ww.end; ++iw) acc[iw] += share;
+    }
+  }
+  for (int64_t iw = 0; iw < w.in; ++iw) grad_row[iw] = static_cast<scalar_t>(acc[iw]);
+}
+
+// channels_last: one output pixel spreads its gradient over its window.
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad, at::opmath_type<scalar_t>* image,
+                                                           int64_t width, int64_t channels, const AvgWindow& wh,
+                                                           const AvgWindow& ww, at::opmath_type<scalar_t> scale) {
+  for (int64_t ih = wh.begin; ih < wh.end; ++ih) {
+    for (int64_t iw = ww.begin; iw < ww.end; ++iw) {
+      auto* dst = image + (ih * width + iw) * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) dst[c] += static_cast<at::opmath_type<scalar_t>>(grad[c]) * scale;
+    }
+  }
+}
+
+Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel,
+                               IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                               std::optional<int64_t> divisor_override) {
+  const bool cl = is_channels_last(grad_out_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Tensor grad_out = grad_out_.contiguous(format);
+  const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
+  TORCH_CHECK_VALUE(grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
+                    "avg_pool2d_backward: grad_output ", grad_out.sizes(), " does not match the pooled size (",
+                    p.h.out, ", ", p.w.out, ")");
+  const AvgDivisor divisor{count_include_pad, divisor_override};
+  Tensor grad_in = at::empty(input_size, grad_out.options(), format);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+    const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+    if (!cl) {
+      at::parallel_for(0, p.planes() * p.h.in, 16, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(p.w.in);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t plane = row / p.h.in, ih = row % p.h.in;
+          avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih,
+                                     divisor, acc.data());
+        }
+      });
+    } else {
+      grad_in.zero_();
+      Tensor acc_t_grad = std::is_same_v<acc_t, scalar_t> ? grad_in : at::zeros_like(grad_in, at::kFloat);
+      acc_t* acc = acc_t_grad.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t pixel = 0; pixel < out_plane; ++pixel) {
+            const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
+            const AvgWindow wh = avg_window(oh, p.h.in, p.h.kernel, p.h.stride, p.h.pad);
+            const AvgWindow ww = avg_window(ow, p.w.in, p.w.kernel, p.w.stride, p.w.pad);
+            if (wh.begin >= wh.end || ww.begin >= ww.end) continue;
+            avg_pool_backward_pixel_nhwc(g + (n * out_plane + pixel) * p.channels, acc + n * in_plane * p.channels,
+                                         p.w.in, p.channels, wh, ww,
+                                         acc_t(1) / static_cast<acc_t>(divisor(wh, ww)));
+          }
+        }
+      });
+      if (!acc_t_grad.is_same(grad_in)) grad_in.copy_(acc_t_grad);
+    }
+  });
+  return grad_in;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("max_pool2d", &max_pool2d_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+  m.impl("avg_pool2d", &avg_pool2d_cpu);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_cpu);
+}
+
+}  // namespace segfast

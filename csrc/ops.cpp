@@ -1,0 +1,59 @@
+// The segfast operator library: every op's schema, and the pybind11 module that carries them.
+// Kernels register per backend beside their family: csrc/cpu/<family>.cpp (CPU),
+// csrc/cuda/<family>.cu (CUDA). Fake kernels and autograd live in segfast/ops/<family>.py.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(segfast, m) {
+  // conv2d + bias + activation. Returns (output, saved): `saved` is the pre-activation when the
+  // activation's derivative needs it (silu, gelu, leaky_relu with a negative slope), else empty.
+  m.def("conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, str activation, float negative_slope) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in output_mask is empty.
+  m.def("conv2d_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
+        "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Max pooling. Returns (output, argmax): argmax holds torch's flat int64 indices when
+  // return_indices, else the compact offset inside the window (uint8, int32 past 256 elements).
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor argmax, int[4] input_size, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("avg_pool2d_backward(Tensor grad_output, int[4] input_size, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
+        "int? divisor_override) -> Tensor");
+
+  // Per-pixel softmax cross-entropy on (N, C, S) logits, S = flattened spatial dims. `target` is
+  // (N, S) class indices or (N, C, S) probabilities. Returns (loss, lse, total_weight): the
+  // per-pixel log-sum-exp (float32, float64 for float64 logits) is all that backward needs.
+  m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, str reduction, "
+        "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+        "Tensor lse, Tensor total_weight, str reduction, int ignore_index, "
+        "float label_smoothing) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = SEGFAST_TORCH_VERSION;
+  info["compiler"] = SEGFAST_CXX_COMPILER;
+  info["cuda"] = false;  // CUDA kernels land with the CUDA issue
+  info["cuda_archs"] = pybind11::list();
+  info["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+  info["num_threads"] = at::get_num_threads();
+  info["parallel_info"] = at::get_parallel_info();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "segfast C++ operators (registered as torch.ops.segfast.*) and build information";
+  m.def("build_info", &build_info, "How this segfast extension was built.");
+}
