@@ -1,1 +1,64 @@
+"""Modules mirroring ``torch.nn``: same constructor arguments and state_dict keys, segfast ops inside."""
+from __future__ import annotations
 
+import torch
+from torch import nn
+from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is already a single kernel
+
+from segfast import ops
+
+__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "L1Loss", "MaxPool2d"]
+
+
+class Conv2dAct(nn.Conv2d):
+    """``nn.Conv2d`` followed by an activation, as one fused op.
+
+    Arguments are ``nn.Conv2d``'s plus ``activation`` (see ``segfast.ops.ACTIVATIONS``) and
+    ``negative_slope`` (leaky_relu). Parameters are ``weight`` (C_out, C_in / groups, kH, kW) and
+    ``bias`` (C_out,), so state_dicts load both ways with ``nn.Conv2d``. Only
+    ``padding_mode="zeros"`` is supported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 activation: str = "relu", negative_slope: float = 0.01):
+        if padding_mode != "zeros":
+            raise ValueError(f"Conv2dAct: only padding_mode='zeros' is supported, got {padding_mode!r}")
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"Conv2dAct: activation must be one of {', '.join(ops.ACTIVATIONS)}; got {activation!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d_act(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                              self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` on segfast's kernel (compact uint8 argmax saved for backward)."""
+
+    def forward(self, input: torch.Tensor):
+        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` on segfast's kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                              self.count_include_pad, self.divisor_override)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` on segfast's per-pixel kernel."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing)

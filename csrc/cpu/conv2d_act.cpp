@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/layout.h"
 
 namespace segfast {
 namespace {
@@ -30,8 +31,7 @@ constexpr int64_t kTile = 1024;
 
 // The memory format F.conv2d gives its output: channels_last when input or weight is.
 MemoryFormat output_format(const Tensor& input, const Tensor& weight) {
-  return input.suggest_memory_format() == MemoryFormat::ChannelsLast ||
-                 weight.suggest_memory_format() == MemoryFormat::ChannelsLast
+  return memory_format(input) == MemoryFormat::ChannelsLast || memory_format(weight) == MemoryFormat::ChannelsLast
              ? MemoryFormat::ChannelsLast
              : MemoryFormat::Contiguous;
 }
@@ -183,8 +183,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
   const int64_t no_output_padding[2] = {0, 0};
   const int64_t out_channels = weight.size(0);
   auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) -> std::tuple<Tensor, Tensor, Tensor> {
-    return {output_mask[0] ? gi.contiguous(input.suggest_memory_format()) : at::empty({0}, input.options()),
-            output_mask[1] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
+    return {output_mask[0] ? gi.contiguous(memory_format(input)) : at::empty({0}, input.options()),
+            output_mask[1] ? gw.contiguous(memory_format(weight)) : at::empty({0}, weight.options()),
             output_mask[2] ? gb : at::empty({0}, weight.options())};
   };
   if (act == Activation::None) {  // nothing to fuse: ATen reduces the bias gradient itself
@@ -194,8 +194,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
-  const Tensor g = grad_output.contiguous(grad_output.suggest_memory_format());
-  const Tensor s = saved.contiguous(saved.suggest_memory_format());
+  const Tensor g = grad_output.contiguous(memory_format(grad_output));
+  const Tensor s = saved.contiguous(memory_format(saved));
   TORCH_CHECK_VALUE(s.sizes() == g.sizes(), "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(),
                     " differ");
   Tensor grad_z = at::empty(g.sizes(), g.options(), format);

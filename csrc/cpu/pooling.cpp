@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/layout.h"
 #include "common/pooling.h"
 
 namespace segfast {
@@ -59,7 +60,7 @@ Pool2d make_pool(IntArrayRef size, bool channels_last, IntArrayRef kernel, IntAr
 }
 
 bool is_channels_last(const Tensor& t) {
-  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return memory_format(t) == at::MemoryFormat::ChannelsLast;
 }
 
 Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) {

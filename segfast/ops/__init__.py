@@ -1,1 +1,12 @@
+"""Functional segfast ops, argument for argument like ``torch.nn.functional``.
 
+Each op family lives in its own module (schema in csrc/ops.cpp, kernels in
+csrc/<backend>/<family>.*, fake kernel + autograd here).
+"""
+from torch.nn.functional import l1_loss
+
+from segfast.ops.conv2d_act import ACTIVATIONS, conv2d_act
+from segfast.ops.cross_entropy import cross_entropy
+from segfast.ops.pooling import avg_pool2d, max_pool2d
+
+__all__ = ["ACTIVATIONS", "avg_pool2d", "conv2d_act", "cross_entropy", "l1_loss", "max_pool2d"]

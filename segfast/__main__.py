@@ -1,0 +1,42 @@
+"""``python -m segfast info``: how this segfast was built and what it runs on."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    import segfast
+
+    info = segfast.build_info()
+    rows = {
+        "segfast": segfast.__version__,
+        "built against torch": info["torch_version"],
+        "running torch": torch.__version__,
+        "compiler": info["compiler"],
+        "CUDA kernels": "yes (" + ", ".join(info["cuda_archs"]) + ")" if info["cuda"] else "no",
+        "OpenMP": "yes" if info["openmp"] else "no",
+        "threads": info["num_threads"],
+        "ops": ", ".join(sorted(n for n in dir(torch.ops.segfast) if not n.startswith("_")
+                                and not n.endswith("_backward") and n not in ("name", "dispatch"))),
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print build information")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Argument checking shared by the segfast op faces: every error names the argument, what was
+expected and what came."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# dtypes the CPU kernels compute in (float32 accumulation for bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def pair(op: str, name: str, value, *, minimum: int | None = None) -> list[int]:
+    """``value`` (an int or a sequence of 1 or 2 ints) as a list of two ints."""
+    if _is_int(value):
+        values = [value, value]
+    elif isinstance(value, Sequence) and len(value) in (1, 2) and all(_is_int(v) for v in value):
+        values = list(value) * (2 // len(value))
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if minimum is not None and any(v < minimum for v in values):
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(values)}")
+    return values
+
+
+def check_float_arg(op: str, name: str, value: float, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" in [{low}, {high}]" if low is not None and high is not None else ""
+        raise ValueError(f"{op}: {name} must be a finite float{bounds}, got {value}")
+    return value
+
+
+def check_tensor(op: str, name: str, t, *, dims: Sequence[int] | None = None, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{op}: {name} must be {expected}, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} dtype must be one of {names}, got {str(t.dtype).removeprefix('torch.')}")
+
+
+def check_same(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    """Every tensor in ``others`` has the dtype and device of ``reference``."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} is on {reference.device}")
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} differs from {reference_name} dtype {reference.dtype}")
+
+
+def check_kernel_available(op: str, qualname: str, t: torch.Tensor) -> None:
+    """A clear error, instead of the dispatcher's, when this build has no kernel for t's device."""
+    key = "CPU" if t.device.type == "cpu" else t.device.type.upper()
+    if t.device.type != "meta" and not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+        raise NotImplementedError(f"{op}: this segfast build has no {key} kernel (input is on {t.device})")
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout segfast's kernels keep: channels_last for a 4-D tensor stored NHWC (and not also
+    NCHW-contiguous), else contiguous. The C++ side applies the same rule (csrc/common/layout.h)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

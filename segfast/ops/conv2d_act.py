@@ -1,0 +1,159 @@
+"""conv2d + bias + activation as one op (``torch.ops.segfast.conv2d_act``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from segfast.ops._common import (
+    CPU_DTYPES,
+    check_float_arg,
+    check_kernel_available,
+    check_same,
+    check_tensor,
+    memory_format,
+    pair,
+)
+
+ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu", "sigmoid")
+_OP = "conv2d_act"
+
+
+def _derivative_from_output(activation: str, negative_slope: float) -> bool:
+    # mirrors derivative_from_output() in csrc/common/activation.h
+    return activation in ("relu", "sigmoid") or (activation == "leaky_relu" and negative_slope >= 0)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("segfast::conv2d_act")
+def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope):
+    n, _, h, w = input.shape
+    out_channels, _, kh, kw = weight.shape
+    size = (n, out_channels, _output_size(h, kh, stride[0], padding[0], dilation[0]),
+            _output_size(w, kw, stride[1], padding[1], dilation[1]))
+    channels_last = torch.channels_last in (memory_format(input), memory_format(weight))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
+    keeps_preact = activation != "none" and not _derivative_from_output(activation, negative_slope)
+    preact = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt) if keeps_preact \
+        else input.new_empty(0)
+    return out, preact
+
+
+@torch.library.register_fake("segfast::conv2d_act_backward")
+def _conv2d_act_backward_fake(grad_output, saved, input, weight, stride, padding, dilation, groups, activation,
+                              negative_slope, output_mask):
+    def grad_like(t, wanted):
+        return torch.empty_like(t, memory_format=memory_format(t)) if wanted else t.new_empty(0)
+
+    grad_bias = weight.new_empty(weight.shape[0] if output_mask[2] else 0)
+    return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
+    out, preact = output
+    # one activation-sized tensor: the output where the derivative follows from it, else z
+    saved = out if _derivative_from_output(activation, negative_slope) else preact
+    ctx.save_for_backward(input, weight, saved)
+    ctx.conv_args = (stride, padding, dilation, groups, activation, negative_slope)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, _grad_preact):
+    input, weight, saved = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = torch.ops.segfast.conv2d_act_backward(grad_out, saved, input, weight, *ctx.conv_args, mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
+
+
+torch.library.register_autograd("segfast::conv2d_act", _backward, setup_context=_setup_context)
+
+
+def _same_padding(op, weight, stride, dilation):
+    """padding="same" as torch computes it: (left, extra right) per spatial dim."""
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{op}: padding='same' needs stride 1 (as in torch), got stride={tuple(stride)}")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    return [t // 2 for t in total], [t % 2 for t in total]
+
+
+def conv2d_act(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one op.
+
+    Args:
+        input: (N, C_in, H, W) or unbatched (C_in, H, W); float32, float64 or bfloat16.
+        weight: (C_out, C_in / groups, kH, kW), input's dtype.
+        bias: (C_out,) or None.
+        stride, padding, dilation, groups: as ``F.conv2d``; padding may be "same" or "valid".
+        activation: "none", "relu", "leaky_relu", "silu", "gelu" (exact, erf) or "sigmoid".
+        negative_slope: slope of "leaky_relu" for negative inputs.
+
+    Returns:
+        (N, C_out, H_out, W_out) (unbatched: (C_out, H_out, W_out)) in input's dtype; channels_last
+        when input or weight is, as ``F.conv2d``. With ``activation="none"`` it equals ``F.conv2d``.
+
+    Backward saves input, weight and one output-sized tensor (the output for relu, sigmoid and
+    leaky_relu with slope >= 0; the pre-activation otherwise), and reduces the bias gradient in
+    the same pass that applies the activation derivative.
+    """
+    check_tensor(_OP, "input", input, dims=(3, 4))
+    check_tensor(_OP, "weight", weight, dims=(4,))
+    if bias is not None:
+        check_tensor(_OP, "bias", bias, dims=(1,))
+    check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
+    check_same(_OP, "input", input, weight=weight, bias=bias)
+    check_kernel_available(_OP, "segfast::conv2d_act", input)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    negative_slope = check_float_arg(_OP, "negative_slope", negative_slope)
+    stride = pair(_OP, "stride", stride, minimum=1)
+    dilation = pair(_OP, "dilation", dilation, minimum=1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
+
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    in_channels, out_channels = x.shape[1], weight.shape[0]
+    if in_channels != weight.shape[1] * groups:
+        raise ValueError(f"{_OP}: input has {in_channels} channels but weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups}")
+    if out_channels % groups != 0:
+        raise ValueError(f"{_OP}: weight's {out_channels} output channels are not divisible by groups={groups}")
+    if bias is not None and bias.shape[0] != out_channels:
+        raise ValueError(f"{_OP}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    if in_channels == 0 or any(s == 0 for s in x.shape[2:]):
+        raise ValueError(f"{_OP}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
+
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            padding, extra = _same_padding(_OP, weight, stride, dilation)
+            if any(extra):  # even dilated kernel: torch pads one more at the bottom/right
+                x = F.pad(x, [0, extra[1], 0, extra[0]])
+        else:
+            raise ValueError(f"{_OP}: padding must be 'valid', 'same', an int or a pair of ints; got {padding!r}")
+    else:
+        padding = pair(_OP, "padding", padding, minimum=0)
+    for dim, name in ((0, "height"), (1, "width")):
+        padded = x.shape[2 + dim] + 2 * padding[dim]
+        span = dilation[dim] * (weight.shape[2 + dim] - 1) + 1
+        if span > padded:
+            raise ValueError(f"{_OP}: the dilated kernel {name} ({span}) exceeds the padded input {name} ({padded})")
+
+    out, _ = torch.ops.segfast.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation,
+                                          negative_slope)
+    return out.squeeze(0) if unbatched else out

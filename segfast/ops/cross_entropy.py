@@ -1,0 +1,147 @@
+"""Per-pixel softmax cross-entropy (``torch.ops.segfast.cross_entropy``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import _reduction
+
+from segfast.ops._common import CPU_DTYPES, check_float_arg, check_kernel_available, check_same, check_tensor
+
+_OP = "cross_entropy"
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("segfast::cross_entropy")
+def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    n, _, s = input.shape
+    loss = input.new_empty((n, s) if reduction == "none" else ())
+    lse = input.new_empty((n, s), dtype=_lse_dtype(input.dtype))
+    return loss, lse, input.new_empty((), dtype=_lse_dtype(input.dtype))
+
+
+@torch.library.register_fake("segfast::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
+                                 label_smoothing):
+    return torch.empty_like(input)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    _, lse, total_weight = output
+    # logits and target are the caller's tensors; the only new state is one float per pixel
+    ctx.save_for_backward(input, target, weight, lse, total_weight)
+    ctx.args = (reduction, ignore_index, label_smoothing)
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
+    input, target, weight, lse, total_weight = ctx.saved_tensors
+    reduction, ignore_index, label_smoothing = ctx.args
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.segfast.cross_entropy_backward(grad_loss, input, target, weight, lse, total_weight,
+                                                              *ctx.args)
+    if ctx.needs_input_grad[1]:  # probability targets: d loss / d q_c = -(1 - eps) w_c log_softmax_c
+        per_pixel = grad_loss / total_weight if reduction == "mean" else grad_loss
+        per_pixel = per_pixel.unsqueeze(1) if reduction == "none" else per_pixel
+        log_prob = input - lse.unsqueeze(1).to(input.dtype)
+        class_weight = 1.0 if weight is None else weight.view(1, -1, 1)
+        grad_target = -(1.0 - label_smoothing) * class_weight * log_prob * per_pixel
+    return grad_input, grad_target, None, None, None, None
+
+
+torch.library.register_autograd("segfast::cross_entropy", _backward, setup_context=_setup_context)
+
+
+def _as_pixels(input, target, prob):
+    """(N, C, S) logits and (N, S) indices / (N, C, S) probabilities, views where possible."""
+    if input.dim() == 1:  # unbatched (C,)
+        return input.view(1, -1, 1), (target.view(1, -1, 1) if prob else target.view(1, 1))
+    if input.dim() == 2:  # (N, C): samples become the pixels of one image, no copy
+        return input.t().unsqueeze(0), (target.t().unsqueeze(0) if prob else target.unsqueeze(0))
+    n, c = input.shape[:2]
+    pixels = math.prod(input.shape[2:])
+    return input.reshape(n, c, pixels), (target.reshape(n, c, pixels) if prob else target.reshape(n, pixels))
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``F.cross_entropy`` with the same arguments and results, computed per pixel in one pass.
+
+    Args:
+        input: logits (N, C), (N, C, d1, d2, ...) or unbatched (C,); float32, float64 or
+            bfloat16 (float32 accumulation). NCHW and channels_last are read in place.
+        target: class indices (N,), (N, d1, ...) or () as int64, int32 or uint8, each in [0, C)
+            or equal to ignore_index; or class probabilities of input's shape and dtype.
+        weight: (C,) class weights of input's dtype, or None.
+        ignore_index: class-index target value that contributes neither loss nor gradient
+            (class-index targets only, as in torch).
+        reduction: "none" (loss of target's shape), "mean" (weighted mean over non-ignored
+            pixels, torch's definition) or "sum".
+        label_smoothing: in [0, 1], torch's definition.
+
+    Backward recomputes the softmax from the logits and one saved float per pixel (the
+    log-sum-exp); no log-softmax tensor is stored. A class index outside [0, C) raises IndexError.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
+    check_tensor(_OP, "target", target)
+    check_kernel_available(_OP, "segfast::cross_entropy", input)
+    if input.dim() == 0:
+        raise ValueError(f"{_OP}: input must be (C,), (N, C) or (N, C, d1, ...), got a 0-D tensor")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{_OP}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    label_smoothing = check_float_arg(_OP, "label_smoothing", label_smoothing, 0.0, 1.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if classes == 0:
+        raise ValueError(f"{_OP}: input has no classes (shape {tuple(input.shape)})")
+    if weight is not None:
+        check_tensor(_OP, "weight", weight, dims=(1,))
+        if weight.shape[0] != classes:
+            raise ValueError(f"{_OP}: weight must have shape ({classes},), got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{_OP}: weight must not require grad (torch does not differentiate it either)")
+    check_same(_OP, "input", input, weight=weight)
+
+    pixel_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    prob = target.is_floating_point()
+    if prob:
+        check_same(_OP, "input", input, target=target)
+        if target.shape != input.shape:
+            raise ValueError(f"{_OP}: probability target must have input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        if ignore_index != -100:
+            raise ValueError(f"{_OP}: ignore_index is not supported for probability targets (as in torch)")
+    else:
+        check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
+        if target.device != input.device:
+            raise ValueError(f"{_OP}: target is on {target.device} but input is on {input.device}")
+        if target.shape != pixel_shape:
+            raise ValueError(f"{_OP}: class-index target must have shape {tuple(pixel_shape)} for input "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if reduction == "mean" and input.numel() == 0:
+        raise ValueError(f"{_OP}: the mean over an empty batch is undefined (input shape {tuple(input.shape)}); "
+                         "torch returns NaN here")
+
+    logits, pixel_target = _as_pixels(input, target, prob)
+    loss, _, _ = torch.ops.segfast.cross_entropy(logits, pixel_target, weight, reduction, ignore_index,
+                                                 label_smoothing)
+    if reduction != "none":
+        return loss
+    return loss.reshape(pixel_shape)
