@@ -2,6 +2,10 @@
 // Kernels register per backend beside their family: csrc/cpu/<family>.cpp (CPU),
 // csrc/cuda/<family>.cu (CUDA). Fake kernels and autograd live in segfast/ops/<family>.py.
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
@@ -39,14 +43,31 @@ TORCH_LIBRARY(segfast, m) {
 
 namespace {
 
+// How many threads at::parallel_for really uses here: 1 when the module was built without
+// -fopenmp, whatever at::get_num_threads() says.
+int64_t parallel_for_threads() {
+  const int64_t n = 4 * at::get_num_threads();
+  std::vector<int64_t> thread_of(n, -1);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) thread_of[i] = at::get_thread_num();
+  });
+  std::sort(thread_of.begin(), thread_of.end());
+  return std::unique(thread_of.begin(), thread_of.end()) - thread_of.begin();
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_version"] = SEGFAST_TORCH_VERSION;
   info["compiler"] = SEGFAST_CXX_COMPILER;
   info["cuda"] = false;  // CUDA kernels land with the CUDA issue
   info["cuda_archs"] = pybind11::list();
-  info["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
   info["num_threads"] = at::get_num_threads();
+  info["parallel_for_threads"] = parallel_for_threads();
   info["parallel_info"] = at::get_parallel_info();
   return info;
 }

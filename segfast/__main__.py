@@ -18,7 +18,7 @@ def _info() -> int:
         "compiler": info["compiler"],
         "CUDA kernels": "yes (" + ", ".join(info["cuda_archs"]) + ")" if info["cuda"] else "no",
         "OpenMP": "yes" if info["openmp"] else "no",
-        "threads": info["num_threads"],
+        "threads": f"{info['num_threads']} (at::parallel_for uses {info['parallel_for_threads']})",
         "ops": ", ".join(sorted(n for n in dir(torch.ops.segfast) if not n.startswith("_")
                                 and not n.endswith("_backward") and n not in ("name", "dispatch"))),
     }

@@ -78,56 +78,59 @@ inline void max_update(T v, I tap, T& best, I& arg) {
 
 // ---------------------------------------------------------------------------------------- max
 
-// One NCHW output row `oh` of one plane.
+// One NCHW output row `oh` of one plane. `best` and `tap` are scratch rows of w.out elements; the
+// running argmax is kept as int32 beside the float max so that the tap sweep vectorises.
 template <typename scalar_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_row_nchw(const scalar_t* plane, scalar_t* out, index_t* argmax,
                                                 const PoolAxis& h, const PoolAxis& w, int64_t oh,
-                                                at::opmath_type<scalar_t>* best) {
+                                                at::opmath_type<scalar_t>* best, int32_t* tap) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
   for (int64_t ow = 0; ow < w.out; ++ow) {  // torch starts from the first tap inside the input
     best[ow] = -std::numeric_limits<acc_t>::infinity();
-    argmax[ow] = static_cast<index_t>(kh0 * w.kernel + w.first_tap(ow));
+    tap[ow] = static_cast<int32_t>(kh0 * w.kernel + w.first_tap(ow));
   }
   for (int64_t kh = kh0; kh < kh1; ++kh) {
     const scalar_t* row = plane + h.tap(oh, kh) * w.in;
     for (int64_t kw = 0; kw < w.kernel; ++kw) {
-      const auto tap = static_cast<index_t>(kh * w.kernel + kw);
-      const int64_t o1 = w.last_output(kw);
+      const auto this_tap = static_cast<int32_t>(kh * w.kernel + kw);
+      const int64_t o0 = w.first_output(kw), o1 = w.last_output(kw), step = w.stride;
       const scalar_t* src = row + w.tap(0, kw);
 #pragma omp simd
-      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) {
-        max_update(static_cast<acc_t>(src[ow * w.stride]), tap, best[ow], argmax[ow]);
-      }
+      for (int64_t ow = o0; ow < o1; ++ow) max_update(static_cast<acc_t>(src[ow * step]), this_tap, best[ow], tap[ow]);
     }
   }
-  for (int64_t ow = 0; ow < w.out; ++ow) out[ow] = static_cast<scalar_t>(best[ow]);
+  for (int64_t ow = 0; ow < w.out; ++ow) {
+    out[ow] = static_cast<scalar_t>(best[ow]);
+    argmax[ow] = static_cast<index_t>(tap[ow]);
+  }
 }
 
-// One channels_last output pixel (all channels).
+// One channels_last output pixel (all channels); `best` and `tap` are scratch of `channels` elements.
 template <typename scalar_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_pixel_nhwc(const scalar_t* image, scalar_t* out, index_t* argmax,
                                                   const PoolAxis& h, const PoolAxis& w, int64_t channels,
-                                                  int64_t oh, int64_t ow, at::opmath_type<scalar_t>* best) {
+                                                  int64_t oh, int64_t ow, at::opmath_type<scalar_t>* best,
+                                                  int32_t* tap) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
   const int64_t kw0 = w.first_tap(ow), kw1 = w.last_tap(ow);
-  const auto first = static_cast<index_t>(kh0 * w.kernel + kw0);
   for (int64_t c = 0; c < channels; ++c) {
     best[c] = -std::numeric_limits<acc_t>::infinity();
-    argmax[c] = first;
+    tap[c] = static_cast<int32_t>(kh0 * w.kernel + kw0);
   }
   for (int64_t kh = kh0; kh < kh1; ++kh) {
     for (int64_t kw = kw0; kw < kw1; ++kw) {
       const scalar_t* src = image + (h.tap(oh, kh) * w.in + w.tap(ow, kw)) * channels;
-      const auto tap = static_cast<index_t>(kh * w.kernel + kw);
+      const auto this_tap = static_cast<int32_t>(kh * w.kernel + kw);
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        max_update(static_cast<acc_t>(src[c]), tap, best[c], argmax[c]);
-      }
+      for (int64_t c = 0; c < channels; ++c) max_update(static_cast<acc_t>(src[c]), this_tap, best[c], tap[c]);
     }
   }
-  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(best[c]);
+  for (int64_t c = 0; c < channels; ++c) {
+    out[c] = static_cast<scalar_t>(best[c]);
+    argmax[c] = static_cast<index_t>(tap[c]);
+  }
 }
 
 template <typename scalar_t, typename index_t>
@@ -140,19 +143,21 @@ void max_pool_forward(const Tensor& input, Tensor& out, Tensor& argmax, const Po
   if (!p.channels_last) {
     at::parallel_for(0, p.planes() * p.h.out, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> best(p.w.out);
+      std::vector<int32_t> tap(p.w.out);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t plane = row / p.h.out, oh = row % p.h.out;
         const int64_t at_out = plane * out_plane + oh * p.w.out;
-        max_pool_row_nchw(in + plane * in_plane, o + at_out, a + at_out, p.h, p.w, oh, best.data());
+        max_pool_row_nchw(in + plane * in_plane, o + at_out, a + at_out, p.h, p.w, oh, best.data(), tap.data());
       }
     });
   } else {
     at::parallel_for(0, p.batch * out_plane, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> best(p.channels);
+      std::vector<int32_t> tap(p.channels);
       for (int64_t pixel = begin; pixel < end; ++pixel) {
         const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
         max_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, a + pixel * p.channels,
-                            p.h, p.w, p.channels, oh, ow, best.data());
+                            p.h, p.w, p.channels, oh, ow, best.data(), tap.data());
       }
     });
   }
@@ -207,28 +212,45 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kern
   return {out, argmax};
 }
 
-// grad_input[tap position] += grad_output. Parallel over planes (NCHW) or over images x channel
-// blocks (channels_last), so overlapping windows never race and the summation order is fixed.
+// grad_input[argmax position] += grad_output. A compact argmax decodes through tables of tap
+// offsets from the window origin. A window with no tap inside the input (possible with dilation and
+// padding on a 1-pixel input) keeps torch's out-of-window argmax and gets no gradient. Parallel over
+// planes (NCHW) or over images x channel blocks (channels_last), so overlapping windows never race
+// and the summation order is fixed.
 template <typename scalar_t, typename index_t>
-void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p,
-                       bool flat) {
+void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kFlat = std::is_same_v<index_t, int64_t>;  // torch's indices: already plane offsets
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  std::vector<int64_t> tap_row(kFlat ? 0 : p.taps()), tap_col(kFlat ? 0 : p.taps());
+  for (int64_t tap = 0; tap < static_cast<int64_t>(tap_row.size()); ++tap) {
+    tap_row[tap] = tap / p.w.kernel * p.h.dilation;
+    tap_col[tap] = tap % p.w.kernel * p.w.dilation;
+  }
+  // input offset within the plane, or -1 outside the input
+  auto position = [&](int64_t oh, int64_t ow, index_t code) -> int64_t {
+    if constexpr (kFlat) {
+      return code < in_plane ? code : -1;
+    } else {
+      const int64_t ih = p.h.start(oh) + tap_row[code], iw = p.w.start(ow) + tap_col[code];
+      return ih < p.h.in && iw < p.w.in && ih >= 0 && iw >= 0 ? ih * p.w.in + iw : -1;
+    }
+  };
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
   const index_t* a = argmax.const_data_ptr<index_t>();
-  // accumulate in float for bfloat16, in place for float/double
+  // bfloat16 accumulates in a float buffer
   Tensor acc = std::is_same_v<acc_t, scalar_t> ? grad_in : at::zeros_like(grad_in, at::kFloat);
   acc_t* gi = acc.mutable_data_ptr<acc_t>();
-  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
-  auto input_offset = [&](int64_t oh, int64_t ow, int64_t code) {
-    return flat ? code : p.h.tap(oh, code / p.w.kernel) * p.w.in + p.w.tap(ow, code % p.w.kernel);
-  };
   if (!p.channels_last) {
     at::parallel_for(0, p.planes(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* gp = g + plane * out_plane;
+        const index_t* ap = a + plane * out_plane;
+        acc_t* dst = gi + plane * in_plane;
         for (int64_t oh = 0; oh < p.h.out; ++oh) {
           for (int64_t ow = 0; ow < p.w.out; ++ow) {
-            const int64_t i = plane * out_plane + oh * p.w.out + ow;
-            gi[plane * in_plane + input_offset(oh, ow, a[i])] += static_cast<acc_t>(g[i]);
+            const int64_t at = position(oh, ow, ap[oh * p.w.out + ow]);
+            if (at >= 0) dst[at] += static_cast<acc_t>(gp[oh * p.w.out + ow]);
           }
         }
       }
@@ -242,9 +264,10 @@ void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& gra
         const int64_t c1 = std::min(p.channels, c0 + kChannelBlock);
         for (int64_t pixel = 0; pixel < out_plane; ++pixel) {
           const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
+          const int64_t i = (n * out_plane + pixel) * p.channels;
           for (int64_t c = c0; c < c1; ++c) {
-            const int64_t i = (n * out_plane + pixel) * p.channels + c;
-            gi[(n * in_plane + input_offset(oh, ow, a[i])) * p.channels + c] += static_cast<acc_t>(g[i]);
+            const int64_t at = position(oh, ow, a[i + c]);
+            if (at >= 0) gi[(n * in_plane + at) * p.channels + c] += static_cast<acc_t>(g[i + c]);
           }
         }
       }
@@ -268,8 +291,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
   Tensor grad_in = at::empty(input_size, grad_out.options(), format).zero_();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
     dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
-      max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p,
-                                                   std::is_same_v<decltype(index), int64_t>);
+      max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p);
     });
   });
   return grad_in;

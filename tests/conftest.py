@@ -1,0 +1,56 @@
+"""Shared test helpers: tolerances in the flash-attention style (our error against a float64
+reference at most twice stock PyTorch's error in the same dtype, plus a small floor)."""
+from __future__ import annotations
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+import segfast  # noqa: F401  (registers the ops)
+
+# error floor per dtype, for outputs where stock happens to be exact
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def max_error(a: torch.Tensor, reference: torch.Tensor) -> float:
+    a, reference = a.double(), reference.double()
+    both_nan = a.isnan() & reference.isnan()
+    same_inf = (a == reference) & reference.isinf()
+    diff = (a - reference).abs()
+    diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_close_to_reference(ours: torch.Tensor, stock: torch.Tensor, reference: torch.Tensor, what: str = ""):
+    """|ours - ref| <= 2 |stock - ref| + floor, all against the float64 reference."""
+    assert ours.shape == reference.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(reference.shape)}"
+    assert ours.dtype == stock.dtype, f"{what}: dtype {ours.dtype} vs stock {stock.dtype}"
+    scale = max(1.0, reference.double().abs().max().item()) if reference.numel() else 1.0
+    bound = 2 * max_error(stock, reference) + FLOOR[ours.dtype] * scale
+    err = max_error(ours, reference)
+    assert err <= bound, f"{what}: error {err:.3g} vs float64 reference exceeds {bound:.3g} (stock's x2 + floor)"
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward, except storage shared with `exclude`."""
+
+    def __init__(self, exclude=()):
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.excluded:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())

@@ -1,0 +1,202 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import segfast
+from conftest import SavedBytes, assert_close_to_reference
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@st.composite
+def pool_args(draw, with_dilation):
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if with_dilation else (1, 1)
+    ceil = draw(st.booleans())
+    min_h, min_w = d[0] * (k[0] - 1) + 1 - 2 * p[0], d[1] * (k[1] - 1) + 1 - 2 * p[1]
+    h, w = draw(st.integers(max(1, min_h), 12)), draw(st.integers(max(1, min_w), 12))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 5)), h, w), k, s, p, d, ceil
+
+
+def _every_window_reaches_the_input(size, k, s, p, d, ceil):
+    # With dilation and padding a window can hold only padding (e.g. a 1-pixel input, kernel 2,
+    # dilation 2, padding 1); torch then returns -inf with an index outside the window and its own
+    # backward writes out of bounds, so those are tested apart (test_window_of_only_padding).
+    out = segfast.ops.pooling._output_size(size, k, s, p, d, ceil)
+    return all(any(0 <= o * s - p + t * d < size for t in range(k)) for o in range(out))
+
+
+def _input(shape, layout, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype).to(memory_format=layout).requires_grad_()
+
+
+@settings(max_examples=150, deadline=None)
+@given(args=pool_args(with_dilation=True), layout=st.sampled_from(LAYOUTS))
+def test_max_pool2d_matches_torch_exactly(args, layout):
+    shape, k, s, p, d, ceil = args
+    assume(all(_every_window_reaches_the_input(shape[2 + i], k[i], s[i], p[i], d[i], ceil) for i in range(2)))
+    x = _input(shape, layout)
+    ours, ours_idx = segfast.ops.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert torch.equal(ours_idx, ref_idx)
+    assert ours.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(segfast.ops.max_pool2d(x, k, s, p, d, ceil), x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-15)
+
+
+@settings(max_examples=150, deadline=None)
+@given(args=pool_args(with_dilation=False), layout=st.sampled_from(LAYOUTS), count_include_pad=st.booleans(),
+       divisor=st.sampled_from([None, 1, 3, -2]))
+def test_avg_pool2d_matches_torch(args, layout, count_include_pad, divisor):
+    shape, k, s, p, _, ceil = args
+    x = _input(shape, layout)
+    ours = segfast.ops.avg_pool2d(x, k, s, p, ceil, count_include_pad, divisor)
+    ref = F.avg_pool2d(x, k, s, p, ceil, count_include_pad, divisor)
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
+    assert ours.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_low_precision_within_twice_stock_error(op, layout, dtype):
+    x64 = _input((2, 8, 15, 17), layout)
+    x = x64.detach().to(dtype).requires_grad_()
+    args = dict(kernel_size=3, stride=2, padding=1)
+    ours, stock, ref = (getattr(segfast.ops, op)(x, **args), getattr(F, op)(x, **args), getattr(F, op)(x64, **args))
+    assert_close_to_reference(ours, stock, ref, f"{op} forward")
+    grad = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(ours, x, grad.to(dtype))
+    (g_stock,) = torch.autograd.grad(stock, x, grad.to(dtype))
+    (g_ref,) = torch.autograd.grad(ref, x64, grad)
+    assert_close_to_reference(g_ours, g_stock, g_ref, f"{op} backward")
+
+
+def test_max_pool2d_nan_propagates_like_torch():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 2:4, 2:4] = float("nan")
+    x[0, 1, 0, 0] = float("-inf")
+    x.requires_grad_()
+    ours, ours_idx = segfast.ops.max_pool2d(x, 2, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    assert torch.equal(ours_idx, ref_idx)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_window_of_only_padding(layout):
+    x = _input((1, 3, 1, 5), layout)
+    ours, ours_idx = segfast.ops.max_pool2d(x, 2, 1, 1, 2, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x.detach(), 2, 1, 1, 2, return_indices=True)
+    torch.testing.assert_close(ours, ref)  # -inf, as torch
+    assert torch.equal(ours_idx, ref_idx)
+    (grad,) = torch.autograd.grad(segfast.ops.max_pool2d(x, 2, 1, 1, 2).sum(), x)
+    assert torch.isfinite(grad).all() and grad.sum() == 0
+
+
+def test_unbatched_input():
+    x = torch.randn(3, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(segfast.ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+    torch.testing.assert_close(segfast.ops.avg_pool2d(x, 3, 2, 1), F.avg_pool2d(x, 3, 2, 1))
+
+
+def test_large_window_uses_int32_argmax_and_stays_exact():
+    x = _input((1, 2, 20, 20), torch.contiguous_format)
+    out = segfast.ops.max_pool2d(x, 17, 1)  # 289 taps > 256
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(F.max_pool2d(x, 17, 1).sum(), x)
+    torch.testing.assert_close(g, g_ref)
+    _, argmax = torch.ops.segfast.max_pool2d(x, [17, 17], [1, 1], [0, 0], [1, 1], False, False)
+    assert argmax.dtype == torch.int32
+
+
+def test_empty_batch_returns_empty_like_torch():
+    x = torch.randn(0, 3, 8, 8)
+    assert segfast.ops.max_pool2d(x, 2).shape == F.max_pool2d(x, 2).shape == (0, 3, 4, 4)
+    assert segfast.ops.avg_pool2d(x, 2).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_max_pool2d_saves_one_byte_per_output(layout):
+    x = _input((2, 4, 16, 16), layout, dtype=torch.float32)
+    with SavedBytes(exclude=[x]) as ours:
+        out = segfast.ops.max_pool2d(x, 2)
+    with SavedBytes(exclude=[x]) as stock:
+        F.max_pool2d(x, 2)
+    assert ours.total == out.numel()  # uint8 argmax, nothing else
+    assert stock.total == 8 * ours.total  # torch keeps int64 indices
+    with SavedBytes() as avg:
+        segfast.ops.avg_pool2d(x, 2)
+    assert avg.total == 0
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_gradcheck(op):
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: getattr(segfast.ops, op)(t, 3, 2, 1, ceil_mode=True), (x,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout):
+    x = torch.randn(2, 3, 9, 8).to(memory_format=layout).requires_grad_()
+    for return_indices in (False, True):
+        torch.library.opcheck(torch.ops.segfast.max_pool2d.default,
+                              (x, [3, 2], [2, 1], [1, 0], [1, 2], True, return_indices))
+    torch.library.opcheck(torch.ops.segfast.avg_pool2d.default, (x, [3, 2], [2, 1], [1, 0], True, False, None))
+    torch.library.opcheck(torch.ops.segfast.avg_pool2d.default, (x, [2, 2], [2, 2], [0, 0], False, True, 3))
+
+
+def test_torch_compile_fullgraph():
+    def f(x):
+        return segfast.ops.avg_pool2d(segfast.ops.max_pool2d(x, 2), 3, 1, 1).sum()
+
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: segfast.ops.max_pool2d(torch.randn(2, 8, 8), 0), ValueError, "kernel_size must be >= 1"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 2, 8, 8), 2, stride=0), ValueError, "stride must be >= 1"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 2, 8, 8), 3, padding=2), ValueError, "at most half"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 2, 8, 8), 2, padding=-1), ValueError, "padding must be >= 0"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(8, 8), 2), ValueError, "must be 3-D or 4-D"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 1, 2, 8, 8), 2), ValueError, "must be 3-D or 4-D"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 2, 2, 2), 3), ValueError, "too small"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 0, 4, 4), 2), ValueError, "non-empty channel"),
+        (lambda: segfast.ops.max_pool2d(torch.ones(1, 2, 4, 4, dtype=torch.int64), 2), TypeError, "dtype"),
+        (lambda: segfast.ops.max_pool2d(torch.randn(1, 2, 4, 4), (2, 2, 2)), TypeError, "kernel_size"),
+        (lambda: segfast.ops.avg_pool2d(torch.randn(1, 2, 4, 4), 2, divisor_override=0), ValueError, "non-zero"),
+        (lambda: segfast.ops.max_pool2d([1, 2], 2), TypeError, "must be a Tensor"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_modules_mirror_torch():
+    x = torch.randn(2, 3, 11, 11)
+    for ours, stock in [
+        (segfast.nn.MaxPool2d(3, 2, 1, ceil_mode=True), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)),
+        (segfast.nn.MaxPool2d(2, return_indices=True), torch.nn.MaxPool2d(2, return_indices=True)),
+        (segfast.nn.AvgPool2d(3, 2, 1, count_include_pad=False), torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+    ]:
+        torch.testing.assert_close(ours(x), stock(x))
