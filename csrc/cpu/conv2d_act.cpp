@@ -1,9 +1,9 @@
 // conv2d + bias + activation on CPU.
 //
-// The convolution core is ATen's (oneDNN for float32/bfloat16), run without bias. Ours is the
-// single pass around it: bias + activation (+ the layout change when we convolve channels_last
-// for an NCHW caller) in forward, and activation derivative x grad_output + the bias-gradient
-// reduction (+ the layout change) in backward.
+// The convolution core is ATen's (oneDNN for float32/bfloat16), which adds the bias inside its
+// accumulator (one rounding, as F.conv2d). Ours is the single pass around it: the activation (+ the
+// layout change when we convolve channels_last for an NCHW caller) in forward, and activation
+// derivative x grad_output + the bias-gradient reduction (+ the layout change) in backward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -77,22 +77,17 @@ void for_each_tile(int64_t batch, int64_t pixels, F&& f) {
   });
 }
 
-// out = act(z + bias) over one tile; also preact = z + bias when preact is non-null (it may be z).
+// out = act(z) over one tile, z and out in any of the two layouts (out may be z itself).
 template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void bias_act_tile(PlaneView<scalar_t> z, PlaneView<scalar_t> preact,
-                                            PlaneView<scalar_t> out, const scalar_t* bias, int64_t channels,
-                                            int64_t n, int64_t p0, int64_t p1, at::opmath_type<scalar_t> slope) {
+SEGFAST_CPU_MULTIVERSION void activation_tile(PlaneView<scalar_t> z, PlaneView<scalar_t> out, int64_t channels,
+                                              int64_t n, int64_t p0, int64_t p1, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
     const scalar_t* zc = z.at(n, c, 0);
     scalar_t* oc = out.at(n, c, 0);
-    scalar_t* pc = preact.data ? preact.at(n, c, 0) : nullptr;
 #pragma omp simd
     for (int64_t p = p0; p < p1; ++p) {
-      const acc_t v = static_cast<acc_t>(zc[p * z.pixel_stride]) + b;
-      if (pc) pc[p * preact.pixel_stride] = static_cast<scalar_t>(v);
-      oc[p * out.pixel_stride] = static_cast<scalar_t>(activate<A>(v, slope));
+      oc[p * out.pixel_stride] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(zc[p * z.pixel_stride]), slope));
     }
   }
 }
@@ -142,32 +137,24 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor x = input.contiguous(format), w = weight.contiguous(format);
   const int64_t no_output_padding[2] = {0, 0};
   const Tensor empty = at::empty({0}, input.options());
-  if (act == Activation::None) {
-    return {at::convolution(x, w, bias, stride, padding, dilation, false, no_output_padding, groups)
-                .contiguous(out_format),
-            empty};
-  }
-  Tensor z = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, no_output_padding, groups)
-                 .contiguous(format);
+  Tensor z = at::convolution(x, w, bias, stride, padding, dilation, false, no_output_padding, groups);
+  if (act == Activation::None) return {z.contiguous(out_format), empty};
+  z = z.contiguous(format);
+  // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = !derivative_from_output(act, negative_slope);
-  const bool same_format = format == out_format;
-  Tensor out = same_format && !keep_preact ? z : at::empty(z.sizes(), z.options(), out_format);
-  Tensor preact = !keep_preact ? Tensor() : (same_format ? z : at::empty(z.sizes(), z.options(), out_format));
+  if (keep_preact) z = z.contiguous(out_format);
+  Tensor out = z.is_contiguous(out_format) && !keep_preact ? z : at::empty(z.sizes(), z.options(), out_format);
   const int64_t channels = z.size(1), pixels = z.size(2) * z.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "conv2d_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor b = bias && bias->defined() ? bias->contiguous() : Tensor();
-    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const auto zv = PlaneView<scalar_t>::of(z), ov = PlaneView<scalar_t>::of(out);
-    const auto pv = preact.defined() ? PlaneView<scalar_t>::of(preact) : PlaneView<scalar_t>{};
     dispatch_activation(act, [&](auto a) {
       for_each_tile(z.size(0), pixels, [&](int64_t n, int64_t p0, int64_t p1, int64_t) {
-        bias_act_tile<decltype(a)::value, scalar_t>(zv, pv, ov, bp, channels, n, p0, p1,
-                                                    static_cast<acc_t>(negative_slope));
+        activation_tile<decltype(a)::value, scalar_t>(zv, ov, channels, n, p0, p1, static_cast<acc_t>(negative_slope));
       });
     });
   });
-  return {out, keep_preact ? preact : empty};
+  return {out, keep_preact ? z : empty};
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& saved,

@@ -1,0 +1,192 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segfast
+from conftest import SavedBytes, assert_close_to_reference
+
+ACTS = {
+    "none": lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": F.leaky_relu,
+    "silu": lambda z, slope: F.silu(z),
+    "gelu": lambda z, slope: F.gelu(z),
+    "sigmoid": lambda z, slope: torch.sigmoid(z),
+}
+
+# (input shape, weight shape, conv kwargs): groups, dilation, asymmetric stride/padding, strings
+GEOMETRIES = [
+    ((2, 4, 9, 11), (6, 4, 3, 3), dict(padding=1)),
+    ((2, 4, 9, 11), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
+    ((1, 3, 12, 10), (8, 3, 3, 3), dict(stride=2, dilation=2)),  # first-layer shape: channels_last core
+    ((2, 6, 8, 8), (6, 1, 3, 3), dict(padding="same", groups=6)),  # depthwise
+    ((2, 4, 7, 9), (5, 4, 4, 2), dict(padding="same", dilation=(1, 3))),  # even kernel: asymmetric pad
+    ((2, 4, 7, 9), (5, 4, 3, 3), dict(padding="valid")),
+    ((4, 7, 7), (5, 4, 1, 1), dict()),  # unbatched (C, H, W), 1x1
+]
+
+
+def _tensors(input_shape, weight_shape, dtype, layout=torch.contiguous_format, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(input_shape, generator=g, dtype=torch.float64)
+    w = torch.randn(weight_shape, generator=g, dtype=torch.float64) / weight_shape[1] ** 0.5
+    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64) if bias else None
+    if x.dim() == 4:
+        x = x.to(memory_format=layout)
+    ref = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    low = [t.detach().to(dtype).requires_grad_() for t in ref]
+    if not bias:
+        ref.append(None), low.append(None)
+    return ref, low
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
+def test_matches_torch_forward_and_backward(geometry, activation, dtype):
+    input_shape, weight_shape, kwargs = GEOMETRIES[geometry]
+    (x64, w64, b64), (x, w, b) = _tensors(input_shape, weight_shape, dtype)
+    slope = 0.1
+
+    def stock(x, w, b):
+        return ACTS[activation](F.conv2d(x, w, b, **kwargs), slope)
+
+    ours = segfast.ops.conv2d_act(x, w, b, **kwargs, activation=activation, negative_slope=slope)
+    theirs, ref = stock(x, w, b), stock(x64, w64, b64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours, ref)
+    assert_close_to_reference(ours, theirs, ref, "forward")
+    grad = torch.randn_like(ref)
+    if activation in ("relu", "leaky_relu"):
+        # where z rounds to the other side of the kink the derivative flips in any implementation;
+        # give those outputs no gradient so that the comparison measures rounding, not coin flips
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        grad = grad * (F.conv2d(x64, w64, b64, **kwargs).abs() > margin)
+    g_ours = torch.autograd.grad(ours, (x, w, b), grad.to(dtype))
+    g_stock = torch.autograd.grad(theirs, (x, w, b), grad.to(dtype))
+    g_ref = torch.autograd.grad(ref, (x64, w64, b64), grad)
+    for name, a, s, r in zip(("input", "weight", "bias"), g_ours, g_stock, g_ref):
+        assert_close_to_reference(a, s, r, f"grad {name}")
+
+
+def test_none_is_bitwise_f_conv2d():
+    for weight_shape, kwargs in (((4, 8, 3, 3), dict(padding=1)), ((4, 4, 3, 3), dict(stride=2, groups=2, dilation=2))):
+        (x, w, b), _ = _tensors((2, 8, 10, 10), weight_shape, torch.float64)
+        ours = segfast.ops.conv2d_act(x, w, b, **kwargs, activation="none")
+        assert torch.equal(ours, F.conv2d(x, w, b, **kwargs))
+
+
+@pytest.mark.parametrize("in_channels", [3, 32])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_layout_follows_f_conv2d(layout, in_channels):
+    _, (x, w, b) = _tensors((2, in_channels, 9, 9), (8, in_channels, 3, 3), torch.float32, layout)
+    ours = segfast.ops.conv2d_act(x, w, b, padding=1)
+    stock = F.relu(F.conv2d(x, w, b, padding=1))
+    assert ours.is_contiguous(memory_format=layout)
+    assert ours.stride() == stock.stride()
+    (gx,) = torch.autograd.grad(ours.sum(), x)
+    assert gx.is_contiguous(memory_format=layout)
+
+
+def test_no_bias_and_leaky_relu_negative_slope():
+    (x64, w64, _), (x, w, _) = _tensors((2, 3, 8, 8), (4, 3, 3, 3), torch.float64, bias=False)
+    ours = segfast.ops.conv2d_act(x, w, None, padding=1, activation="leaky_relu", negative_slope=-0.5)
+    ref = F.leaky_relu(F.conv2d(x64, w64, None, padding=1), -0.5)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x64)[0])
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_gradcheck(activation):
+    (x, w, b), _ = _tensors((1, 2, 5, 6), (3, 2, 3, 2), torch.float64)
+    # keep pre-activations away from relu's kink, where finite differences are meaningless
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: segfast.ops.conv2d_act(x, w, b, stride=(1, 2), padding=1, activation=activation,
+                                               negative_slope=0.2), (x, w, b), atol=1e-6)
+
+
+def test_empty_batch_returns_empty_like_torch():
+    x, w = torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    assert segfast.ops.conv2d_act(x, w).shape == F.conv2d(x, w).shape == (0, 4, 6, 6)
+
+
+@pytest.mark.parametrize("activation, saved", [("relu", "output"), ("leaky_relu", "output"), ("sigmoid", "output"),
+                                               ("silu", "preact"), ("gelu", "preact"), ("none", None)])
+def test_saves_one_activation_sized_tensor(activation, saved):
+    _, (x, w, b) = _tensors((2, 4, 16, 16), (8, 4, 3, 3), torch.float32)
+    with SavedBytes(exclude=[x, w, b]) as counter:
+        out = segfast.ops.conv2d_act(x, w, b, padding=1, activation=activation)
+    output_bytes = out.numel() * out.element_size()
+    assert counter.total == (0 if saved is None else output_bytes)
+    if saved == "output":  # the op's own output, not a copy
+        assert out.untyped_storage().data_ptr() in counter.storages
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
+def test_opcheck(activation, layout):
+    x = torch.randn(2, 3, 7, 8).to(memory_format=layout).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.segfast.conv2d_act.default, (x, w, b, [1, 2], [1, 1], [1, 1], 1, activation, 0.01))
+    torch.library.opcheck(torch.ops.segfast.conv2d_act.default, (x, w, None, [1, 1], [0, 0], [2, 1], 1, activation, 0.01))
+
+
+def test_torch_compile_fullgraph():
+    model = torch.nn.Sequential(segfast.nn.Conv2dAct(3, 8, 3, padding=1), segfast.nn.Conv2dAct(8, 4, 3, padding="same",
+                                                                                               activation="silu"))
+    x = torch.randn(2, 3, 12, 12)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    grads_compiled = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
+    grads_eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_module_state_dict_loads_both_ways():
+    stock = torch.nn.Conv2d(3, 5, 3, padding=1, groups=1)
+    ours = segfast.nn.Conv2dAct(3, 5, 3, padding=1, activation="none")
+    assert set(ours.state_dict()) == set(stock.state_dict()) == {"weight", "bias"}
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ours(x), stock(x))
+    stock.load_state_dict(segfast.nn.Conv2dAct(3, 5, 3, padding=1).state_dict())
+    assert "activation='none'" in repr(ours)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: segfast.ops.conv2d_act(torch.randn(3, 3), torch.randn(4, 3, 3, 3)), ValueError, "input must be 3-D or 4-D"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)), ValueError, "weight must be 4-D"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3, dtype=torch.float64)),
+         TypeError, "weight dtype torch.float64 differs from input"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 5, 8, 8), torch.randn(4, 3, 3, 3)), ValueError,
+         "input has 5 channels"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 4, 8, 8), torch.randn(3, 2, 3, 3), groups=2), ValueError,
+         "not divisible by groups"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)),
+         ValueError, "bias must have shape"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=0), ValueError,
+         "stride must be >= 1"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1), ValueError,
+         "padding must be >= 0"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding="same", stride=2),
+         ValueError, "needs stride 1"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)), ValueError,
+         "exceeds the padded input"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), activation="tanh"),
+         ValueError, "activation must be one of"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), negative_slope=float("nan")),
+         ValueError, "negative_slope must be a finite float"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half()), TypeError,
+         "input dtype must be one of"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 0, 8, 8), torch.randn(4, 0, 3, 3)), ValueError,
+         "non-empty channel"),
+        (lambda: segfast.nn.Conv2dAct(3, 4, 3, padding_mode="reflect"), ValueError, "padding_mode"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
