@@ -1,9 +1,9 @@
 // conv2d + bias + activation on CPU.
 //
 // The convolution core is ATen's (oneDNN for float32/bfloat16), which adds the bias inside its
-// accumulator (one rounding, as F.conv2d). Ours is the single pass around it: the activation (+ the
-// layout change when we convolve channels_last for an NCHW caller) in forward, and activation
-// derivative x grad_output + the bias-gradient reduction (+ the layout change) in backward.
+// accumulator (one rounding, as F.conv2d). Ours is the single pass around it: the activation, in
+// place, in forward; in backward, activation derivative x grad_output + the bias-gradient
+// reduction (+ the change to channels_last when the weight gradient is computed that way).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -25,9 +26,10 @@ using at::IntArrayRef;
 using at::MemoryFormat;
 using at::Tensor;
 
-// Pixels per tile of the fused passes. Fixed (not per thread) so that the bias-gradient sum has
-// the same order whatever the thread count.
-constexpr int64_t kTile = 1024;
+// Pixels per tile of the backward pass: long contiguous runs when every view is NCHW, else a
+// tile of every channel that stays in L2. Fixed by the layouts (not by the thread count), so the
+// bias-gradient sum always adds in the same order.
+int64_t tile_pixels(bool nchw) { return nchw ? 4096 : 256; }
 
 // The memory format F.conv2d gives its output: channels_last when input or weight is.
 MemoryFormat output_format(const Tensor& input, const Tensor& weight) {
@@ -36,14 +38,15 @@ MemoryFormat output_format(const Tensor& input, const Tensor& weight) {
              : MemoryFormat::Contiguous;
 }
 
-// The format we convolve in. oneDNN (float32/bfloat16) is much faster channels_last when the
-// input has few channels; converting such an input is cheap, and the layout change of the output
-// rides on the fused pass. Measured on the 2-core dev machine, 3x3 conv 8x3x256x256 -> 32:
-// forward 19 ms channels_last vs 38 ms NCHW, backward (weight) 4 ms vs 22 ms. At 64 input
-// channels converting the input costs more than it saves, so NCHW stays NCHW there.
+// The format of the backward convolution. oneDNN (float32/bfloat16) computes the weight gradient
+// of a layer with few input channels much faster channels_last; converting such an input is cheap
+// (it is small), and the fused pass writes grad_z channels_last at no extra cost. Measured on the
+// 2-core dev machine, 3x3, 8x3x256x256 -> 32: weight-gradient convolution 4 ms channels_last vs
+// 22 ms NCHW. The forward stays in the caller's layout: its channels_last convolution is faster
+// too (19 vs 38 ms) but needs a second output-sized buffer, whose page faults ate the gain.
 constexpr int64_t kChannelsLastMaxInputChannels = 16;
 
-MemoryFormat compute_format(const Tensor& input, const Tensor& weight) {
+MemoryFormat backward_format(const Tensor& input, const Tensor& weight) {
   const MemoryFormat out = output_format(input, weight);
   const bool onednn_dtype = input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16;
   if (out == MemoryFormat::Contiguous && onednn_dtype && input.size(1) <= kChannelsLastMaxInputChannels) {
@@ -58,6 +61,8 @@ struct PlaneView {
   T* data;
   int64_t batch_stride, channel_stride, pixel_stride;
 
+  bool nchw() const { return pixel_stride == 1; }
+
   static PlaneView of(const Tensor& t) {
     TORCH_INTERNAL_ASSERT(t.stride(2) == t.size(3) * t.stride(3) || t.size(2) == 1);
     return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(3)};
@@ -65,53 +70,91 @@ struct PlaneView {
   T* at(int64_t n, int64_t c, int64_t p) const { return data + n * batch_stride + c * channel_stride + p * pixel_stride; }
 };
 
-// Calls f(n, p0, p1, tile) over fixed-size pixel tiles of every image, in parallel.
+int64_t tile_count(int64_t batch, int64_t pixels, int64_t tile) { return batch * ((pixels + tile - 1) / tile); }
+
+// Calls f(n, p0, p1, tile_index) over pixel tiles of `tile` pixels of every image, in parallel.
 template <typename F>
-void for_each_tile(int64_t batch, int64_t pixels, F&& f) {
-  const int64_t per_image = (pixels + kTile - 1) / kTile;
+void for_each_tile(int64_t batch, int64_t pixels, int64_t tile, F&& f) {
+  const int64_t per_image = (pixels + tile - 1) / tile;
   at::parallel_for(0, batch * per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / per_image, p0 = tile % per_image * kTile;
-      f(n, p0, std::min(pixels, p0 + kTile), tile);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / per_image, p0 = t % per_image * tile;
+      f(n, p0, std::min(pixels, p0 + tile), t);
     }
   });
 }
 
-// out = act(z) over one tile, z and out in any of the two layouts (out may be z itself).
+// out[i] = act(z[i]) over a range of elements (z and out share their layout; out may be z).
 template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void activation_tile(PlaneView<scalar_t> z, PlaneView<scalar_t> out, int64_t channels,
-                                              int64_t n, int64_t p0, int64_t p1, at::opmath_type<scalar_t> slope) {
+SEGFAST_CPU_MULTIVERSION void activation_range(const scalar_t* z, scalar_t* out, int64_t count,
+                                               at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* zc = z.at(n, c, 0);
-    scalar_t* oc = out.at(n, c, 0);
 #pragma omp simd
-    for (int64_t p = p0; p < p1; ++p) {
-      oc[p * out.pixel_stride] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(zc[p * z.pixel_stride]), slope));
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(z[i]), slope));
+}
+
+// The layouts of one backward pass, known at compile time so that its loops vectorise.
+enum class PassLayout {
+  NCHW,        // grad_output, saved and grad_z all NCHW
+  NCHWToNHWC,  // NCHW in, channels_last grad_z (the channels_last weight-gradient path)
+  Strided,     // anything else (channels_last callers): strides read at run time
+};
+
+// grad_z = grad_out * act'(saved) over one tile, and bias_partial[c] = sum of the tile's grad_z.
+// Except for NCHW, the tile goes through `scratch` (channels x kSubTile): computed channel by
+// channel, then stored pixel by pixel, so both sides stay within L1.
+constexpr int64_t kSubTile = 64;
+constexpr int64_t kScratchStride = kSubTile + 1;  // odd: a column of scratch does not hit one cache set
+
+template <Activation A, PassLayout L, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_out, PlaneView<const scalar_t> saved,
+                                                PlaneView<scalar_t> grad_z, int64_t channels, int64_t n, int64_t p0,
+                                                int64_t p1, at::opmath_type<scalar_t> slope,
+                                                at::opmath_type<scalar_t>* bias_partial,
+                                                at::opmath_type<scalar_t>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kInPlace = L == PassLayout::NCHW;
+  const int64_t gs = L == PassLayout::Strided ? grad_out.pixel_stride : 1;
+  const int64_t ss = L == PassLayout::Strided ? saved.pixel_stride : 1;
+  const int64_t zc_stride = L == PassLayout::Strided ? grad_z.channel_stride : 1;
+  for (int64_t c = 0; c < channels; ++c) bias_partial[c] = 0;
+  for (int64_t q0 = p0; q0 < p1; q0 += kInPlace ? p1 - p0 : kSubTile) {
+    const int64_t q1 = kInPlace ? p1 : std::min(p1, q0 + kSubTile);
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* gc = grad_out.at(n, c, 0);
+      const scalar_t* sc = saved.at(n, c, 0);
+      scalar_t* zc = grad_z.at(n, c, 0);
+      acc_t* tc = scratch + c * kScratchStride - q0;
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = q0; p < q1; ++p) {
+        const acc_t g = static_cast<acc_t>(gc[p * gs]) * activation_derivative<A>(static_cast<acc_t>(sc[p * ss]), slope);
+        if constexpr (kInPlace) {
+          zc[p] = static_cast<scalar_t>(g);
+        } else {
+          tc[p] = g;
+        }
+        sum += g;
+      }
+      bias_partial[c] += sum;
+    }
+    if constexpr (!kInPlace) {
+      for (int64_t p = q0; p < q1; ++p) {
+        scalar_t* zp = grad_z.at(n, 0, p);
+        const acc_t* tp = scratch + p - q0;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) zp[c * zc_stride] = static_cast<scalar_t>(tp[c * kScratchStride]);
+      }
     }
   }
 }
 
-// grad_z = grad_out * act'(saved) over one tile, and bias_partial[c] = sum of the tile's grad_z.
-template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_out, PlaneView<const scalar_t> saved,
-                                                PlaneView<scalar_t> grad_z, int64_t channels, int64_t n, int64_t p0,
-                                                int64_t p1, at::opmath_type<scalar_t> slope,
-                                                at::opmath_type<scalar_t>* bias_partial) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* gc = grad_out.at(n, c, 0);
-    const scalar_t* sc = saved.at(n, c, 0);
-    scalar_t* zc = grad_z.at(n, c, 0);
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = p0; p < p1; ++p) {
-      const acc_t g = static_cast<acc_t>(gc[p * grad_out.pixel_stride]) *
-                      activation_derivative<A>(static_cast<acc_t>(sc[p * saved.pixel_stride]), slope);
-      zc[p * grad_z.pixel_stride] = static_cast<scalar_t>(g);
-      sum += g;
-    }
-    bias_partial[c] = sum;
+template <typename F>
+void dispatch_pass_layout(PassLayout layout, F&& f) {
+  switch (layout) {
+    case PassLayout::NCHW: return f(std::integral_constant<PassLayout, PassLayout::NCHW>{});
+    case PassLayout::NCHWToNHWC: return f(std::integral_constant<PassLayout, PassLayout::NCHWToNHWC>{});
+    case PassLayout::Strided: return f(std::integral_constant<PassLayout, PassLayout::Strided>{});
   }
 }
 
@@ -133,24 +176,24 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
                                           int64_t groups, c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias);
   const Activation act = parse_activation(activation);
-  const MemoryFormat out_format = output_format(input, weight), format = compute_format(input, weight);
-  const Tensor x = input.contiguous(format), w = weight.contiguous(format);
+  const MemoryFormat format = output_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};
   const Tensor empty = at::empty({0}, input.options());
-  Tensor z = at::convolution(x, w, bias, stride, padding, dilation, false, no_output_padding, groups);
-  if (act == Activation::None) return {z.contiguous(out_format), empty};
-  z = z.contiguous(format);
-  // backward needs z itself unless the derivative follows from the output
+  Tensor z = at::convolution(input.contiguous(format), weight.contiguous(format), bias, stride, padding, dilation,
+                             false, no_output_padding, groups)
+                 .contiguous(format);
+  if (act == Activation::None) return {z, empty};
+  // backward needs z itself unless the derivative follows from the output, else act in place
   const bool keep_preact = !derivative_from_output(act, negative_slope);
-  if (keep_preact) z = z.contiguous(out_format);
-  Tensor out = z.is_contiguous(out_format) && !keep_preact ? z : at::empty(z.sizes(), z.options(), out_format);
-  const int64_t channels = z.size(1), pixels = z.size(2) * z.size(3);
+  Tensor out = keep_preact ? at::empty_like(z) : z;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "conv2d_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto zv = PlaneView<scalar_t>::of(z), ov = PlaneView<scalar_t>::of(out);
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto a) {
-      for_each_tile(z.size(0), pixels, [&](int64_t n, int64_t p0, int64_t p1, int64_t) {
-        activation_tile<decltype(a)::value, scalar_t>(zv, ov, channels, n, p0, p1, static_cast<acc_t>(negative_slope));
+      at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+        activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
+                                                       static_cast<acc_t>(negative_slope));
       });
     });
   });
@@ -165,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
                                                            std::array<bool, 3> output_mask) {
   check_conv_args(input, weight, std::nullopt);
   const Activation act = parse_activation(activation);
-  const MemoryFormat format = compute_format(input, weight);
+  const MemoryFormat format = backward_format(input, weight);
   const Tensor x = input.contiguous(format), w = weight.contiguous(format);
   const int64_t no_output_padding[2] = {0, 0};
   const int64_t out_channels = weight.size(0);
@@ -187,17 +230,25 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
                     " differ");
   Tensor grad_z = at::empty(g.sizes(), g.options(), format);
   const int64_t batch = g.size(0), pixels = g.size(2) * g.size(3);
-  const int64_t tiles = batch * ((pixels + kTile - 1) / kTile);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "conv2d_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> partial(tiles * out_channels);
     const auto gv = PlaneView<const scalar_t>::of(g), sv = PlaneView<const scalar_t>::of(s);
     const auto zv = PlaneView<scalar_t>::of(grad_z);
+    const bool nchw_in = gv.nchw() && sv.nchw();
+    const PassLayout layout = nchw_in && zv.nchw()                 ? PassLayout::NCHW
+                              : nchw_in && zv.channel_stride == 1 ? PassLayout::NCHWToNHWC
+                                                                  : PassLayout::Strided;
+    const int64_t tile = tile_pixels(layout == PassLayout::NCHW), tiles = tile_count(batch, pixels, tile);
+    std::vector<acc_t> partial(tiles * out_channels);
     dispatch_activation(act, [&](auto a) {
-      for_each_tile(batch, pixels, [&](int64_t n, int64_t p0, int64_t p1, int64_t tile) {
-        act_backward_tile<decltype(a)::value, scalar_t>(gv, sv, zv, out_channels, n, p0, p1,
-                                                        static_cast<acc_t>(negative_slope),
-                                                        partial.data() + tile * out_channels);
+      dispatch_pass_layout(layout, [&](auto l) {
+        for_each_tile(batch, pixels, tile, [&](int64_t n, int64_t p0, int64_t p1, int64_t t) {
+          thread_local std::vector<acc_t> scratch;
+          scratch.resize(out_channels * kScratchStride);
+          act_backward_tile<decltype(a)::value, decltype(l)::value, scalar_t>(
+              gv, sv, zv, out_channels, n, p0, p1, static_cast<acc_t>(negative_slope),
+              partial.data() + t * out_channels, scratch.data());
+        });
       });
     });
     if (output_mask[2]) {
