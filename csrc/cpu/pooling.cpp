@@ -212,68 +212,114 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kern
   return {out, argmax};
 }
 
-// grad_input[argmax position] += grad_output. A compact argmax decodes through tables of tap
-// offsets from the window origin. A window with no tap inside the input (possible with dilation and
-// padding on a 1-pixel input) keeps torch's out-of-window argmax and gets no gradient. Parallel over
-// planes (NCHW) or over images x channel blocks (channels_last), so overlapping windows never race
-// and the summation order is fixed.
+// Backward. NCHW scatters: each output adds its gradient at its argmax (reads stay contiguous;
+// a plane is one task, so overlapping windows never race and the order is fixed). channels_last
+// gathers: every input pixel sums, over the windows that cover it, the gradients whose argmax
+// points at it, vectorised over channels and written once. Either way a window with no tap inside
+// the input (dilation + padding on a 1-pixel input, where torch's argmax lies outside the window)
+// gives no gradient.
+//
+// The argmax "points at" tap `tap` at input offset `offset` (in its plane): compact codes compare
+// with the tap, torch's flat int64 indices with the offset.
+template <typename index_t>
+inline bool argmax_is(index_t code, int64_t tap, int64_t offset) {
+  if constexpr (std::is_same_v<index_t, int64_t>) {
+    return code == offset;
+  } else {
+    return static_cast<int64_t>(code) == tap;
+  }
+}
+
+// Input offset in its plane of the argmax of output (oh, ow), or -1 outside the input.
+template <typename index_t>
+struct ArgmaxDecoder {
+  const Pool2d& p;
+  std::vector<int64_t> tap_row, tap_col;  // tap -> offset from the window origin
+
+  explicit ArgmaxDecoder(const Pool2d& pool) : p(pool) {
+    if constexpr (!std::is_same_v<index_t, int64_t>) {
+      for (int64_t tap = 0; tap < p.taps(); ++tap) {
+        tap_row.push_back(tap / p.w.kernel * p.h.dilation);
+        tap_col.push_back(tap % p.w.kernel * p.w.dilation);
+      }
+    }
+  }
+
+  int64_t operator()(int64_t oh, int64_t ow, index_t code) const {
+    if constexpr (std::is_same_v<index_t, int64_t>) {
+      return code < p.h.in * p.w.in ? code : -1;
+    } else {
+      const int64_t ih = p.h.start(oh) + tap_row[code], iw = p.w.start(ow) + tap_col[code];
+      return ih >= 0 && iw >= 0 && ih < p.h.in && iw < p.w.in ? ih * p.w.in + iw : -1;
+    }
+  }
+};
+
+// The output row whose window has tap kh on input row ih, or -1.
+inline int64_t output_of_tap(const PoolAxis& a, int64_t i, int64_t k) {
+  const int64_t num = i + a.pad - k * a.dilation;
+  if (num < 0 || num % a.stride != 0 || num / a.stride >= a.out) return -1;
+  return num / a.stride;
+}
+
+// One channels_last input pixel (all channels); `acc` is scratch of `channels` elements.
+template <typename scalar_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_image, const index_t* argmax_image,
+                                                           scalar_t* grad_pixel, const PoolAxis& h, const PoolAxis& w,
+                                                           int64_t channels, int64_t ih, int64_t iw,
+                                                           at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
+  for (int64_t kh = 0; kh < h.kernel; ++kh) {
+    const int64_t oh = output_of_tap(h, ih, kh);
+    if (oh < 0) continue;
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {
+      const int64_t ow = output_of_tap(w, iw, kw);
+      if (ow < 0) continue;
+      const int64_t at = (oh * w.out + ow) * channels, tap = kh * w.kernel + kw, offset = ih * w.in + iw;
+      const scalar_t* g = grad_image + at;
+      const index_t* a = argmax_image + at;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) acc[c] += argmax_is(a[c], tap, offset) ? static_cast<acc_t>(g[c]) : 0;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
+}
+
 template <typename scalar_t, typename index_t>
 void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kFlat = std::is_same_v<index_t, int64_t>;  // torch's indices: already plane offsets
-  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
-  std::vector<int64_t> tap_row(kFlat ? 0 : p.taps()), tap_col(kFlat ? 0 : p.taps());
-  for (int64_t tap = 0; tap < static_cast<int64_t>(tap_row.size()); ++tap) {
-    tap_row[tap] = tap / p.w.kernel * p.h.dilation;
-    tap_col[tap] = tap % p.w.kernel * p.w.dilation;
-  }
-  // input offset within the plane, or -1 outside the input
-  auto position = [&](int64_t oh, int64_t ow, index_t code) -> int64_t {
-    if constexpr (kFlat) {
-      return code < in_plane ? code : -1;
-    } else {
-      const int64_t ih = p.h.start(oh) + tap_row[code], iw = p.w.start(ow) + tap_col[code];
-      return ih < p.h.in && iw < p.w.in && ih >= 0 && iw >= 0 ? ih * p.w.in + iw : -1;
-    }
-  };
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
   const index_t* a = argmax.const_data_ptr<index_t>();
-  // bfloat16 accumulates in a float buffer
-  Tensor acc = std::is_same_v<acc_t, scalar_t> ? grad_in : at::zeros_like(grad_in, at::kFloat);
-  acc_t* gi = acc.mutable_data_ptr<acc_t>();
+  scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
   if (!p.channels_last) {
+    const ArgmaxDecoder<index_t> position(p);
     at::parallel_for(0, p.planes(), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(in_plane);  // float accumulation, also for bfloat16
       for (int64_t plane = begin; plane < end; ++plane) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         const scalar_t* gp = g + plane * out_plane;
         const index_t* ap = a + plane * out_plane;
-        acc_t* dst = gi + plane * in_plane;
         for (int64_t oh = 0; oh < p.h.out; ++oh) {
           for (int64_t ow = 0; ow < p.w.out; ++ow) {
             const int64_t at = position(oh, ow, ap[oh * p.w.out + ow]);
-            if (at >= 0) dst[at] += static_cast<acc_t>(gp[oh * p.w.out + ow]);
+            if (at >= 0) acc[at] += static_cast<acc_t>(gp[oh * p.w.out + ow]);
           }
         }
+        std::copy(acc.begin(), acc.end(), gi + plane * in_plane);
       }
     });
   } else {
-    constexpr int64_t kChannelBlock = 16;
-    const int64_t blocks = (p.channels + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / blocks, c0 = task % blocks * kChannelBlock;
-        const int64_t c1 = std::min(p.channels, c0 + kChannelBlock);
-        for (int64_t pixel = 0; pixel < out_plane; ++pixel) {
-          const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
-          const int64_t i = (n * out_plane + pixel) * p.channels;
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t at = position(oh, ow, a[i + c]);
-            if (at >= 0) gi[(n * in_plane + at) * p.channels + c] += static_cast<acc_t>(g[i + c]);
-          }
-        }
+    at::parallel_for(0, p.batch * in_plane, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(p.channels);
+      for (int64_t pixel = begin; pixel < end; ++pixel) {
+        const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
+        max_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, a + n * out_plane * p.channels,
+                                     gi + pixel * p.channels, p.h, p.w, p.channels, ih, iw, acc.data());
       }
     });
   }
-  if (!acc.is_same(grad_in)) grad_in.copy_(acc);
 }
 
 Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, IntArrayRef input_size,
@@ -288,7 +334,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
   p.w.out = grad_out.size(3);
   TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
                     " and grad_output ", grad_out.sizes(), " differ");
-  Tensor grad_in = at::empty(input_size, grad_out.options(), format).zero_();
+  Tensor grad_in = at::empty(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
     dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
       max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p);
