@@ -69,6 +69,47 @@ def test_matches_torch_forward_and_backward(geometry, activation, dtype):
         assert_close_to_reference(a, s, r, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "silu", "sigmoid", "leaky_relu"])
+@pytest.mark.parametrize("kernel, padding", [((3, 3), 1), ((7, 7), 3), ((1, 3), (0, 2)), ((5, 2), 0)])
+def test_few_input_channels_without_input_grad(kernel, padding, activation, dtype):
+    # the first layer of a network (RGB in, input needs no gradient) takes segfast's direct kernel
+    (x64, w64, b64), (x, w, b) = _tensors((2, 3, 13, 70), (6, 3, *kernel), dtype)
+    x64, x = x64.detach(), x.detach()
+
+    def stock(x, w, b):
+        return ACTS[activation](F.conv2d(x, w, b, padding=padding), 0.1)
+
+    ours = segfast.ops.conv2d_act(x, w, b, padding=padding, activation=activation, negative_slope=0.1)
+    theirs, ref = stock(x, w, b), stock(x64, w64, b64)
+    assert_close_to_reference(ours, theirs, ref, "forward")
+    grad = torch.randn_like(ref)
+    if activation in ("relu", "leaky_relu"):
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
+    for name, a, s_, r in zip(("weight", "bias"), torch.autograd.grad(ours, (w, b), grad.to(dtype)),
+                              torch.autograd.grad(theirs, (w, b), grad.to(dtype)),
+                              torch.autograd.grad(ref, (w64, b64), grad)):
+        assert_close_to_reference(a, s_, r, f"grad {name}")
+
+
+def test_few_input_channels_gradcheck_and_determinism():
+    (x, w, b), _ = _tensors((2, 3, 6, 7), (4, 3, 3, 3), torch.float64)
+    x = x.detach()
+    assert torch.autograd.gradcheck(lambda w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation="silu"), (w, b))
+    _, (x32, w32, b32) = _tensors((4, 3, 32, 32), (8, 3, 3, 3), torch.float32)
+    x32 = x32.detach()
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(segfast.ops.conv2d_act(x32, w32, b32, padding=1).sum(), (w32, b32)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_none_is_bitwise_f_conv2d():
     for weight_shape, kwargs in (((4, 8, 3, 3), dict(padding=1)), ((4, 4, 3, 3), dict(stride=2, groups=2, dilation=2))):
         (x, w, b), _ = _tensors((2, 8, 10, 10), weight_shape, torch.float64)

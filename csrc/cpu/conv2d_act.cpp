@@ -18,6 +18,7 @@
 
 #include "common/activation.h"
 #include "common/layout.h"
+#include "cpu/conv2d_act_direct.h"
 
 namespace segfast {
 namespace {
@@ -179,12 +180,23 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const MemoryFormat format = output_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};
   const Tensor empty = at::empty({0}, input.options());
+  // backward needs z itself unless the derivative follows from the output
+  const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
+  if (act != Activation::None && direct::eligible(input, weight, stride, dilation, groups)) {
+    const direct::Geometry d = direct::geometry(input, weight, padding);
+    Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
+    Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv2d_act_direct", [&] {
+      dispatch_activation(act, [&](auto a) {
+        direct::forward<decltype(a)::value, scalar_t>(input, weight, bias, d, out, preact, negative_slope);
+      });
+    });
+    return {out, keep_preact ? preact : empty};
+  }
   Tensor z = at::convolution(input.contiguous(format), weight.contiguous(format), bias, stride, padding, dilation,
                              false, no_output_padding, groups)
                  .contiguous(format);
   if (act == Activation::None) return {z, empty};
-  // backward needs z itself unless the derivative follows from the output, else act in place
-  const bool keep_preact = !derivative_from_output(act, negative_slope);
   Tensor out = keep_preact ? at::empty_like(z) : z;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "conv2d_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -224,6 +236,19 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
+  if (!output_mask[0] && direct::eligible(input, weight, stride, dilation, groups)) {
+    const direct::Geometry d = direct::geometry(input, weight, padding);
+    const Tensor g = grad_output.contiguous(), s = saved.contiguous();
+    TORCH_CHECK_VALUE(s.sizes() == g.sizes() && g.size(2) == d.out_h && g.size(3) == d.out_w,
+                      "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(), " differ");
+    Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv2d_act_direct_backward", [&] {
+      dispatch_activation(act, [&](auto a) {
+        direct::backward<decltype(a)::value, scalar_t>(g, s, input, d, grad_weight, grad_bias, negative_slope);
+      });
+    });
+    return finish(Tensor(), grad_weight, grad_bias);
+  }
   const Tensor g = grad_output.contiguous(memory_format(grad_output));
   const Tensor s = saved.contiguous(memory_format(saved));
   TORCH_CHECK_VALUE(s.sizes() == g.sizes(), "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(),
