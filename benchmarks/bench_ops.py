@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     variants = {"eager", "segfast"} | (set() if args.no_compile else {"compile"})
+    # one compiled stock function serves several shapes, layouts and grad modes
+    torch._dynamo.config.recompile_limit = 64
     rows: list[Row] = []
     for family in args.only.split(","):
         for case in FAMILIES[family].cases(variants):

@@ -43,6 +43,11 @@ struct PoolAxis {
     const int64_t limit = in + pad - k * dilation;  // o * stride < limit
     return limit <= 0 ? 0 : std::min(out, (limit + stride - 1) / stride);
   }
+  // The output whose tap k lands on input coordinate i, or -1.
+  SEGFAST_HOST_DEVICE int64_t output_with_tap(int64_t i, int64_t k) const {
+    const int64_t num = i + pad - k * dilation;
+    return num < 0 || num % stride != 0 || num / stride >= out ? -1 : num / stride;
+  }
 };
 
 // avg_pool2d's window in torch's definition: the count of taps inside input + padding (clipped

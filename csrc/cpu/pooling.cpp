@@ -9,8 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -255,13 +253,6 @@ struct ArgmaxDecoder {
   }
 };
 
-// The output row whose window has tap kh on input row ih, or -1.
-inline int64_t output_of_tap(const PoolAxis& a, int64_t i, int64_t k) {
-  const int64_t num = i + a.pad - k * a.dilation;
-  if (num < 0 || num % a.stride != 0 || num / a.stride >= a.out) return -1;
-  return num / a.stride;
-}
-
 // One channels_last input pixel (all channels); `acc` is scratch of `channels` elements.
 template <typename scalar_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_image, const index_t* argmax_image,
@@ -271,10 +262,10 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
   for (int64_t kh = 0; kh < h.kernel; ++kh) {
-    const int64_t oh = output_of_tap(h, ih, kh);
+    const int64_t oh = h.output_with_tap(ih, kh);
     if (oh < 0) continue;
     for (int64_t kw = 0; kw < w.kernel; ++kw) {
-      const int64_t ow = output_of_tap(w, iw, kw);
+      const int64_t ow = w.output_with_tap(iw, kw);
       if (ow < 0) continue;
       const int64_t at = (oh * w.out + ow) * channels, tap = kh * w.kernel + kw, offset = ih * w.in + iw;
       const scalar_t* g = grad_image + at;
@@ -451,9 +442,8 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_pl
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t iw = 0; iw < w.in; ++iw) acc[iw] = 0;
   for (int64_t kh = 0; kh < h.kernel; ++kh) {
-    const int64_t num = ih + h.pad - kh;  // output row oh with oh * stride - pad + kh == ih
-    if (num < 0 || num % h.stride != 0 || num / h.stride >= h.out) continue;
-    const int64_t oh = num / h.stride;
+    const int64_t oh = h.output_with_tap(ih, kh);
+    if (oh < 0) continue;
     const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
     const scalar_t* g = grad_plane + oh * w.out;
     for (int64_t ow = 0; ow < w.out; ++ow) {
@@ -466,18 +456,29 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_pl
   for (int64_t iw = 0; iw < w.in; ++iw) grad_row[iw] = static_cast<scalar_t>(acc[iw]);
 }
 
-// channels_last: one output pixel spreads its gradient over its window.
+// channels_last: every input pixel gathers the gradients of the windows that cover it, divided
+// as torch divides them, vectorised over channels and written once.
 template <typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad, at::opmath_type<scalar_t>* image,
-                                                           int64_t width, int64_t channels, const AvgWindow& wh,
-                                                           const AvgWindow& ww, at::opmath_type<scalar_t> scale) {
-  for (int64_t ih = wh.begin; ih < wh.end; ++ih) {
-    for (int64_t iw = ww.begin; iw < ww.end; ++iw) {
-      auto* dst = image + (ih * width + iw) * channels;
+SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_image, scalar_t* grad_pixel,
+                                                           const PoolAxis& h, const PoolAxis& w, int64_t channels,
+                                                           int64_t ih, int64_t iw, const AvgDivisor& divisor,
+                                                           at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
+  for (int64_t kh = 0; kh < h.kernel; ++kh) {
+    const int64_t oh = h.output_with_tap(ih, kh);
+    if (oh < 0) continue;
+    const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {
+      const int64_t ow = w.output_with_tap(iw, kw);
+      if (ow < 0) continue;
+      const auto div = static_cast<acc_t>(divisor(wh, avg_window(ow, w.in, w.kernel, w.stride, w.pad)));
+      const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) dst[c] += static_cast<at::opmath_type<scalar_t>>(grad[c]) * scale;
+      for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(g[c]) / div;
     }
   }
+  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
 }
 
 Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel,
@@ -507,23 +508,14 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
         }
       });
     } else {
-      grad_in.zero_();
-      Tensor acc_t_grad = std::is_same_v<acc_t, scalar_t> ? grad_in : at::zeros_like(grad_in, at::kFloat);
-      acc_t* acc = acc_t_grad.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t pixel = 0; pixel < out_plane; ++pixel) {
-            const int64_t oh = pixel / p.w.out, ow = pixel % p.w.out;
-            const AvgWindow wh = avg_window(oh, p.h.in, p.h.kernel, p.h.stride, p.h.pad);
-            const AvgWindow ww = avg_window(ow, p.w.in, p.w.kernel, p.w.stride, p.w.pad);
-            if (wh.begin >= wh.end || ww.begin >= ww.end) continue;
-            avg_pool_backward_pixel_nhwc(g + (n * out_plane + pixel) * p.channels, acc + n * in_plane * p.channels,
-                                         p.w.in, p.channels, wh, ww,
-                                         acc_t(1) / static_cast<acc_t>(divisor(wh, ww)));
-          }
+      at::parallel_for(0, p.batch * in_plane, 16, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(p.channels);
+        for (int64_t pixel = begin; pixel < end; ++pixel) {
+          const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
+          avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w,
+                                       p.channels, ih, iw, divisor, acc.data());
         }
       });
-      if (!acc_t_grad.is_same(grad_in)) grad_in.copy_(acc_t_grad);
     }
   });
   return grad_in;
