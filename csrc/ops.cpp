@@ -24,7 +24,7 @@ TORCH_LIBRARY(segfast, m) {
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_output, Tensor argmax, int[4] input_size, "
-        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("avg_pool2d_backward(Tensor grad_output, int[4] input_size, int[2] kernel_size, "

@@ -160,16 +160,28 @@ void dispatch_unit_stride(const Geometry& g, F&& f) {
   }
 }
 
-std::vector<double> class_weights(const std::optional<Tensor>& weight, int64_t classes) {
-  std::vector<double> w(classes, 1.0);
-  if (weight && weight->defined()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == classes, "weight: expected shape (", classes,
-                      ",), got ", weight->sizes());
-    const Tensor wd = weight->to(at::kDouble).contiguous();
-    std::copy(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + classes, w.begin());
+// Class weights (none: every class weighs 1) and label smoothing, in the accumulation type.
+template <typename acc_t>
+struct LossTerms {
+  std::vector<acc_t> weight;  // empty when no weight was given
+  acc_t weight_total, smoothing, spread;  // spread = smoothing / classes
+
+  LossTerms(const std::optional<Tensor>& w, int64_t classes, double label_smoothing)
+      : weight_total(static_cast<acc_t>(classes)),
+        smoothing(static_cast<acc_t>(label_smoothing)),
+        spread(static_cast<acc_t>(label_smoothing / static_cast<double>(classes))) {
+    if (w && w->defined()) {
+      TORCH_CHECK_VALUE(w->dim() == 1 && w->numel() == classes, "weight: expected shape (", classes, ",), got ",
+                        w->sizes());
+      const Tensor wd = w->to(at::kDouble).contiguous();
+      weight.assign(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + classes);
+      weight_total = 0;
+      for (acc_t v : weight) weight_total += v;
+    }
   }
-  return w;
-}
+  const acc_t* weights() const { return weight.empty() ? nullptr : weight.data(); }
+  acc_t of(int64_t c) const { return weight.empty() ? acc_t(1) : weight[c]; }
+};
 
 void check_inputs(const Tensor& input, const Tensor& target, bool prob) {
   TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
@@ -216,12 +228,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const 
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<double> wd = class_weights(weight, g.classes);
-    const std::vector<acc_t> w(wd.begin(), wd.end());
-    const acc_t* wp = weight && weight->defined() ? w.data() : nullptr;
-    acc_t weight_total = 0;
-    for (acc_t v : w) weight_total += v;
-    const acc_t eps = static_cast<acc_t>(label_smoothing), spread = eps / static_cast<acc_t>(g.classes);
+    const LossTerms<acc_t> terms(weight, g.classes, label_smoothing);
+    const acc_t* wp = terms.weights();
+    const acc_t eps = terms.smoothing, spread = terms.spread;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
     scalar_t* loss_p = reduction == Reduction::None ? loss.mutable_data_ptr<scalar_t>() : nullptr;
@@ -254,10 +263,10 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const 
               TORCH_CHECK_INDEX(cls >= 0 && cls < g.classes, "cross_entropy: target class ", cls, " at (n=", n,
                                 ", pixel=", s0 + j, ") is outside [0, ", g.classes, ") and is not ignore_index (",
                                 ignore_index, ")");
-              const acc_t wt = wp ? wp[cls] : acc_t(1);
+              const acc_t wt = terms.of(cls);
               const acc_t nll = tile_lse[j] - static_cast<acc_t>(t.row(cls)[j * t.pixel_stride()]);
               pixel_loss[j] = (1 - eps) * wt * nll;
-              if (eps != 0) pixel_loss[j] += spread * (weight_total * tile_lse[j] - dot[j]);
+              if (eps != 0) pixel_loss[j] += spread * (terms.weight_total * tile_lse[j] - dot[j]);
               pixel_weight[j] = wt;
             }
           });
@@ -304,12 +313,9 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input, 
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<double> wd = class_weights(weight, g.classes);
-    const std::vector<acc_t> w(wd.begin(), wd.end());
-    const acc_t* wp = weight && weight->defined() ? w.data() : nullptr;
-    acc_t weight_total = 0;
-    for (acc_t v : w) weight_total += v;
-    const acc_t eps = static_cast<acc_t>(label_smoothing), spread = eps / static_cast<acc_t>(g.classes);
+    const LossTerms<acc_t> terms(weight, g.classes, label_smoothing);
+    const acc_t* wp = terms.weights();
+    const acc_t eps = terms.smoothing, spread = terms.spread;
     const acc_t* gp = grad_pixels.const_data_ptr<acc_t>();
     // d reduce / d pixel_loss
     const acc_t reduced_scale = reduction == Reduction::Mean ? gp[0] / total_weight.item<acc_t>()
@@ -343,15 +349,15 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input, 
             const bool ignored = cls[j] == ignore_index;
             TORCH_CHECK_INDEX(ignored || (cls[j] >= 0 && cls[j] < g.classes), "cross_entropy: target class ",
                               cls[j], " is outside [0, ", g.classes, ")");
-            const acc_t wt = ignored ? acc_t(0) : (wp ? wp[cls[j]] : acc_t(1));
-            mass[j] = (1 - eps) * wt + spread * weight_total;
+            const acc_t wt = ignored ? acc_t(0) : terms.of(cls[j]);
+            mass[j] = (1 - eps) * wt + spread * terms.weight_total;
             if (ignored) scale[j] = 0;  // also when the mean's total weight is 0 (torch gives 0, not NaN)
           }
           tile_grad<scalar_t, kUnit, false>(t, nullptr, wp, eps, tile_lse, mass, scale, tile_grad_p);
           for (int64_t j = 0; j < pixels; ++j) {
             if (cls[j] == ignore_index) continue;
             scalar_t& gt = tile_grad_p[cls[j] * t.class_stride + j * t.pixel_stride()];
-            const acc_t wt = wp ? wp[cls[j]] : acc_t(1);
+            const acc_t wt = terms.of(cls[j]);
             gt = static_cast<scalar_t>(static_cast<acc_t>(gt) - scale[j] * (1 - eps) * wt);
           }
         });

@@ -66,6 +66,16 @@ Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) 
                    p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
+// Runs f(i, scratch) for every i in [0, count), in parallel; each chunk of work gets its own
+// scratch of `scratch_size` elements.
+template <typename T, typename F>
+void parallel_with_scratch(int64_t count, int64_t scratch_size, F&& f) {
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_size);
+    for (int64_t i = begin; i < end; ++i) f(i, scratch.data());
+  });
+}
+
 // Running max over a window's taps; NaN wins, and a later NaN replaces an earlier one (torch's rule).
 template <typename T, typename I>
 inline void max_update(T v, I tap, T& best, I& arg) {
@@ -302,27 +312,29 @@ void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& gra
       }
     });
   } else {
-    at::parallel_for(0, p.batch * in_plane, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(p.channels);
-      for (int64_t pixel = begin; pixel < end; ++pixel) {
-        const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
-        max_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, a + n * out_plane * p.channels,
-                                     gi + pixel * p.channels, p.h, p.w, p.channels, ih, iw, acc.data());
-      }
+    parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+      const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
+      max_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, a + n * out_plane * p.channels,
+                                   gi + pixel * p.channels, p.h, p.w, p.channels, ih, iw, acc);
     });
   }
 }
 
+void check_grad_size(const char* op, const Tensor& grad_out, const Pool2d& p) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.batch && grad_out.size(1) == p.channels &&
+                        grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
+                    op, ": grad_output ", grad_out.sizes(), " does not match the pooled size (", p.batch, ", ",
+                    p.channels, ", ", p.h.out, ", ", p.w.out, ")");
+}
+
 Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, IntArrayRef input_size,
-                               IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
-                               IntArrayRef dilation) {
+                               IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                               bool ceil_mode) {
   const bool cl = is_channels_last(argmax_);
   const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const Tensor grad_out = grad_out_.contiguous(format), argmax = argmax_.contiguous(format);
-  // ceil_mode only changes the output size, which grad_output carries
-  Pool2d p = make_pool(input_size, cl, kernel, stride, padding, dilation, /*ceil_mode=*/false);
-  p.h.out = grad_out.size(2);
-  p.w.out = grad_out.size(3);
+  const Pool2d p = make_pool(input_size, cl, kernel, stride, padding, dilation, ceil_mode);
+  check_grad_size("max_pool2d_backward", grad_out, p);
   TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
                     " and grad_output ", grad_out.sizes(), " differ");
   Tensor grad_in = at::empty(input_size, grad_out.options(), format);
@@ -410,22 +422,15 @@ Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stri
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
     if (!cl) {
-      at::parallel_for(0, p.planes() * p.h.out, 16, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(p.w.out);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t plane = row / p.h.out, oh = row % p.h.out;
-          avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
-                            acc.data());
-        }
+      parallel_with_scratch<acc_t>(p.planes() * p.h.out, p.w.out, [&](int64_t row, acc_t* acc) {
+        const int64_t plane = row / p.h.out, oh = row % p.h.out;
+        avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor, acc);
       });
     } else {
-      at::parallel_for(0, p.batch * out_plane, 16, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(p.channels);
-        for (int64_t pixel = begin; pixel < end; ++pixel) {
-          const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
-          avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh,
-                              ow, divisor, acc.data());
-        }
+      parallel_with_scratch<acc_t>(p.batch * out_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+        const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
+        avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh, ow,
+                            divisor, acc);
       });
     }
   });
@@ -488,9 +493,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
   const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const Tensor grad_out = grad_out_.contiguous(format);
   const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
-  TORCH_CHECK_VALUE(grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
-                    "avg_pool2d_backward: grad_output ", grad_out.sizes(), " does not match the pooled size (",
-                    p.h.out, ", ", p.w.out, ")");
+  check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override};
   Tensor grad_in = at::empty(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
@@ -499,22 +502,16 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
     scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
     const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
     if (!cl) {
-      at::parallel_for(0, p.planes() * p.h.in, 16, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(p.w.in);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t plane = row / p.h.in, ih = row % p.h.in;
-          avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih,
-                                     divisor, acc.data());
-        }
+      parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in, [&](int64_t row, acc_t* acc) {
+        const int64_t plane = row / p.h.in, ih = row % p.h.in;
+        avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih,
+                                   divisor, acc);
       });
     } else {
-      at::parallel_for(0, p.batch * in_plane, 16, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(p.channels);
-        for (int64_t pixel = begin; pixel < end; ++pixel) {
-          const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
-          avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w,
-                                       p.channels, ih, iw, divisor, acc.data());
-        }
+      parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+        const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
+        avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels,
+                                     ih, iw, divisor, acc);
       });
     }
   });

@@ -70,8 +70,19 @@ def check_kernel_available(op: str, qualname: str, t: torch.Tensor) -> None:
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout segfast's kernels keep: channels_last for a 4-D tensor stored NHWC (and not also
-    NCHW-contiguous), else contiguous. The C++ side applies the same rule (csrc/common/layout.h)."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout segfast's kernels keep, torch's rule (``Tensor.suggest_memory_format``):
+    channels_last for a 4-D tensor whose strides order like NHWC, else contiguous. The C++ side
+    applies the same rule (csrc/common/layout.h); this copy also works on fake tensors."""
+    if t.dim() != 4:
+        return torch.contiguous_format
+    sizes, strides = t.shape, t.stride()
+    # c10's is_channels_last_strides_2d: walk C, W, H, N with non-decreasing strides; ambiguous
+    # size-1 cases fall back to NCHW as in torch
+    if strides[1] == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return torch.contiguous_format
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return torch.channels_last

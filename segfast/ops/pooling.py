@@ -37,7 +37,7 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode, r
 
 
 @torch.library.register_fake("segfast::max_pool2d_backward")
-def _max_pool2d_backward_fake(grad_output, argmax, input_size, kernel_size, stride, padding, dilation):
+def _max_pool2d_backward_fake(grad_output, argmax, input_size, kernel_size, stride, padding, dilation, ceil_mode):
     return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
                        memory_format=memory_format(argmax))
 
@@ -55,9 +55,9 @@ def _avg_pool2d_backward_fake(grad_output, input_size, kernel_size, stride, padd
 
 
 def _max_setup_context(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, _ceil_mode, _return_indices = inputs
+    input, kernel_size, stride, padding, dilation, ceil_mode, _return_indices = inputs
     ctx.save_for_backward(output[1])  # the compact argmax: 1 byte per output for windows <= 256
-    ctx.pool_args = (list(input.shape), kernel_size, stride, padding, dilation)
+    ctx.pool_args = (list(input.shape), kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def _max_backward(ctx, grad_out, _grad_argmax):
