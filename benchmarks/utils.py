@@ -47,16 +47,18 @@ def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each callable, run interleaved (A B C A B C ...) so that they share
-    the machine's noise."""
+    """Median milliseconds of each callable, run interleaved so that they share the machine's
+    noise, the order rotating each round (A B C, B C A, ...) so that no variant always follows
+    the same one (allocator and cache state carry over from call to call)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
 
