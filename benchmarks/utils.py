@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from segfast.profiling import FreshOutputs
+
+FLOOR = "output floor"
+
 
 @dataclass
 class Case:
@@ -81,6 +85,20 @@ def saved_tensor_bytes(forward: Callable[[], object], inputs: Sequence[torch.Ten
     return sum(seen.values())
 
 
+def output_floor(fn: Callable[[], object]) -> Callable[[], object]:
+    """A callable that allocates and writes once every tensor ``fn``'s ops return: what any
+    implementation returning fresh tensors of those sizes pays (here mostly page faults of newly
+    mapped memory), the floor under ``fn``'s time."""
+    with FreshOutputs() as fresh:
+        fn()
+    specs = fresh.outputs
+
+    def allocate_and_fill():
+        return [torch.empty_strided(size, stride, dtype=dtype).fill_(0) for _, size, stride, dtype in specs]
+
+    return allocate_and_fill
+
+
 def machine_info() -> dict[str, object]:
     import segfast
 
@@ -114,17 +132,18 @@ def markdown_table(rows: list[Row], baseline: str = "eager", ours: str = "segfas
     for row in rows:
         groups.setdefault((row.op, row.shape, row.mode), {})[row.variant] = row
     variants = list(dict.fromkeys(r.variant for r in rows))
+    compared = [v for v in variants if v not in (ours, FLOOR)]
+    with_saved = [v for v in variants if v != FLOOR]
     header = ["op", "shape", "pass"] + [f"{v} ms" for v in variants]
-    header += [f"{v} / {ours}" for v in variants if v != ours] + ["saved for bwd: " + " / ".join(variants)]
+    header += [f"{v} / {ours}" for v in compared] + ["saved for bwd: " + " / ".join(with_saved)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (op, shape, mode), by_variant in groups.items():
         mine = by_variant.get(ours)
         cells = [op, shape, mode] + [f"{by_variant[v].median_ms:.2f}" if v in by_variant else "" for v in variants]
-        for v in variants:
-            if v != ours:
-                ok = mine and v in by_variant
-                cells.append(f"{by_variant[v].median_ms / mine.median_ms:.2f}x" if ok else "")
-        saved = [by_variant[v].saved_bytes if v in by_variant else None for v in variants]
+        for v in compared:
+            ok = mine and v in by_variant
+            cells.append(f"{by_variant[v].median_ms / mine.median_ms:.2f}x" if ok else "")
+        saved = [by_variant[v].saved_bytes if v in by_variant else None for v in with_saved]
         cells.append(" / ".join("-" if b is None else _mib(b) for b in saved) if any(b is not None for b in saved)
                      else "")
         lines.append("| " + " | ".join(cells) + " |")

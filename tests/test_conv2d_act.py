@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import segfast
+from segfast.profiling import FreshOutputs
 from conftest import SavedBytes, assert_close_to_reference
 
 ACTS = {
@@ -161,6 +162,17 @@ def test_saves_one_activation_sized_tensor(activation, saved):
     assert counter.total == (0 if saved is None else output_bytes)
     if saved == "output":  # the op's own output, not a copy
         assert out.untyped_storage().data_ptr() in counter.storages
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_backward_allocates_only_gradients(activation):
+    _, (x, w, b) = _tensors((2, 8, 10, 10), (4, 8, 3, 3), torch.float32)
+    out = segfast.ops.conv2d_act(x, w, b, padding=1, activation=activation)
+    grad = torch.ones_like(out)
+    with FreshOutputs() as fresh:
+        torch.autograd.grad(out, (x, w, b), grad)
+    ops = {op for op, size, _, _ in fresh.outputs if size.numel() > 4}
+    assert ops == {"segfast.conv2d_act_backward.default"}  # no zero-filled grad for the pre-activation
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

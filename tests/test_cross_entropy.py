@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import segfast
+from segfast.profiling import FreshOutputs
 from conftest import SavedBytes, assert_close_to_reference
 
 SHAPES = [(6, 5), (2, 5, 7, 3), (2, 4, 3, 2, 5), (5,)]  # (N, C), (N, C, H, W), 3-D volume, unbatched
@@ -138,6 +139,16 @@ def test_saves_one_float_per_pixel_beyond_inputs(probabilities):
     pixels = 2 * 16 * 16
     assert ours.total <= 4 * pixels + 64  # float32 log-sum-exp per pixel (+ the scalar total weight)
     assert stock.total >= logits.numel() * 4  # torch keeps a log-softmax the size of the logits
+
+
+def test_backward_allocates_only_the_gradient():
+    logits = torch.randn(2, 21, 16, 16, requires_grad=True)
+    target = torch.randint(0, 21, (2, 16, 16))
+    loss = segfast.ops.cross_entropy(logits, target)
+    with FreshOutputs() as fresh:
+        torch.autograd.grad(loss, logits)
+    big = [(op, tuple(size)) for op, size, _, _ in fresh.outputs if size.numel() > 1]
+    assert big == [("segfast.cross_entropy_backward.default", (2, 21, 256))]
 
 
 def test_deterministic_across_thread_counts():

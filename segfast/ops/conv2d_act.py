@@ -55,6 +55,9 @@ def _conv2d_act_backward_fake(grad_output, saved, input, weight, stride, padding
 def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
     out, preact = output
+    # preact is internal: no zero-filled gradient for it
+    ctx.mark_non_differentiable(preact)
+    ctx.set_materialize_grads(False)
     # one activation-sized tensor: the output where the derivative follows from it, else z
     saved = out if _derivative_from_output(activation, negative_slope) else preact
     ctx.save_for_backward(input, weight, saved)
@@ -63,6 +66,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_preact):
+    if grad_out is None:
+        return (None,) * 9
     input, weight, saved = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     grads = torch.ops.segfast.conv2d_act_backward(grad_out, saved, input, weight, *ctx.conv_args, mask)

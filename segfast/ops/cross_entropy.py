@@ -34,6 +34,9 @@ def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_we
 def _setup_context(ctx, inputs, output):
     input, target, weight, reduction, ignore_index, label_smoothing = inputs
     _, lse, total_weight = output
+    # lse and total_weight are internal: no zero-filled gradients for them
+    ctx.mark_non_differentiable(lse, total_weight)
+    ctx.set_materialize_grads(False)
     # logits and target are the caller's tensors; the only new state is one float per pixel
     ctx.save_for_backward(input, target, weight, lse, total_weight)
     ctx.args = (reduction, ignore_index, label_smoothing)
@@ -43,6 +46,8 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     input, target, weight, lse, total_weight = ctx.saved_tensors
     reduction, ignore_index, label_smoothing = ctx.args
     grad_input = grad_target = None
+    if grad_loss is None:
+        return (None,) * 6
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.segfast.cross_entropy_backward(grad_loss, input, target, weight, lse, total_weight,
                                                               *ctx.args)
