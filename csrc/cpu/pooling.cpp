@@ -348,21 +348,38 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
 
 // ---------------------------------------------------------------------------------------- avg
 
+// torch's divisor: the override, else the product of the window's counts along each axis.
 struct AvgDivisor {
   bool count_include_pad;
   std::optional<int64_t> divisor_override;
 
-  int64_t operator()(const AvgWindow& h, const AvgWindow& w) const {
-    if (divisor_override) return *divisor_override;
-    return count_include_pad ? h.padded_count * w.padded_count : (h.end - h.begin) * (w.end - w.begin);
+  // A window's count along one axis: 0 when it holds no input element on that axis.
+  int64_t count(const AvgWindow& a) const {
+    return a.begin >= a.end ? 0 : (count_include_pad ? a.padded_count : a.end - a.begin);
+  }
+  // The divisor of a window with counts (height, width); 0 for an empty window, whose output is 0.
+  int64_t operator()(int64_t height, int64_t width) const {
+    return height == 0 || width == 0 ? 0 : (divisor_override ? *divisor_override : height * width);
   }
 };
+
+// count() of every window along one axis.
+std::vector<int64_t> window_counts(const PoolAxis& a, const AvgDivisor& divisor) {
+  std::vector<int64_t> counts(a.out);
+  for (int64_t o = 0; o < a.out; ++o) counts[o] = divisor.count(avg_window(o, a.in, a.kernel, a.stride, a.pad));
+  return counts;
+}
+
+template <typename acc_t>
+inline acc_t divide(acc_t sum, int64_t divisor) {
+  return divisor == 0 ? acc_t(0) : sum / static_cast<acc_t>(divisor);
+}
 
 // One NCHW output row; `acc` is scratch of w.out elements.
 template <typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void avg_pool_row_nchw(const scalar_t* plane, scalar_t* out, const PoolAxis& h,
                                                 const PoolAxis& w, int64_t oh, const AvgDivisor& divisor,
-                                                at::opmath_type<scalar_t>* acc) {
+                                                const int64_t* width_counts, at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
   for (int64_t ow = 0; ow < w.out; ++ow) acc[ow] = 0;
@@ -375,10 +392,10 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_row_nchw(const scalar_t* plane, scalar_t*
       for (int64_t ow = w.first_output(kw); ow < o1; ++ow) acc[ow] += static_cast<acc_t>(src[ow * w.stride]);
     }
   }
+  const int64_t height_count = divisor.count(wh);
+#pragma omp simd
   for (int64_t ow = 0; ow < w.out; ++ow) {
-    const AvgWindow ww = avg_window(ow, w.in, w.kernel, w.stride, w.pad);
-    const bool empty = wh.begin >= wh.end || ww.begin >= ww.end;
-    out[ow] = empty ? scalar_t(0) : static_cast<scalar_t>(acc[ow] / static_cast<acc_t>(divisor(wh, ww)));
+    out[ow] = static_cast<scalar_t>(divide(acc[ow], divisor(height_count, width_counts[ow])));
   }
 }
 
@@ -397,9 +414,8 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
       for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(src[c]);
     }
   }
-  const bool empty = wh.begin >= wh.end || ww.begin >= ww.end;
-  const acc_t scale = empty ? acc_t(0) : acc_t(1) / static_cast<acc_t>(divisor(wh, ww));
-  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(empty ? acc_t(0) : acc[c] * scale);
+  const int64_t div = divisor(divisor.count(wh), divisor.count(ww));
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(divide(acc[c], div));
 }
 
 Pool2d make_avg_pool(IntArrayRef size, bool cl, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
@@ -415,6 +431,7 @@ Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stri
   const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
   const AvgDivisor divisor{count_include_pad, divisor_override};
+  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
   Tensor out = empty_pooled(input, p, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -424,7 +441,8 @@ Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stri
     if (!cl) {
       parallel_with_scratch<acc_t>(p.planes() * p.h.out, p.w.out, [&](int64_t row, acc_t* acc) {
         const int64_t plane = row / p.h.out, oh = row % p.h.out;
-        avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor, acc);
+        avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
+                          width_counts.data(), acc);
       });
     } else {
       parallel_with_scratch<acc_t>(p.batch * out_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
@@ -442,20 +460,24 @@ Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stri
 template <typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_plane, scalar_t* grad_row,
                                                          const PoolAxis& h, const PoolAxis& w, int64_t ih,
-                                                         const AvgDivisor& divisor,
+                                                         const AvgDivisor& divisor, const int64_t* width_counts,
                                                          at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
+  acc_t* share = acc + w.in;  // grad / divisor of each output of the row
   for (int64_t iw = 0; iw < w.in; ++iw) acc[iw] = 0;
   for (int64_t kh = 0; kh < h.kernel; ++kh) {
     const int64_t oh = h.output_with_tap(ih, kh);
     if (oh < 0) continue;
-    const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+    const int64_t height_count = divisor.count(avg_window(oh, h.in, h.kernel, h.stride, h.pad));
     const scalar_t* g = grad_plane + oh * w.out;
+#pragma omp simd
     for (int64_t ow = 0; ow < w.out; ++ow) {
-      const AvgWindow ww = avg_window(ow, w.in, w.kernel, w.stride, w.pad);
-      if (ww.begin >= ww.end) continue;
-      const acc_t share = static_cast<acc_t>(g[ow]) / static_cast<acc_t>(divisor(wh, ww));
-      for (int64_t iw = ww.begin; iw < ww.end; ++iw) acc[iw] += share;
+      share[ow] = divide(static_cast<acc_t>(g[ow]), divisor(height_count, width_counts[ow]));
+    }
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {  // outputs whose tap kw is inside the input
+      acc_t* dst = acc + w.tap(0, kw);
+      const int64_t o1 = w.last_output(kw), step = w.stride;
+      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) dst[ow * step] += share[ow];
     }
   }
   for (int64_t iw = 0; iw < w.in; ++iw) grad_row[iw] = static_cast<scalar_t>(acc[iw]);
@@ -467,17 +489,18 @@ template <typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_image, scalar_t* grad_pixel,
                                                            const PoolAxis& h, const PoolAxis& w, int64_t channels,
                                                            int64_t ih, int64_t iw, const AvgDivisor& divisor,
+                                                           const int64_t* width_counts,
                                                            at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
   for (int64_t kh = 0; kh < h.kernel; ++kh) {
     const int64_t oh = h.output_with_tap(ih, kh);
     if (oh < 0) continue;
-    const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+    const int64_t height_count = divisor.count(avg_window(oh, h.in, h.kernel, h.stride, h.pad));
     for (int64_t kw = 0; kw < w.kernel; ++kw) {
       const int64_t ow = w.output_with_tap(iw, kw);
       if (ow < 0) continue;
-      const auto div = static_cast<acc_t>(divisor(wh, avg_window(ow, w.in, w.kernel, w.stride, w.pad)));
+      const auto div = static_cast<acc_t>(divisor(height_count, width_counts[ow]));
       const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(g[c]) / div;
@@ -495,6 +518,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
   const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override};
+  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
   Tensor grad_in = at::empty(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -502,16 +526,16 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
     scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
     const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
     if (!cl) {
-      parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in, [&](int64_t row, acc_t* acc) {
+      parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in + p.w.out, [&](int64_t row, acc_t* acc) {
         const int64_t plane = row / p.h.in, ih = row % p.h.in;
         avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih,
-                                   divisor, acc);
+                                   divisor, width_counts.data(), acc);
       });
     } else {
       parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
         const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
         avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels,
-                                     ih, iw, divisor, acc);
+                                     ih, iw, divisor, width_counts.data(), acc);
       });
     }
   });
