@@ -94,6 +94,19 @@ def test_probability_targets_match_torch(shape, weighted, reduction, dtype):
         assert_close_to_reference(a, s, r, f"grad {name}")
 
 
+@pytest.mark.parametrize("view", ["gapped", "expanded", "transposed"])
+def test_non_dense_logits(view):
+    base = torch.randn(6, 10, 3, dtype=torch.float64, requires_grad=True)
+    logits = {"gapped": lambda: base[:, ::2], "expanded": lambda: base[:1, :5].expand(6, 5, 3),
+              "transposed": lambda: base[:, :5].transpose(0, 2)}[view]()
+    target = torch.randint(0, 5, logits.shape[:1] + logits.shape[2:])
+    probs = torch.rand(logits.shape, dtype=torch.float64).softmax(1)
+    for tgt in (target, probs):
+        ours, ref = segfast.ops.cross_entropy(logits, tgt), F.cross_entropy(logits, tgt)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, base)[0], torch.autograd.grad(ref, base)[0])
+
+
 def test_all_pixels_ignored_gives_torch_nan_and_zero_grad():
     logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     target = torch.full((2, 4, 4), -100)

@@ -196,6 +196,10 @@ void check_inputs(const Tensor& input, const Tensor& target, bool prob) {
   }
 }
 
+// Logits are read in place through their strides, and the gradient (empty_like) gets the same
+// strides, so they must be dense: an expanded or gapped view is copied first.
+Tensor dense(const Tensor& input) { return input.is_non_overlapping_and_dense() ? input : input.contiguous(); }
+
 // Probability targets are read with the logits' offsets.
 Tensor with_logit_strides(const Tensor& target, const Tensor& input, bool prob) {
   if (!prob || target.strides() == input.strides()) return target;
@@ -213,9 +217,10 @@ void dispatch_target(const Tensor& target, F&& f) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const Tensor& target_,
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const Tensor& target_,
                                                      const std::optional<Tensor>& weight, c10::string_view reduction_,
                                                      int64_t ignore_index, double label_smoothing) {
+  const Tensor input = dense(input_);
   const bool prob = at::isFloatingType(target_.scalar_type());
   check_inputs(input, target_, prob);
   const Reduction reduction = parse_reduction(reduction_);
@@ -297,10 +302,11 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input, const 
   return {loss, lse, total_weight};
 }
 
-Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target_,
+Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_, const Tensor& target_,
                                   const std::optional<Tensor>& weight, const Tensor& lse_,
                                   const Tensor& total_weight, c10::string_view reduction_, int64_t ignore_index,
                                   double label_smoothing) {
+  const Tensor input = dense(input_);
   const bool prob = at::isFloatingType(target_.scalar_type());
   check_inputs(input, target_, prob);
   const Reduction reduction = parse_reduction(reduction_);
