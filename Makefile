@@ -7,12 +7,13 @@ PYTHON     = $(VENV)/bin/python
 BUILD_DIR  = build/$(notdir $(VENV))
 SOURCES   := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
+SEGFAST_SANITIZE ?= OFF
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export CCACHE_DIR ?= $(HOME)/.cache/segfast-ccache
 # without BASEDIR a clone in another folder gets no ccache hits
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: venv build test bench info clean
+.PHONY: venv build test bench info fuzz asan clean
 venv: $(VENV)/.deps
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -22,7 +23,7 @@ $(VENV)/.deps:
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	SKBUILD_BUILD_DIR=$(BUILD_DIR) $(PIP) install -q --no-build-isolation --no-deps -e .
+	SKBUILD_BUILD_DIR=$(BUILD_DIR) SEGFAST_SANITIZE=$(SEGFAST_SANITIZE) $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 test: build
@@ -30,6 +31,22 @@ test: build
 
 bench: build
 	$(PYTHON) benchmarks/bench_ops.py --out benchmarks/out
+
+# >= 1,000 random cases per op against stock PyTorch, plus the > 2^31-element tests
+FUZZ_EXAMPLES ?= 1000
+fuzz: build
+	SEGFAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SEGFAST_LARGE=1 $(PYTHON) -m pytest -q -s tests/test_fuzz.py tests/test_large.py
+
+# the test suite against an AddressSanitizer + UBSan build of the kernels, in its own venv
+ASAN_VENV ?= .venv-asan
+ASAN_TESTS ?= tests
+asan:
+	$(MAKE) build VENV=$(ASAN_VENV) SEGFAST_SANITIZE=ON
+	@# Python and torch are not instrumented: preload the ASan runtime, and libstdc++ after it so
+	@# that ASan's __cxa_throw interceptor finds the real one (else torch's first exception aborts)
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(ASAN_VENV)/bin/python -m pytest -q -s -p no:cacheprovider $(ASAN_TESTS)
 
 info: build
 	$(PYTHON) -m segfast info

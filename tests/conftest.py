@@ -30,6 +30,17 @@ def assert_close_to_reference(ours: torch.Tensor, stock: torch.Tensor, reference
     assert err <= bound, f"{what}: error {err:.3g} vs float64 reference exceeds {bound:.3g} (stock's x2 + floor)"
 
 
+def every_window_reaches_the_input(size, kernel, stride, padding, dilation, ceil_mode) -> bool:
+    """False when some pooling window along this axis holds only padding (e.g. a 1-pixel input,
+    kernel 2, dilation 2, padding 1). torch then returns -inf with an index outside the window,
+    and its own max_pool2d backward writes out of bounds (heap corruption, seen with torch 2.13),
+    so tests must not run torch's backward there."""
+    from segfast.ops.pooling import _output_size
+
+    out = _output_size(size, kernel, stride, padding, dilation, ceil_mode)
+    return all(any(0 <= o * stride - padding + t * dilation < size for t in range(kernel)) for o in range(out))
+
+
 class SavedBytes:
     """Counts the bytes autograd saves for backward, except storage shared with `exclude`."""
 
@@ -54,3 +65,14 @@ class SavedBytes:
     @property
     def total(self) -> int:
         return sum(self.storages.values())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`make fuzz` reports how many cases each op saw (and how many were invalid or refused)."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.STATS:
+        terminalreporter.write_sep("-", "fuzz cases")
+        for key, count in sorted(fuzz.STATS.items()):
+            terminalreporter.write_line(f"{key}: {count}")

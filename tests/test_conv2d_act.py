@@ -147,6 +147,16 @@ def test_gradcheck(activation):
                                                negative_slope=0.2), (x, w, b), atol=1e-6)
 
 
+@pytest.mark.parametrize("in_channels, groups", [(3, 1), (8, 1), (8, 2)])  # direct kernel, oneDNN, grouped
+def test_nan_reaches_its_receptive_field(in_channels, groups):
+    x = torch.randn(1, in_channels, 9, 9, dtype=torch.float64)
+    x[0, 0, 4, 4] = float("nan")
+    w = torch.randn(4, in_channels // groups, 3, 3, dtype=torch.float64)
+    out = segfast.ops.conv2d_act(x, w, None, padding=1, groups=groups, activation="relu")
+    nan_channels = 4 // groups  # the output channels of the group that reads input channel 0
+    assert out[0, :nan_channels, 3:6, 3:6].isnan().all()
+
+
 def test_empty_batch_returns_empty_like_torch():
     x, w = torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)
     assert segfast.ops.conv2d_act(x, w).shape == F.conv2d(x, w).shape == (0, 4, 6, 6)
@@ -238,6 +248,8 @@ def test_module_state_dict_loads_both_ways():
         (lambda: segfast.ops.conv2d_act(torch.randn(1, 0, 8, 8), torch.randn(4, 0, 3, 3)), ValueError,
          "non-empty channel"),
         (lambda: segfast.nn.Conv2dAct(3, 4, 3, padding_mode="reflect"), ValueError, "padding_mode"),
+        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(0, 3, 3, 3)), ValueError,
+         "weight must have output channels"),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):

@@ -5,7 +5,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import segfast
-from conftest import SavedBytes, assert_close_to_reference
+from conftest import SavedBytes, assert_close_to_reference, every_window_reaches_the_input
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
@@ -23,14 +23,6 @@ def pool_args(draw, with_dilation):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 5)), h, w), k, s, p, d, ceil
 
 
-def _every_window_reaches_the_input(size, k, s, p, d, ceil):
-    # With dilation and padding a window can hold only padding (e.g. a 1-pixel input, kernel 2,
-    # dilation 2, padding 1); torch then returns -inf with an index outside the window and its own
-    # backward writes out of bounds, so those are tested apart (test_window_of_only_padding).
-    out = segfast.ops.pooling._output_size(size, k, s, p, d, ceil)
-    return all(any(0 <= o * s - p + t * d < size for t in range(k)) for o in range(out))
-
-
 def _input(shape, layout, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=dtype).to(memory_format=layout).requires_grad_()
@@ -40,7 +32,7 @@ def _input(shape, layout, dtype=torch.float64, seed=0):
 @given(args=pool_args(with_dilation=True), layout=st.sampled_from(LAYOUTS))
 def test_max_pool2d_matches_torch_exactly(args, layout):
     shape, k, s, p, d, ceil = args
-    assume(all(_every_window_reaches_the_input(shape[2 + i], k[i], s[i], p[i], d[i], ceil) for i in range(2)))
+    assume(all(every_window_reaches_the_input(shape[2 + i], k[i], s[i], p[i], d[i], ceil) for i in range(2)))
     x = _input(shape, layout)
     ours, ours_idx = segfast.ops.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
     ref, ref_idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)

@@ -50,7 +50,7 @@ SEGFAST_HOST_DEVICE T activate(T z, T negative_slope) {
 template <Activation A, typename T>
 SEGFAST_HOST_DEVICE T activation_derivative(T s, T negative_slope) {
   if constexpr (A == Activation::ReLU) {
-    return s > T(0) ? T(1) : T(0);
+    return s <= T(0) ? T(0) : T(1);  // torch's threshold_backward: a NaN output passes the gradient
   } else if constexpr (A == Activation::LeakyReLU) {
     return s > T(0) ? T(1) : negative_slope;
   } else if constexpr (A == Activation::SiLU) {

@@ -182,7 +182,8 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
-  if (act != Activation::None && direct::eligible(input, weight, stride, dilation, groups)) {
+  if (act != Activation::None && format == MemoryFormat::Contiguous &&
+      direct::eligible(input, weight, stride, dilation, groups)) {
     const direct::Geometry d = direct::geometry(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
@@ -236,7 +237,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
-  if (!output_mask[0] && direct::eligible(input, weight, stride, dilation, groups)) {
+  if (!output_mask[0] && output_format(input, weight) == MemoryFormat::Contiguous &&
+      direct::eligible(input, weight, stride, dilation, groups)) {
     const direct::Geometry d = direct::geometry(input, weight, padding);
     const Tensor g = grad_output.contiguous(), s = saved.contiguous();
     TORCH_CHECK_VALUE(s.sizes() == g.sizes() && g.size(2) == d.out_h && g.size(3) == d.out_w,

@@ -29,9 +29,10 @@ struct Geometry {
   int64_t weights() const { return out_channels * input_rows() * kernel_w; }
 };
 
+// For NCHW callers (the output is NCHW); checked by the caller.
 inline bool eligible(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef dilation, int64_t groups) {
-  return input.is_contiguous() && !weight.is_contiguous(at::MemoryFormat::ChannelsLast) && groups == 1 &&
+  return input.is_contiguous() && groups == 1 &&
          input.size(1) <= kMaxInputChannels && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
          dilation[1] == 1 && weight.size(2) <= kMaxKernel && weight.size(3) <= kMaxKernel;
 }

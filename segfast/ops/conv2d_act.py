@@ -139,6 +139,8 @@ def conv2d_act(
         raise ValueError(f"{_OP}: weight's {out_channels} output channels are not divisible by groups={groups}")
     if bias is not None and bias.shape[0] != out_channels:
         raise ValueError(f"{_OP}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    if out_channels == 0 or any(k == 0 for k in weight.shape[2:]):
+        raise ValueError(f"{_OP}: weight must have output channels and a non-empty kernel, got {tuple(weight.shape)}")
     if in_channels == 0 or any(s == 0 for s in x.shape[2:]):
         raise ValueError(f"{_OP}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
 

@@ -93,7 +93,7 @@ def cross_entropy(
             or equal to ignore_index; or class probabilities of input's shape and dtype.
         weight: (C,) class weights of input's dtype, or None.
         ignore_index: class-index target value that contributes neither loss nor gradient
-            (class-index targets only, as in torch).
+            (with probability targets only a negative value is accepted, as in torch).
         reduction: "none" (loss of target's shape), "mean" (weighted mean over non-ignored
             pixels, torch's definition) or "sum".
         label_smoothing: in [0, 1], torch's definition.
@@ -131,8 +131,9 @@ def cross_entropy(
         if target.shape != input.shape:
             raise ValueError(f"{_OP}: probability target must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-        if ignore_index != -100:
-            raise ValueError(f"{_OP}: ignore_index is not supported for probability targets (as in torch)")
+        if ignore_index >= 0:  # torch's rule: a negative ignore_index is accepted and has no effect
+            raise ValueError(f"{_OP}: ignore_index={ignore_index} is not supported for probability targets "
+                             "(as in torch)")
     else:
         check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
         if target.device != input.device:
