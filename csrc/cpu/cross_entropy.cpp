@@ -206,6 +206,21 @@ Tensor with_logit_strides(const Tensor& target, const Tensor& input, bool prob) 
   return at::empty_like(input).copy_(target);
 }
 
+// What forward and backward both derive from their arguments.
+struct Problem {
+  Tensor input, target;  // dense logits; the target, probabilities laid out like the logits
+  bool prob;
+  Reduction reduction;
+  Geometry g;
+};
+
+Problem prepare(const Tensor& input_, const Tensor& target_, c10::string_view reduction) {
+  const Tensor input = dense(input_);
+  const bool prob = at::isFloatingType(target_.scalar_type());
+  check_inputs(input, target_, prob);
+  return {input, with_logit_strides(target_, input, prob), prob, parse_reduction(reduction), geometry_of(input)};
+}
+
 template <typename F>
 void dispatch_target(const Tensor& target, F&& f) {
   switch (target.scalar_type()) {
@@ -220,12 +235,7 @@ void dispatch_target(const Tensor& target, F&& f) {
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const Tensor& target_,
                                                      const std::optional<Tensor>& weight, c10::string_view reduction_,
                                                      int64_t ignore_index, double label_smoothing) {
-  const Tensor input = dense(input_);
-  const bool prob = at::isFloatingType(target_.scalar_type());
-  check_inputs(input, target_, prob);
-  const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = geometry_of(input);
-  const Tensor target = with_logit_strides(target_, input, prob);
+  const auto [input, target, prob, reduction, g] = prepare(input_, target_, reduction_);
   Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(at::toOpMathType(input.scalar_type())));
   Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options())
                                              : at::empty({}, input.options());
@@ -306,12 +316,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_,
                                   const std::optional<Tensor>& weight, const Tensor& lse_,
                                   const Tensor& total_weight, c10::string_view reduction_, int64_t ignore_index,
                                   double label_smoothing) {
-  const Tensor input = dense(input_);
-  const bool prob = at::isFloatingType(target_.scalar_type());
-  check_inputs(input, target_, prob);
-  const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = geometry_of(input);
-  const Tensor target = with_logit_strides(target_, input, prob);
+  const auto [input, target, prob, reduction, g] = prepare(input_, target_, reduction_);
   const Tensor lse = lse_.contiguous();
   const Tensor grad_pixels = reduction == Reduction::None ? grad_loss.to(lse.scalar_type()).contiguous()
                                                           : grad_loss.to(lse.scalar_type()).reshape({});

@@ -263,6 +263,19 @@ struct ArgmaxDecoder {
   }
 };
 
+// Calls add(oh, ow, kh, kw) for every window whose tap (kh, kw) lands on input pixel (ih, iw).
+template <typename F>
+inline void for_each_covering_window(const PoolAxis& h, const PoolAxis& w, int64_t ih, int64_t iw, F&& add) {
+  for (int64_t kh = 0; kh < h.kernel; ++kh) {
+    const int64_t oh = h.output_with_tap(ih, kh);
+    if (oh < 0) continue;
+    for (int64_t kw = 0; kw < w.kernel; ++kw) {
+      const int64_t ow = w.output_with_tap(iw, kw);
+      if (ow >= 0) add(oh, ow, kh, kw);
+    }
+  }
+}
+
 // One channels_last input pixel (all channels); `acc` is scratch of `channels` elements.
 template <typename scalar_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_image, const index_t* argmax_image,
@@ -271,19 +284,14 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
                                                            at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
-  for (int64_t kh = 0; kh < h.kernel; ++kh) {
-    const int64_t oh = h.output_with_tap(ih, kh);
-    if (oh < 0) continue;
-    for (int64_t kw = 0; kw < w.kernel; ++kw) {
-      const int64_t ow = w.output_with_tap(iw, kw);
-      if (ow < 0) continue;
-      const int64_t at = (oh * w.out + ow) * channels, tap = kh * w.kernel + kw, offset = ih * w.in + iw;
-      const scalar_t* g = grad_image + at;
-      const index_t* a = argmax_image + at;
+  const int64_t offset = ih * w.in + iw;
+  for_each_covering_window(h, w, ih, iw, [&](int64_t oh, int64_t ow, int64_t kh, int64_t kw) {
+    const int64_t at = (oh * w.out + ow) * channels, tap = kh * w.kernel + kw;
+    const scalar_t* g = grad_image + at;
+    const index_t* a = argmax_image + at;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) acc[c] += argmax_is(a[c], tap, offset) ? static_cast<acc_t>(g[c]) : 0;
-    }
-  }
+    for (int64_t c = 0; c < channels; ++c) acc[c] += argmax_is(a[c], tap, offset) ? static_cast<acc_t>(g[c]) : 0;
+  });
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
 }
 
@@ -493,19 +501,13 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
                                                            at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
-  for (int64_t kh = 0; kh < h.kernel; ++kh) {
-    const int64_t oh = h.output_with_tap(ih, kh);
-    if (oh < 0) continue;
+  for_each_covering_window(h, w, ih, iw, [&](int64_t oh, int64_t ow, int64_t, int64_t) {
     const int64_t height_count = divisor.count(avg_window(oh, h.in, h.kernel, h.stride, h.pad));
-    for (int64_t kw = 0; kw < w.kernel; ++kw) {
-      const int64_t ow = w.output_with_tap(iw, kw);
-      if (ow < 0) continue;
-      const auto div = static_cast<acc_t>(divisor(height_count, width_counts[ow]));
-      const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
+    const auto div = static_cast<acc_t>(divisor(height_count, width_counts[ow]));
+    const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(g[c]) / div;
-    }
-  }
+    for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(g[c]) / div;
+  });
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
 }
 
