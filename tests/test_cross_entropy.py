@@ -128,6 +128,15 @@ def test_nan_and_inf_logits_propagate_like_torch():
     torch.testing.assert_close(ours, F.cross_entropy(logits, target, reduction="none"), equal_nan=True)
 
 
+def test_unbatched_input_needs_a_0d_target():
+    # torch takes a (1,) target here with some arguments and fails with others (label smoothing,
+    # weights); segfast asks for the 0-D target every time
+    with pytest.raises(ValueError, match=r"target must have shape \(\) for input \(4,\)"):
+        segfast.ops.cross_entropy(torch.randn(4), torch.tensor([2]))
+    with pytest.raises(TypeError, match="holds class probabilities and must be floating point"):
+        segfast.ops.cross_entropy(torch.randn(1), torch.tensor([0]))
+
+
 def test_many_classes_and_single_class():
     _compare((3, 1000, 2, 2), torch.float32, dict(label_smoothing=0.05))
     _compare((4, 1, 5), torch.float64, dict())

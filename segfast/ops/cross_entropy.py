@@ -136,6 +136,9 @@ def cross_entropy(
                              "(as in torch)")
     else:
         check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
+        if target.shape == input.shape:  # torch reads a target of the input's shape as probabilities
+            raise TypeError(f"{_OP}: a target of the input's shape {tuple(input.shape)} holds class probabilities "
+                            f"and must be floating point, got {target.dtype}")
         if target.device != input.device:
             raise ValueError(f"{_OP}: target is on {target.device} but input is on {input.device}")
         if target.shape != pixel_shape:
