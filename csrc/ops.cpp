@@ -19,6 +19,12 @@ TORCH_LIBRARY(segfast, m) {
         "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
         "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // linear + bias + activation on (*, in_features) input; (output, saved) as conv2d_act.
+  m.def("linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, str activation, "
+        "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Max pooling. Returns (output, argmax): argmax holds torch's flat int64 indices when
   // return_indices, else the compact offset inside the window (uint8, int32 past 256 elements).
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "

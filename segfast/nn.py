@@ -7,7 +7,7 @@ from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is alre
 
 from segfast import ops
 
-__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "L1Loss", "MaxPool2d"]
+__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "L1Loss", "LinearAct", "MaxPool2d"]
 
 
 class Conv2dAct(nn.Conv2d):
@@ -34,6 +34,30 @@ class Conv2dAct(nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return ops.conv2d_act(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                               self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+
+
+class LinearAct(nn.Linear):
+    """``nn.Linear`` followed by an activation, as one fused op.
+
+    Arguments are ``nn.Linear``'s plus ``activation`` and ``negative_slope``; parameters are
+    ``weight`` (out_features, in_features) and ``bias`` (out_features,), so state_dicts load both
+    ways with ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 activation: str = "relu", negative_slope: float = 0.01):
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"LinearAct: activation must be one of {', '.join(ops.ACTIVATIONS)}; got {activation!r}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""

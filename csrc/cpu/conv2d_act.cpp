@@ -18,6 +18,7 @@
 
 #include "common/activation.h"
 #include "common/layout.h"
+#include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
 
 namespace segfast {
@@ -85,15 +86,6 @@ void for_each_tile(int64_t batch, int64_t pixels, int64_t tile, F&& f) {
   });
 }
 
-// out[i] = act(z[i]) over a range of elements (z and out share their layout; out may be z).
-template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void activation_range(const scalar_t* z, scalar_t* out, int64_t count,
-                                               at::opmath_type<scalar_t> slope) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(z[i]), slope));
-}
-
 // The layouts of one backward pass, known at compile time so that its loops vectorise.
 enum class PassLayout {
   NCHW,        // grad_output, saved and grad_z all NCHW
@@ -102,7 +94,7 @@ enum class PassLayout {
 };
 
 // grad_z = grad_out * act'(saved) over one tile, and bias_partial[c] = sum of the tile's grad_z.
-// Except for NCHW, the tile goes through `scratch` (channels x kSubTile): computed channel by
+// Except for NCHW, the tile goes through `scratch` (channels x kScratchStride): computed channel by
 // channel, then stored pixel by pixel, so both sides stay within L1.
 constexpr int64_t kSubTile = 64;
 constexpr int64_t kScratchStride = kSubTile + 1;  // odd: a column of scratch does not hit one cache set
@@ -199,17 +191,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
                  .contiguous(format);
   if (act == Activation::None) return {z, empty};
   Tensor out = keep_preact ? at::empty_like(z) : z;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "conv2d_act", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    dispatch_activation(act, [&](auto a) {
-      at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-        activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
-                                                       static_cast<acc_t>(negative_slope));
-      });
-    });
-  });
+  cpu::apply_activation(z, out, act, negative_slope);
   return {out, keep_preact ? z : empty};
 }
 

@@ -4,23 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._common import (
-    CPU_DTYPES,
-    check_float_arg,
-    check_kernel_available,
-    check_same,
-    check_tensor,
-    memory_format,
-    pair,
-)
+from segfast.ops._activation import check_activation, keeps_preact, saved_activation
+from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_same, check_tensor, memory_format, pair
 
-ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu", "sigmoid")
 _OP = "conv2d_act"
-
-
-def _derivative_from_output(activation: str, negative_slope: float) -> bool:
-    # mirrors derivative_from_output() in csrc/common/activation.h
-    return activation in ("relu", "sigmoid") or (activation == "leaky_relu" and negative_slope >= 0)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -36,9 +23,8 @@ def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, act
     channels_last = torch.channels_last in (memory_format(input), memory_format(weight))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
-    keeps_preact = activation != "none" and not _derivative_from_output(activation, negative_slope)
-    preact = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt) if keeps_preact \
-        else input.new_empty(0)
+    preact = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt) \
+        if keeps_preact(activation, negative_slope) else input.new_empty(0)
     return out, preact
 
 
@@ -54,13 +40,7 @@ def _conv2d_act_backward_fake(grad_output, saved, input, weight, stride, padding
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
-    out, preact = output
-    # preact is internal: no zero-filled gradient for it
-    ctx.mark_non_differentiable(preact)
-    ctx.set_materialize_grads(False)
-    # one activation-sized tensor: the output where the derivative follows from it, else z
-    saved = out if _derivative_from_output(activation, negative_slope) else preact
-    ctx.save_for_backward(input, weight, saved)
+    ctx.save_for_backward(input, weight, saved_activation(ctx, output, activation, negative_slope))
     ctx.conv_args = (stride, padding, dilation, groups, activation, negative_slope)
     ctx.has_bias = bias is not None
 
@@ -121,9 +101,7 @@ def conv2d_act(
     check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
     check_same(_OP, "input", input, weight=weight, bias=bias)
     check_kernel_available(_OP, "segfast::conv2d_act", input)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{_OP}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
-    negative_slope = check_float_arg(_OP, "negative_slope", negative_slope)
+    negative_slope = check_activation(_OP, activation, negative_slope)
     stride = pair(_OP, "stride", stride, minimum=1)
     dilation = pair(_OP, "dilation", dilation, minimum=1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:

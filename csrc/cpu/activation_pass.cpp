@@ -1,0 +1,86 @@
+#include "cpu/activation_pass.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <vector>
+
+namespace segfast::cpu {
+namespace {
+
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void activation_range(const scalar_t* z, scalar_t* out, int64_t count,
+                                               at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(z[i]), slope));
+}
+
+// Rows [r0, r1): grad_z and the partial column sums of this block.
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t* saved, scalar_t* grad_z,
+                                            int64_t cols, int64_t r0, int64_t r1, at::opmath_type<scalar_t> slope,
+                                            at::opmath_type<scalar_t>* column_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < cols; ++c) column_sums[c] = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t at = r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const acc_t g = static_cast<acc_t>(grad[at + c]) * activation_derivative<A>(static_cast<acc_t>(saved[at + c]), slope);
+      grad_z[at + c] = static_cast<scalar_t>(g);
+      column_sums[c] += g;
+    }
+  }
+}
+
+constexpr int64_t kRowBlock = 64;  // rows per partial sum: fixes the summation order
+
+}  // namespace
+
+void apply_activation(const at::Tensor& z, at::Tensor& out, Activation act, double negative_slope) {
+  TORCH_INTERNAL_ASSERT(z.sizes() == out.sizes() && z.strides() == out.strides());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "activate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto a) {
+      at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+        activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
+                                                       static_cast<acc_t>(negative_slope));
+      });
+    });
+  });
+}
+
+at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& grad_z,
+                                    Activation act, double negative_slope) {
+  TORCH_INTERNAL_ASSERT(grad.dim() == 2 && grad.is_contiguous() && saved.is_contiguous() && grad_z.is_contiguous());
+  const int64_t rows = grad.size(0), cols = grad.size(1), blocks = (rows + kRowBlock - 1) / kRowBlock;
+  at::Tensor column_sums = at::empty({cols}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "activation_backward_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> partial(blocks * cols);
+    dispatch_activation(act, [&](auto a) {
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          backward_rows<decltype(a)::value, scalar_t>(
+              grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
+              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), static_cast<acc_t>(negative_slope),
+              partial.data() + b * cols);
+        }
+      });
+    });
+    scalar_t* sums = column_sums.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < cols; ++c) {
+      acc_t total = 0;
+      for (int64_t b = 0; b < blocks; ++b) total += partial[b * cols + c];
+      sums[c] = static_cast<scalar_t>(total);
+    }
+  });
+  return column_sums;
+}
+
+}  // namespace segfast::cpu

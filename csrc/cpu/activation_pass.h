@@ -1,0 +1,17 @@
+#pragma once
+// Activation passes shared by the fused ops whose core is a vendor GEMM or convolution.
+#include <ATen/core/Tensor.h>
+
+#include "common/activation.h"
+
+namespace segfast::cpu {
+
+// out = act(z) elementwise; z and out have the same layout, out may be z.
+void apply_activation(const at::Tensor& z, at::Tensor& out, Activation act, double negative_slope);
+
+// For contiguous (rows, cols) matrices: grad_z = grad * act'(saved), and returns the column sums
+// of grad_z (the bias gradient), added in a fixed order whatever the thread count.
+at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& grad_z,
+                                    Activation act, double negative_slope);
+
+}  // namespace segfast::cpu

@@ -1,0 +1,86 @@
+// linear + bias + activation on CPU. The core is ATen's GEMM with the bias added in it (addmm, as
+// F.linear); ours is the pass around it: the activation in place in forward, and in backward
+// act' x grad_output with the bias-gradient column sums in one pass.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include "common/activation.h"
+#include "cpu/activation_pass.h"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+void check_linear_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "linear_act: input must have at least one dimension");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(-1), "linear_act: weight must be (out, ",
+                    input.size(-1), "), got ", weight.sizes());
+  TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "linear_act: input dtype ", input.scalar_type(),
+                    " and weight dtype ", weight.scalar_type(), " differ");
+  if (bias && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                          bias->scalar_type() == input.scalar_type(),
+                      "linear_act: bias must be (", weight.size(0), ",) of the input's dtype, got ", bias->sizes(),
+                      " ", bias->scalar_type());
+  }
+}
+
+std::vector<int64_t> output_size(const Tensor& input, const Tensor& weight) {
+  std::vector<int64_t> size(input.sizes().begin(), input.sizes().end());
+  size.back() = weight.size(0);
+  return size;
+}
+
+std::tuple<Tensor, Tensor> linear_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                                          c10::string_view activation, double negative_slope) {
+  check_linear_args(input, weight, bias);
+  const Activation act = parse_activation(activation);
+  const Tensor rows = input.reshape({-1, input.size(-1)});
+  Tensor z = bias && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+  z = z.contiguous();
+  const Tensor empty = at::empty({0}, input.options());
+  const auto size = output_size(input, weight);
+  if (act == Activation::None) return {z.view(size), empty};
+  const bool keep_preact = !derivative_from_output(act, negative_slope);
+  Tensor out = keep_preact ? at::empty_like(z) : z;
+  cpu::apply_activation(z, out, act, negative_slope);
+  return {out.view(size), keep_preact ? z.view(size) : empty};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_act_backward_cpu(const Tensor& grad_output, const Tensor& saved,
+                                                           const Tensor& input, const Tensor& weight,
+                                                           c10::string_view activation, double negative_slope,
+                                                           std::array<bool, 3> output_mask) {
+  check_linear_args(input, weight, std::nullopt);
+  const Activation act = parse_activation(activation);
+  const int64_t out_features = weight.size(0);
+  const Tensor grad = grad_output.reshape({-1, out_features}).contiguous();
+  Tensor grad_z, grad_bias;
+  if (act == Activation::None) {
+    grad_z = grad;
+    if (output_mask[2]) grad_bias = grad.sum(0);
+  } else {
+    grad_z = at::empty_like(grad);
+    grad_bias = cpu::activation_backward_rows(grad, saved.reshape({-1, out_features}).contiguous(), grad_z, act,
+                                              negative_slope);
+  }
+  const Tensor rows = input.reshape({-1, input.size(-1)});
+  return {output_mask[0] ? at::mm(grad_z, weight).view(input.sizes()) : at::empty({0}, input.options()),
+          output_mask[1] ? at::mm(grad_z.t(), rows) : at::empty({0}, weight.options()),
+          output_mask[2] ? grad_bias : at::empty({0}, weight.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("linear_act", &linear_act_cpu);
+  m.impl("linear_act_backward", &linear_act_backward_cpu);
+}
+
+}  // namespace segfast

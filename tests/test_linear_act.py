@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segfast
+from conftest import SavedBytes, assert_close_to_reference
+from segfast.profiling import FreshOutputs
+
+ACTS = {
+    "none": lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": F.leaky_relu,
+    "silu": lambda z, slope: F.silu(z),
+    "gelu": lambda z, slope: F.gelu(z),
+    "sigmoid": lambda z, slope: torch.sigmoid(z),
+}
+SHAPES = [(7,), (5, 7), (2, 3, 7), (0, 7), (300, 7)]  # unbatched, batch, extra dims, empty, > one row block
+
+
+def _tensors(input_shape, out_features, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = [torch.randn(input_shape, generator=g, dtype=torch.float64),
+           torch.randn(out_features, input_shape[-1], generator=g, dtype=torch.float64) / input_shape[-1] ** 0.5,
+           torch.randn(out_features, generator=g, dtype=torch.float64) if bias else None]
+    low = [None if t is None else t.to(dtype).requires_grad_() for t in ref]
+    return [None if t is None else t.requires_grad_() for t in ref], low
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_torch_forward_and_backward(bias, shape, activation, dtype):
+    (x64, w64, b64), (x, w, b) = _tensors(shape, 6, dtype, bias)
+
+    def stock(x, w, b):
+        return ACTS[activation](F.linear(x, w, b), 0.1)
+
+    ours = segfast.ops.linear_act(x, w, b, activation, 0.1)
+    theirs, ref = stock(x, w, b), stock(x64, w64, b64)
+    assert_close_to_reference(ours, theirs, ref, "forward")
+    grad = torch.randn_like(ref)
+    if activation in ("relu", "leaky_relu"):  # no gradient where rounding may flip the kink
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        grad = grad * (F.linear(x64, w64, b64).abs() > margin)
+    wrt = [t for t in (x, w, b) if t is not None]
+    wrt64 = [t for t in (x64, w64, b64) if t is not None]
+    for name, a, s, r in zip(("input", "weight", "bias"), torch.autograd.grad(ours, wrt, grad.to(dtype)),
+                             torch.autograd.grad(theirs, wrt, grad.to(dtype)), torch.autograd.grad(ref, wrt64, grad)):
+        assert_close_to_reference(a, s, r, f"grad {name}")
+
+
+def test_none_is_f_linear_bitwise():
+    (x, w, b), _ = _tensors((4, 9), 5, torch.float64)
+    assert torch.equal(segfast.ops.linear_act(x, w, b, "none"), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_gradcheck(activation):
+    (x, w, b), _ = _tensors((3, 4), 2, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, w, b: segfast.ops.linear_act(x, w, b, activation, 0.2), (x, w, b))
+
+
+@pytest.mark.parametrize("activation, saves_output", [("relu", True), ("sigmoid", True), ("gelu", False)])
+def test_saves_one_activation_sized_tensor_and_allocates_only_gradients(activation, saves_output):
+    _, (x, w, b) = _tensors((64, 32), 16, torch.float32)
+    with SavedBytes(exclude=[x, w, b]) as saved:
+        out = segfast.ops.linear_act(x, w, b, activation)
+    assert saved.total == out.numel() * out.element_size()
+    assert (out.untyped_storage().data_ptr() in saved.storages) == saves_output
+    grad = torch.ones_like(out)
+    with FreshOutputs() as fresh:
+        torch.autograd.grad(out, (x, w, b), grad)
+    assert {op for op, size, _, _ in fresh.outputs if size.numel() > 16} == {"segfast.linear_act_backward.default"}
+
+
+def test_bias_gradient_deterministic_across_thread_counts():
+    _, (x, w, b) = _tensors((1000, 24), 8, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(segfast.ops.linear_act(x, w, b, "silu").sum(), b)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
+def test_opcheck(activation):
+    x, w, b = torch.randn(3, 5, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True), torch.randn(6)
+    torch.library.opcheck(torch.ops.segfast.linear_act.default, (x, w, b, activation, 0.01))
+    torch.library.opcheck(torch.ops.segfast.linear_act.default, (x, w, None, activation, 0.01))
+
+
+def test_torch_compile_fullgraph_and_module_state_dict():
+    stock = torch.nn.Linear(8, 4)
+    ours = segfast.nn.LinearAct(8, 4, activation="gelu")
+    assert set(ours.state_dict()) == set(stock.state_dict())
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ours(x), F.gelu(stock(x)))
+    compiled = torch.compile(ours, fullgraph=True)
+    torch.testing.assert_close(compiled(x), ours(x))
+    torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), ours.weight)[0],
+                               torch.autograd.grad(ours(x).sum(), ours.weight)[0])
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 5)), ValueError, "input has 3 features"),
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3, 1)), ValueError, "weight must be 2-D"),
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5)), ValueError,
+         "bias must have shape"),
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3).double()), TypeError,
+         "weight dtype torch.float64 differs"),
+        (lambda: segfast.ops.linear_act(torch.tensor(1.0), torch.randn(4, 1)), ValueError, "at least one dimension"),
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), activation="tanh"), ValueError,
+         "activation must be one of"),
+        (lambda: segfast.ops.linear_act(torch.randn(2, 3).half(), torch.randn(4, 3).half()), TypeError, "dtype"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
