@@ -246,6 +246,32 @@ def test_fuzz_conv2d_act(data):
 
 @SETTINGS
 @given(data=st.data())
+def test_fuzz_linear_act(data):
+    draw = data.draw
+    valid = draw(VALID)
+    dtype = _dtype(draw, valid)
+    features = draw(st.integers(1 if valid else 0, 6))
+    shape = tuple(draw(st.integers(0, 4)) for _ in range(draw(st.integers(0, 2)))) + (features,)
+    if not valid:
+        shape = draw(st.sampled_from([shape, (), shape[:-1] + (features + 1,)]))
+    x = _tensor(draw, shape, dtype, draw(LAYOUTS), draw(st.booleans())).requires_grad_(
+        dtype.is_floating_point and draw(st.booleans()))
+    out_features = draw(st.integers(1 if valid else 0, 5))
+    w_dtype = dtype if valid else draw(st.sampled_from([dtype, torch.float64]))
+    weight = _tensor(draw, (out_features, features), w_dtype, draw(LAYOUTS), False).requires_grad_(
+        w_dtype.is_floating_point)
+    bias = draw(st.sampled_from([None, out_features] + ([] if valid else [out_features + 1])))
+    bias = None if bias is None else torch.randn(bias, dtype=torch.float64).to(dtype).requires_grad_(
+        dtype.is_floating_point)
+    activation = draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"])))
+    slope = draw(st.sampled_from([0.01, 0.2, -0.5, 0.0]))
+    _compare("linear_act", lambda: segfast.ops.linear_act(x, weight, bias, activation, slope),
+             lambda: ACTIVATIONS[activation](F.linear(x, weight, bias), slope), [x, weight, bias],
+             refusal_ok=("activation must be one of",))
+
+
+@SETTINGS
+@given(data=st.data())
 def test_fuzz_cross_entropy(data):
     draw = data.draw
     valid = draw(VALID)
@@ -294,6 +320,6 @@ def test_fuzz_summary_is_recorded():
     """Keeps the counters honest: every fuzzed op ran cases (printed at the end by `make fuzz`)."""
     if not STATS:
         pytest.skip("run together with the fuzz tests")
-    for op in ("max_pool2d", "avg_pool2d", "conv2d_act", "cross_entropy"):
+    for op in ("max_pool2d", "avg_pool2d", "conv2d_act", "linear_act", "cross_entropy"):
         assert STATS[f"{op}: cases"] >= EXAMPLES * 0.9  # hypothesis may stop a little early
         assert STATS[f"{op}: values compared"] >= EXAMPLES * 0.3

@@ -50,6 +50,15 @@ def test_matches_torch_forward_and_backward(bias, shape, activation, dtype):
         assert_close_to_reference(a, s, r, f"grad {name}")
 
 
+@pytest.mark.parametrize("bias_shape", [(1,), ()])
+def test_one_element_bias_broadcasts_like_f_linear(bias_shape):
+    x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    b = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True)
+    ours, ref = segfast.ops.linear_act(x, w, b, "silu"), F.silu(F.linear(x, w, b))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), b)[0], torch.autograd.grad(ref.sum(), b)[0])
+
+
 def test_none_is_f_linear_bitwise():
     (x, w, b), _ = _tensors((4, 9), 5, torch.float64)
     assert torch.equal(segfast.ops.linear_act(x, w, b, "none"), F.linear(x, w, b))

@@ -31,6 +31,13 @@ void check_linear_args(const Tensor& input, const Tensor& weight, const std::opt
   }
 }
 
+// (*, features) as a (rows, features) matrix; rows stated explicitly, as features may be 0.
+Tensor as_rows(const Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)});
+}
+
 std::vector<int64_t> output_size(const Tensor& input, const Tensor& weight) {
   std::vector<int64_t> size(input.sizes().begin(), input.sizes().end());
   size.back() = weight.size(0);
@@ -41,7 +48,7 @@ std::tuple<Tensor, Tensor> linear_act_cpu(const Tensor& input, const Tensor& wei
                                           c10::string_view activation, double negative_slope) {
   check_linear_args(input, weight, bias);
   const Activation act = parse_activation(activation);
-  const Tensor rows = input.reshape({-1, input.size(-1)});
+  const Tensor rows = as_rows(input);
   Tensor z = bias && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
   z = z.contiguous();
   const Tensor empty = at::empty({0}, input.options());
@@ -60,17 +67,16 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_backward_cpu(const Tensor& grad_ou
   check_linear_args(input, weight, std::nullopt);
   const Activation act = parse_activation(activation);
   const int64_t out_features = weight.size(0);
-  const Tensor grad = grad_output.reshape({-1, out_features}).contiguous();
+  const Tensor grad = as_rows(grad_output).contiguous();
   Tensor grad_z, grad_bias;
   if (act == Activation::None) {
     grad_z = grad;
     if (output_mask[2]) grad_bias = grad.sum(0);
   } else {
     grad_z = at::empty_like(grad);
-    grad_bias = cpu::activation_backward_rows(grad, saved.reshape({-1, out_features}).contiguous(), grad_z, act,
-                                              negative_slope);
+    grad_bias = cpu::activation_backward_rows(grad, as_rows(saved).contiguous(), grad_z, act, negative_slope);
   }
-  const Tensor rows = input.reshape({-1, input.size(-1)});
+  const Tensor rows = as_rows(input);
   return {output_mask[0] ? at::mm(grad_z, weight).view(input.sizes()) : at::empty({0}, input.options()),
           output_mask[1] ? at::mm(grad_z.t(), rows) : at::empty({0}, weight.options()),
           output_mask[2] ? grad_bias : at::empty({0}, weight.options())};

@@ -53,7 +53,7 @@ def linear_act(
     Args:
         input: (*, in_features); float32, float64 or bfloat16.
         weight: (out_features, in_features), input's dtype.
-        bias: (out_features,) or None.
+        bias: (out_features,), a one-element tensor (broadcast, as F.linear does) or None.
         activation: "none", "relu", "leaky_relu", "silu", "gelu" (exact) or "sigmoid".
         negative_slope: slope of "leaky_relu" for negative inputs.
 
@@ -67,7 +67,9 @@ def linear_act(
     check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
     check_tensor(_OP, "weight", weight, dims=(2,))
     if bias is not None:
-        check_tensor(_OP, "bias", bias, dims=(1,))
+        check_tensor(_OP, "bias", bias, dims=(0, 1))
+        if bias.numel() == 1 and weight.shape[0] != 1:  # F.linear broadcasts a one-element bias
+            bias = bias.reshape(1).expand(weight.shape[0])
     check_same(_OP, "input", input, weight=weight, bias=bias)
     check_kernel_available(_OP, "segfast::linear_act", input)
     negative_slope = check_activation(_OP, activation, negative_slope)
