@@ -1,6 +1,6 @@
 """Every segfast op vs stock PyTorch (eager and torch.compile), measured side by side in one run.
 
-    python benchmarks/bench_ops.py [--only cross_entropy,pooling,conv2d_act] [--no-compile]
+    python benchmarks/bench_ops.py [--only cross_entropy,pooling,conv2d_act,linear_act] [--no-compile]
                                    [--reps N] [--out DIR]
 
 Prints a Markdown table (median ms, ratio stock / segfast, bytes saved for backward beyond the
@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_conv2d_act  # noqa: E402
 import bench_cross_entropy  # noqa: E402
+import bench_linear_act  # noqa: E402
 import bench_pooling  # noqa: E402
 from utils import FLOOR, Row, machine_info, markdown_table, output_floor, time_side_by_side, write_json  # noqa: E402
 
-FAMILIES = {"cross_entropy": bench_cross_entropy, "pooling": bench_pooling, "conv2d_act": bench_conv2d_act}
+FAMILIES = {"cross_entropy": bench_cross_entropy, "pooling": bench_pooling, "conv2d_act": bench_conv2d_act,
+            "linear_act": bench_linear_act}
 
 
 def main(argv=None) -> int:
