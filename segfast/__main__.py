@@ -1,4 +1,4 @@
-"""``python -m segfast info``: how this segfast was built and what it runs on."""
+"""``segfast info`` (how this segfast was built), ``segfast train`` and ``segfast eval``."""
 from __future__ import annotations
 
 import argparse
@@ -31,11 +31,12 @@ def _info() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print build information")
+    sub.add_parser("info", help="print build information").set_defaults(run=lambda args: _info())
+    from segfast.cli import train
+
+    train.add_parsers(sub)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info()
-    return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":
