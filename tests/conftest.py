@@ -3,9 +3,20 @@ reference at most twice stock PyTorch's error in the same dtype, plus a small fl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
 import segfast  # noqa: F401  (registers the ops)
+
+# stock PyTorch for each fused activation, as act(z, negative_slope)
+ACTIVATION_REFERENCES = {
+    "none": lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": F.leaky_relu,
+    "silu": lambda z, slope: F.silu(z),
+    "gelu": lambda z, slope: F.gelu(z),
+    "sigmoid": lambda z, slope: torch.sigmoid(z),
+}
 
 # error floor per dtype, for outputs where stock happens to be exact
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}

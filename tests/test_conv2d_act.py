@@ -4,16 +4,9 @@ import torch.nn.functional as F
 
 import segfast
 from segfast.profiling import FreshOutputs
-from conftest import SavedBytes, assert_close_to_reference
+from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 
-ACTS = {
-    "none": lambda z, slope: z,
-    "relu": lambda z, slope: F.relu(z),
-    "leaky_relu": F.leaky_relu,
-    "silu": lambda z, slope: F.silu(z),
-    "gelu": lambda z, slope: F.gelu(z),
-    "sigmoid": lambda z, slope: torch.sigmoid(z),
-}
+ACTS = ACTIVATION_REFERENCES
 
 # (input shape, weight shape, conv kwargs): groups, dilation, asymmetric stride/padding, strings
 GEOMETRIES = [

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import segfast
-from conftest import every_window_reaches_the_input
+from conftest import ACTIVATION_REFERENCES, every_window_reaches_the_input
 from segfast.ops.pooling import _output_size
 
 EXAMPLES = int(os.environ.get("SEGFAST_FUZZ_EXAMPLES", "60"))
@@ -193,10 +193,7 @@ def test_fuzz_avg_pool2d(data):
              lambda: F.avg_pool2d(x, kernel, stride, padding, ceil, count_pad, divisor), [x])
 
 
-ACTIVATIONS = {
-    "none": lambda z, s: z, "relu": lambda z, s: F.relu(z), "leaky_relu": F.leaky_relu,
-    "silu": lambda z, s: F.silu(z), "gelu": lambda z, s: F.gelu(z), "sigmoid": lambda z, s: torch.sigmoid(z),
-}
+ACTIVATIONS = ACTIVATION_REFERENCES
 
 
 @SETTINGS

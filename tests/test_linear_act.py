@@ -3,17 +3,10 @@ import torch
 import torch.nn.functional as F
 
 import segfast
-from conftest import SavedBytes, assert_close_to_reference
+from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 from segfast.profiling import FreshOutputs
 
-ACTS = {
-    "none": lambda z, slope: z,
-    "relu": lambda z, slope: F.relu(z),
-    "leaky_relu": F.leaky_relu,
-    "silu": lambda z, slope: F.silu(z),
-    "gelu": lambda z, slope: F.gelu(z),
-    "sigmoid": lambda z, slope: torch.sigmoid(z),
-}
+ACTS = ACTIVATION_REFERENCES
 SHAPES = [(7,), (5, 7), (2, 3, 7), (0, 7), (300, 7)]  # unbatched, batch, extra dims, empty, > one row block
 
 

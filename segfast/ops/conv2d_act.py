@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._activation import check_activation, keeps_preact, saved_activation
+from segfast.ops._activation import check_activation, keeps_preact, register_autograd
 from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_same, check_tensor, memory_format, pair
 
 _OP = "conv2d_act"
@@ -38,23 +38,7 @@ def _conv2d_act_backward_fake(grad_output, saved, input, weight, stride, padding
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
-    ctx.save_for_backward(input, weight, saved_activation(ctx, output, activation, negative_slope))
-    ctx.conv_args = (stride, padding, dilation, groups, activation, negative_slope)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out, _grad_preact):
-    if grad_out is None:
-        return (None,) * 9
-    input, weight, saved = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = torch.ops.segfast.conv2d_act_backward(grad_out, saved, input, weight, *ctx.conv_args, mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
-
-
-torch.library.register_autograd("segfast::conv2d_act", _backward, setup_context=_setup_context)
+register_autograd("segfast::conv2d_act", torch.ops.segfast.conv2d_act_backward)
 
 
 def _same_padding(op, weight, stride, dilation):

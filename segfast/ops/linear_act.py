@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._activation import check_activation, keeps_preact, saved_activation
+from segfast.ops._activation import check_activation, keeps_preact, register_autograd
 from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_same, check_tensor
 
 _OP = "linear_act"
@@ -22,23 +22,7 @@ def _linear_act_backward_fake(grad_output, saved, input, weight, activation, neg
             weight.new_empty(weight.shape[0] if output_mask[2] else 0))
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, activation, negative_slope = inputs
-    ctx.save_for_backward(input, weight, saved_activation(ctx, output, activation, negative_slope))
-    ctx.act_args = (activation, negative_slope)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out, _grad_preact):
-    if grad_out is None:
-        return (None,) * 5
-    input, weight, saved = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = torch.ops.segfast.linear_act_backward(grad_out.contiguous(), saved, input, weight, *ctx.act_args, mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
-
-
-torch.library.register_autograd("segfast::linear_act", _backward, setup_context=_setup_context)
+register_autograd("segfast::linear_act", torch.ops.segfast.linear_act_backward)
 
 
 def linear_act(
