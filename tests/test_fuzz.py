@@ -196,6 +196,19 @@ def test_fuzz_avg_pool2d(data):
 ACTIVATIONS = ACTIVATION_REFERENCES
 
 
+def _bias(draw, valid, size, dtype):
+    """None or a bias of `size` (sometimes one too long when invalid)."""
+    size = draw(st.sampled_from([None, size] + ([] if valid else [size + 1])))
+    return None if size is None else torch.randn(size, dtype=torch.float64).to(dtype).requires_grad_(
+        dtype.is_floating_point)
+
+
+def _activation(draw, valid):
+    """(activation name, negative_slope); an unknown name when invalid."""
+    return (draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"]))),
+            draw(st.sampled_from([0.01, 0.2, -0.5, 0.0])))
+
+
 @SETTINGS
 @given(data=st.data())
 def test_fuzz_conv2d_act(data):
@@ -222,16 +235,13 @@ def test_fuzz_conv2d_act(data):
     # stock and segfast legitimately differ; tests/test_conv2d_act.py checks the receptive field.
     x = _tensor(draw, shape, dtype, draw(LAYOUTS), False).requires_grad_(
         dtype.is_floating_point and draw(st.booleans()))
-    bias = draw(st.sampled_from([None, cout] + ([] if valid else [cout + 1])))
-    bias = None if bias is None else torch.randn(bias, dtype=torch.float64).to(dtype).requires_grad_(
-        dtype.is_floating_point)
+    bias = _bias(draw, valid, cout, dtype)
     stride = draw(st.one_of(st.integers(1 if valid else 0, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
     padding = draw(st.one_of(st.integers(0 if valid else -1, 3),
                              st.sampled_from(["valid", "same"] + ([] if valid else ["full"]))))
     if padding == "same" and valid:
         stride = 1
-    activation = draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"])))
-    slope = draw(st.sampled_from([0.01, 0.2, -0.5, 0.0]))
+    activation, slope = _activation(draw, valid)
 
     def stock():
         return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups), slope)
@@ -257,11 +267,8 @@ def test_fuzz_linear_act(data):
     w_dtype = dtype if valid else draw(st.sampled_from([dtype, torch.float64]))
     weight = _tensor(draw, (out_features, features), w_dtype, draw(LAYOUTS), False).requires_grad_(
         w_dtype.is_floating_point)
-    bias = draw(st.sampled_from([None, out_features] + ([] if valid else [out_features + 1])))
-    bias = None if bias is None else torch.randn(bias, dtype=torch.float64).to(dtype).requires_grad_(
-        dtype.is_floating_point)
-    activation = draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"])))
-    slope = draw(st.sampled_from([0.01, 0.2, -0.5, 0.0]))
+    bias = _bias(draw, valid, out_features, dtype)
+    activation, slope = _activation(draw, valid)
     _compare("linear_act", lambda: segfast.ops.linear_act(x, weight, bias, activation, slope),
              lambda: ACTIVATIONS[activation](F.linear(x, weight, bias), slope), [x, weight, bias],
              refusal_ok=("activation must be one of",))

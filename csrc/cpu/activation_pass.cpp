@@ -73,12 +73,7 @@ at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& sa
         }
       });
     });
-    scalar_t* sums = column_sums.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < cols; ++c) {
-      acc_t total = 0;
-      for (int64_t b = 0; b < blocks; ++b) total += partial[b * cols + c];
-      sums[c] = static_cast<scalar_t>(total);
-    }
+    sum_block_partials(partial, cols, column_sums.mutable_data_ptr<scalar_t>());
   });
   return column_sums;
 }

@@ -151,6 +151,13 @@ void dispatch_pass_layout(PassLayout layout, F&& f) {
   }
 }
 
+// segfast's direct kernel serves NCHW callers of the shapes direct::eligible accepts.
+bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef stride, IntArrayRef dilation,
+                        int64_t groups) {
+  return output_format(input, weight) == MemoryFormat::Contiguous &&
+         direct::eligible(input, weight, stride, dilation, groups);
+}
+
 void check_conv_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK_VALUE(input.dim() == 4, "conv2d_act kernel: expected 4-D input, got ", input.dim(), "-D");
   TORCH_CHECK_VALUE(weight.dim() == 4, "conv2d_act kernel: expected 4-D weight, got ", weight.dim(), "-D");
@@ -174,8 +181,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
-  if (act != Activation::None && format == MemoryFormat::Contiguous &&
-      direct::eligible(input, weight, stride, dilation, groups)) {
+  if (act != Activation::None && uses_direct_kernel(input, weight, stride, dilation, groups)) {
     const direct::Geometry d = direct::geometry(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
@@ -204,7 +210,6 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
   check_conv_args(input, weight, std::nullopt);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = backward_format(input, weight);
-  const Tensor x = input.contiguous(format), w = weight.contiguous(format);
   const int64_t no_output_padding[2] = {0, 0};
   const int64_t out_channels = weight.size(0);
   auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) -> std::tuple<Tensor, Tensor, Tensor> {
@@ -214,13 +219,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
   };
   if (act == Activation::None) {  // nothing to fuse: ATen reduces the bias gradient itself
     const int64_t bias_size[1] = {out_channels};
-    auto [gi, gw, gb] = at::convolution_backward(grad_output.contiguous(format), x, w, IntArrayRef(bias_size), stride,
-                                                 padding, dilation, false, no_output_padding, groups, output_mask);
+    auto [gi, gw, gb] = at::convolution_backward(grad_output.contiguous(format), input.contiguous(format),
+                                                 weight.contiguous(format), IntArrayRef(bias_size), stride, padding,
+                                                 dilation, false, no_output_padding, groups, output_mask);
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
-  if (!output_mask[0] && output_format(input, weight) == MemoryFormat::Contiguous &&
-      direct::eligible(input, weight, stride, dilation, groups)) {
+  if (!output_mask[0] && uses_direct_kernel(input, weight, stride, dilation, groups)) {
     const direct::Geometry d = direct::geometry(input, weight, padding);
     const Tensor g = grad_output.contiguous(), s = saved.contiguous();
     TORCH_CHECK_VALUE(s.sizes() == g.sizes() && g.size(2) == d.out_h && g.size(3) == d.out_w,
@@ -260,18 +265,11 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
         });
       });
     });
-    if (output_mask[2]) {
-      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < out_channels; ++c) {
-        acc_t sum = 0;
-        for (int64_t t = 0; t < tiles; ++t) sum += partial[t * out_channels + c];
-        gb[c] = static_cast<scalar_t>(sum);
-      }
-    }
+    if (output_mask[2]) cpu::sum_block_partials(partial, out_channels, grad_bias.mutable_data_ptr<scalar_t>());
   });
-  auto [gi, gw, unused] = at::convolution_backward(grad_z, x, w, std::nullopt, stride, padding, dilation, false,
-                                                   no_output_padding, groups,
-                                                   {output_mask[0], output_mask[1], false});
+  auto [gi, gw, unused] = at::convolution_backward(grad_z, input.contiguous(format), weight.contiguous(format),
+                                                   std::nullopt, stride, padding, dilation, false, no_output_padding,
+                                                   groups, {output_mask[0], output_mask[1], false});
   return finish(gi, gw, grad_bias);
 }
 

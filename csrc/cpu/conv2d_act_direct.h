@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "cpu/activation_pass.h"
 
 namespace segfast::direct {
 
@@ -175,10 +176,8 @@ void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Ten
       }
     }
   });
-  std::vector<acc_t> total(stride, acc_t(0));
-  for (int64_t task = 0; task < tasks; ++task) {
-    for (int64_t i = 0; i < stride; ++i) total[i] += partial[task * stride + i];
-  }
+  std::vector<acc_t> total(stride);
+  cpu::sum_block_partials(partial, stride, total.data());
   scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
   scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
   for (int64_t i = 0; i < d.weights(); ++i) gw[i] = static_cast<scalar_t>(total[i]);
