@@ -8,6 +8,11 @@ BUILD_DIR  = build/$(notdir $(VENV))
 SOURCES   := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 SEGFAST_SANITIZE ?= OFF
+# SEGFAST_CUDA=AUTO|ON|OFF (CUDA kernels with a CUDA torch); SEGFAST_CUDA_CHECK=ON (CPU torch: nvcc
+# compiles csrc/cuda/*.cu without linking). Both reach CMake through pyproject.toml.
+SEGFAST_CUDA ?= AUTO
+SEGFAST_CUDA_CHECK ?= OFF
+export SEGFAST_CUDA SEGFAST_CUDA_CHECK
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export CCACHE_DIR ?= $(HOME)/.cache/segfast-ccache
 # without BASEDIR a clone in another folder gets no ccache hits

@@ -50,21 +50,44 @@ def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
+def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
+                      device: str = "cpu") -> dict[str, float]:
     """Median milliseconds of each callable, run interleaved so that they share the machine's
     noise, the order rotating each round (A B C, B C A, ...) so that no variant always follows
-    the same one (allocator and cache state carry over from call to call)."""
+    the same one (allocator and cache state carry over from call to call). On CUDA each call is
+    timed with events on the current stream."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[str, list] = {name: [] for name in fns}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                samples[name].append((start, end))
+            else:
+                start = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        samples = {name: [a.elapsed_time(b) for a, b in s] for name, s in samples.items()}
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - base
 
 
 def saved_tensor_bytes(forward: Callable[[], object], inputs: Sequence[torch.Tensor]) -> int:

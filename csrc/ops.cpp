@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include <torch/library.h>
@@ -65,8 +67,22 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_version"] = SEGFAST_TORCH_VERSION;
   info["compiler"] = SEGFAST_CXX_COMPILER;
-  info["cuda"] = false;  // CUDA kernels land with the CUDA issue
+#ifdef SEGFAST_WITH_CUDA
+  info["cuda"] = true;
+  info["nvcc"] = SEGFAST_NVCC_VERSION;
+  pybind11::list archs;
+  std::string_view list = SEGFAST_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX"
+  while (!list.empty()) {
+    const size_t end = std::min(list.find_first_of("; "), list.size());
+    if (end > 0) archs.append(std::string(list.substr(0, end)));
+    list.remove_prefix(std::min(end + 1, list.size()));
+  }
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = false;
+  info["nvcc"] = pybind11::none();
   info["cuda_archs"] = pybind11::list();
+#endif
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -1,6 +1,8 @@
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import segfast
@@ -10,7 +12,10 @@ def test_build_info_describes_this_build():
     info = segfast.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["compiler"]
-    assert info["cuda"] is False and info["cuda_archs"] == []
+    if torch.version.cuda is None:  # a CPU-only torch: no CUDA kernels can be linked
+        assert info["cuda"] is False and info["cuda_archs"] == []
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["nvcc"].split(".")[0] == torch.version.cuda.split(".")[0]
     assert info["openmp"] is True  # without -fopenmp at::parallel_for would silently run serially
     assert info["num_threads"] == torch.get_num_threads()
 
@@ -25,7 +30,20 @@ def test_info_command_prints_build():
     assert "built against torch" in out and "conv2d_act" in out and "cross_entropy" in out
 
 
+OPS = ("conv2d_act", "linear_act", "max_pool2d", "avg_pool2d", "cross_entropy")
+
+
 def test_ops_are_registered_with_the_dispatcher():
-    for name in ("conv2d_act", "max_pool2d", "avg_pool2d", "cross_entropy"):
+    for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}_backward", "CPU")
+
+
+@pytest.mark.skipif(os.environ.get("SEGFAST_EXPECT_CUDA") != "1" and not segfast.build_info()["cuda"],
+                    reason="CPU-only build (CI sets SEGFAST_EXPECT_CUDA=1 for its CUDA build)")
+def test_cuda_kernels_are_registered_with_the_dispatcher():
+    # without a GPU the CUDA kernels cannot run, but a CUDA build must have registered every one
+    assert segfast.build_info()["cuda"], "expected a build with CUDA kernels (SEGFAST_EXPECT_CUDA=1)"
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}_backward", "CUDA")

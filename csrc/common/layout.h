@@ -10,4 +10,11 @@ inline at::MemoryFormat memory_format(const at::Tensor& t) {
   return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }
 
+// The memory format F.conv2d gives its output: channels_last when input or weight is.
+inline at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
+  return memory_format(input) == at::MemoryFormat::ChannelsLast || memory_format(weight) == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 }  // namespace segfast

@@ -2,6 +2,11 @@
 // Pooling window geometry, shared by the max and avg kernels on every backend.
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
 
 #include "common/macros.h"
 
@@ -61,6 +66,89 @@ SEGFAST_HOST_DEVICE AvgWindow avg_window(int64_t o, int64_t in, int64_t kernel, 
   const int64_t start = o * stride - pad;
   const int64_t stop = std::min(start + kernel, in + pad);
   return {std::max<int64_t>(start, 0), std::min(stop, in), stop - start};
+}
+
+// A 2-D pooling problem: (batch, channels) planes, one PoolAxis per spatial dim.
+struct Pool2d {
+  int64_t batch, channels;
+  PoolAxis h, w;
+  bool channels_last;
+
+  SEGFAST_HOST_DEVICE int64_t taps() const { return h.kernel * w.kernel; }
+  SEGFAST_HOST_DEVICE int64_t planes() const { return batch * channels; }
+};
+
+inline void check_pool_args(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                            c10::IntArrayRef dilation) {
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(kernel[d] > 0, "kernel_size must be positive, got ", kernel);
+    TORCH_CHECK_VALUE(stride[d] > 0, "stride must be positive, got ", stride);
+    TORCH_CHECK_VALUE(dilation[d] > 0, "dilation must be positive, got ", dilation);
+    TORCH_CHECK_VALUE(padding[d] >= 0 && padding[d] <= kernel[d] / 2,
+                      "padding must be in [0, kernel_size / 2], got padding=", padding, " for kernel_size=", kernel);
+  }
+}
+
+inline Pool2d make_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK_VALUE(size.size() == 4, "pooling kernels take 4-D (N, C, H, W) input, got ", size);
+  check_pool_args(kernel, stride, padding, dilation);
+  auto axis = [&](int d) {
+    const int64_t in = size[2 + d];
+    const int64_t out = pool_output_size(in, kernel[d], stride[d], padding[d], dilation[d], ceil_mode);
+    TORCH_CHECK_VALUE(out > 0, "pooling output would be empty: input ", size, ", kernel_size ", kernel, ", stride ",
+                      stride, ", padding ", padding, ", dilation ", dilation);
+    return PoolAxis{in, out, kernel[d], stride[d], padding[d], dilation[d]};
+  };
+  return {size[0], size[1], axis(0), axis(1), channels_last};
+}
+
+inline Pool2d make_avg_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
+                            std::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, "divisor_override must be non-zero");
+  const int64_t no_dilation[2] = {1, 1};
+  return make_pool(size, channels_last, kernel, stride, padding, no_dilation, ceil_mode);
+}
+
+// Running max over a window's taps; NaN wins, and a later NaN replaces an earlier one (torch's rule).
+template <typename T, typename I>
+SEGFAST_HOST_DEVICE void max_update(T v, I tap, T& best, I& arg) {
+  const bool take = v > best || v != v;
+  best = take ? v : best;
+  arg = take ? tap : arg;
+}
+
+// The saved argmax "points at" tap `tap` at input offset `offset` (in its plane): compact codes
+// (uint8/int32) hold the tap, torch's flat int64 indices the offset.
+template <typename index_t>
+SEGFAST_HOST_DEVICE bool argmax_is(index_t code, int64_t tap, int64_t offset) {
+  if constexpr (std::is_same_v<index_t, int64_t>) {
+    return code == offset;
+  } else {
+    return static_cast<int64_t>(code) == tap;
+  }
+}
+
+// torch's avg_pool2d divisor: the override (0: none), else the product of the window's counts
+// along each axis.
+struct AvgDivisor {
+  bool count_include_pad;
+  int64_t divisor_override;
+
+  // A window's count along one axis: 0 when it holds no input element on that axis.
+  SEGFAST_HOST_DEVICE int64_t count(const AvgWindow& a) const {
+    return a.begin >= a.end ? 0 : (count_include_pad ? a.padded_count : a.end - a.begin);
+  }
+  // The divisor of a window with counts (height, width); 0 for an empty window, whose output is 0.
+  SEGFAST_HOST_DEVICE int64_t operator()(int64_t height, int64_t width) const {
+    return height == 0 || width == 0 ? 0 : (divisor_override != 0 ? divisor_override : height * width);
+  }
+};
+
+template <typename acc_t>
+SEGFAST_HOST_DEVICE acc_t divide(acc_t sum, int64_t divisor) {
+  return divisor == 0 ? acc_t(0) : sum / static_cast<acc_t>(divisor);
 }
 
 }  // namespace segfast

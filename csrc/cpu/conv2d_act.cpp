@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/arguments.h"
 #include "common/layout.h"
 #include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
@@ -33,13 +34,6 @@ using at::Tensor;
 // bias-gradient sum always adds in the same order.
 int64_t tile_pixels(bool nchw) { return nchw ? 4096 : 256; }
 
-// The memory format F.conv2d gives its output: channels_last when input or weight is.
-MemoryFormat output_format(const Tensor& input, const Tensor& weight) {
-  return memory_format(input) == MemoryFormat::ChannelsLast || memory_format(weight) == MemoryFormat::ChannelsLast
-             ? MemoryFormat::ChannelsLast
-             : MemoryFormat::Contiguous;
-}
-
 // The format of the backward convolution. oneDNN (float32/bfloat16) computes the weight gradient
 // of a layer with few input channels much faster channels_last; converting such an input is cheap
 // (it is small), and the fused pass writes grad_z channels_last at no extra cost. Measured on the
@@ -49,7 +43,7 @@ MemoryFormat output_format(const Tensor& input, const Tensor& weight) {
 constexpr int64_t kChannelsLastMaxInputChannels = 16;
 
 MemoryFormat backward_format(const Tensor& input, const Tensor& weight) {
-  const MemoryFormat out = output_format(input, weight);
+  const MemoryFormat out = conv_output_format(input, weight);
   const bool onednn_dtype = input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16;
   if (out == MemoryFormat::Contiguous && onednn_dtype && input.size(1) <= kChannelsLastMaxInputChannels) {
     return MemoryFormat::ChannelsLast;
@@ -154,21 +148,8 @@ void dispatch_pass_layout(PassLayout layout, F&& f) {
 // segfast's direct kernel serves NCHW callers of the shapes direct::eligible accepts.
 bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef stride, IntArrayRef dilation,
                         int64_t groups) {
-  return output_format(input, weight) == MemoryFormat::Contiguous &&
+  return conv_output_format(input, weight) == MemoryFormat::Contiguous &&
          direct::eligible(input, weight, stride, dilation, groups);
-}
-
-void check_conv_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
-  TORCH_CHECK_VALUE(input.dim() == 4, "conv2d_act kernel: expected 4-D input, got ", input.dim(), "-D");
-  TORCH_CHECK_VALUE(weight.dim() == 4, "conv2d_act kernel: expected 4-D weight, got ", weight.dim(), "-D");
-  TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "conv2d_act: input dtype ", input.scalar_type(),
-                    " and weight dtype ", weight.scalar_type(), " differ");
-  if (bias && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "conv2d_act: bias must have shape (",
-                      weight.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->scalar_type() == input.scalar_type(), "conv2d_act: bias dtype ", bias->scalar_type(),
-                      " differs from input dtype ", input.scalar_type());
-  }
 }
 
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -176,7 +157,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
                                           int64_t groups, c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias);
   const Activation act = parse_activation(activation);
-  const MemoryFormat format = output_format(input, weight);
+  const MemoryFormat format = conv_output_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output

@@ -10,39 +10,13 @@
 #include <torch/library.h>
 
 #include "common/activation.h"
+#include "common/arguments.h"
 #include "cpu/activation_pass.h"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
-
-void check_linear_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "linear_act: input must have at least one dimension");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(-1), "linear_act: weight must be (out, ",
-                    input.size(-1), "), got ", weight.sizes());
-  TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "linear_act: input dtype ", input.scalar_type(),
-                    " and weight dtype ", weight.scalar_type(), " differ");
-  if (bias && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                          bias->scalar_type() == input.scalar_type(),
-                      "linear_act: bias must be (", weight.size(0), ",) of the input's dtype, got ", bias->sizes(),
-                      " ", bias->scalar_type());
-  }
-}
-
-// (*, features) as a (rows, features) matrix; rows stated explicitly, as features may be 0.
-Tensor as_rows(const Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return t.reshape({rows, t.size(-1)});
-}
-
-std::vector<int64_t> output_size(const Tensor& input, const Tensor& weight) {
-  std::vector<int64_t> size(input.sizes().begin(), input.sizes().end());
-  size.back() = weight.size(0);
-  return size;
-}
 
 std::tuple<Tensor, Tensor> linear_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                           c10::string_view activation, double negative_slope) {
@@ -52,7 +26,7 @@ std::tuple<Tensor, Tensor> linear_act_cpu(const Tensor& input, const Tensor& wei
   Tensor z = bias && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
   z = z.contiguous();
   const Tensor empty = at::empty({0}, input.options());
-  const auto size = output_size(input, weight);
+  const auto size = linear_output_size(input, weight);
   if (act == Activation::None) return {z.view(size), empty};
   const bool keep_preact = !derivative_from_output(act, negative_slope);
   Tensor out = keep_preact ? at::empty_like(z) : z;

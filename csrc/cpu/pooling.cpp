@@ -23,40 +23,6 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-struct Pool2d {
-  int64_t batch, channels;
-  PoolAxis h, w;
-  bool channels_last;
-
-  int64_t taps() const { return h.kernel * w.kernel; }
-  int64_t planes() const { return batch * channels; }
-};
-
-void check_pool_args(IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
-  for (int d = 0; d < 2; ++d) {
-    TORCH_CHECK_VALUE(kernel[d] > 0, "kernel_size must be positive, got ", kernel);
-    TORCH_CHECK_VALUE(stride[d] > 0, "stride must be positive, got ", stride);
-    TORCH_CHECK_VALUE(dilation[d] > 0, "dilation must be positive, got ", dilation);
-    TORCH_CHECK_VALUE(padding[d] >= 0 && padding[d] <= kernel[d] / 2,
-                      "padding must be in [0, kernel_size / 2], got padding=", padding,
-                      " for kernel_size=", kernel);
-  }
-}
-
-Pool2d make_pool(IntArrayRef size, bool channels_last, IntArrayRef kernel, IntArrayRef stride,
-                 IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK_VALUE(size.size() == 4, "pooling kernels take 4-D (N, C, H, W) input, got ", size);
-  check_pool_args(kernel, stride, padding, dilation);
-  auto axis = [&](int d) {
-    const int64_t in = size[2 + d];
-    const int64_t out = pool_output_size(in, kernel[d], stride[d], padding[d], dilation[d], ceil_mode);
-    TORCH_CHECK_VALUE(out > 0, "pooling output would be empty: input ", size, ", kernel_size ", kernel,
-                      ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
-    return PoolAxis{in, out, kernel[d], stride[d], padding[d], dilation[d]};
-  };
-  return {size[0], size[1], axis(0), axis(1), channels_last};
-}
-
 bool is_channels_last(const Tensor& t) {
   return memory_format(t) == at::MemoryFormat::ChannelsLast;
 }
@@ -74,14 +40,6 @@ void parallel_with_scratch(int64_t count, int64_t scratch_size, F&& f) {
     std::vector<T> scratch(scratch_size);
     for (int64_t i = begin; i < end; ++i) f(i, scratch.data());
   });
-}
-
-// Running max over a window's taps; NaN wins, and a later NaN replaces an earlier one (torch's rule).
-template <typename T, typename I>
-inline void max_update(T v, I tap, T& best, I& arg) {
-  const bool take = v > best || v != v;
-  best = take ? v : best;
-  arg = take ? tap : arg;
 }
 
 // ---------------------------------------------------------------------------------------- max
@@ -227,17 +185,6 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kern
 // the input (dilation + padding on a 1-pixel input, where torch's argmax lies outside the window)
 // gives no gradient.
 //
-// The argmax "points at" tap `tap` at input offset `offset` (in its plane): compact codes compare
-// with the tap, torch's flat int64 indices with the offset.
-template <typename index_t>
-inline bool argmax_is(index_t code, int64_t tap, int64_t offset) {
-  if constexpr (std::is_same_v<index_t, int64_t>) {
-    return code == offset;
-  } else {
-    return static_cast<int64_t>(code) == tap;
-  }
-}
-
 // Input offset in its plane of the argmax of output (oh, ow), or -1 outside the input.
 template <typename index_t>
 struct ArgmaxDecoder {
@@ -356,31 +303,11 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
 
 // ---------------------------------------------------------------------------------------- avg
 
-// torch's divisor: the override, else the product of the window's counts along each axis.
-struct AvgDivisor {
-  bool count_include_pad;
-  std::optional<int64_t> divisor_override;
-
-  // A window's count along one axis: 0 when it holds no input element on that axis.
-  int64_t count(const AvgWindow& a) const {
-    return a.begin >= a.end ? 0 : (count_include_pad ? a.padded_count : a.end - a.begin);
-  }
-  // The divisor of a window with counts (height, width); 0 for an empty window, whose output is 0.
-  int64_t operator()(int64_t height, int64_t width) const {
-    return height == 0 || width == 0 ? 0 : (divisor_override ? *divisor_override : height * width);
-  }
-};
-
 // count() of every window along one axis.
 std::vector<int64_t> window_counts(const PoolAxis& a, const AvgDivisor& divisor) {
   std::vector<int64_t> counts(a.out);
   for (int64_t o = 0; o < a.out; ++o) counts[o] = divisor.count(avg_window(o, a.in, a.kernel, a.stride, a.pad));
   return counts;
-}
-
-template <typename acc_t>
-inline acc_t divide(acc_t sum, int64_t divisor) {
-  return divisor == 0 ? acc_t(0) : sum / static_cast<acc_t>(divisor);
 }
 
 // One NCHW output row; `acc` is scratch of w.out elements.
@@ -426,19 +353,12 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
   for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(divide(acc[c], div));
 }
 
-Pool2d make_avg_pool(IntArrayRef size, bool cl, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
-                     bool ceil_mode, std::optional<int64_t> divisor_override) {
-  TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, "divisor_override must be non-zero");
-  const int64_t no_dilation[2] = {1, 1};
-  return make_pool(size, cl, kernel, stride, padding, no_dilation, ceil_mode);
-}
-
 Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                       bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
-  const AvgDivisor divisor{count_include_pad, divisor_override};
+  const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
   Tensor out = empty_pooled(input, p, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
@@ -519,7 +439,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
   const Tensor grad_out = grad_out_.contiguous(format);
   const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
   check_grad_size("avg_pool2d_backward", grad_out, p);
-  const AvgDivisor divisor{count_include_pad, divisor_override};
+  const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
   Tensor grad_in = at::empty(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {

@@ -7,8 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
-# dtypes the CPU kernels compute in (float32 accumulation for bfloat16)
+# dtypes the kernels compute in (float32 accumulation for the 16-bit ones)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CUDA_DTYPES = CPU_DTYPES + (torch.float16,)
+
+
+def float_dtypes(t: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The floating dtypes segfast's kernels take on t's device (float16 on CUDA only)."""
+    on_cuda = isinstance(t, torch.Tensor) and t.device.type in ("cuda", "meta")
+    return CUDA_DTYPES if on_cuda else CPU_DTYPES
 
 
 def _is_int(v) -> bool:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from segfast.ops._activation import check_activation, keeps_preact, register_autograd
-from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_same, check_tensor, memory_format, pair
+from segfast.ops._common import check_kernel_available, check_same, check_tensor, float_dtypes, memory_format, pair
 
 _OP = "conv2d_act"
 
@@ -63,7 +63,7 @@ def conv2d_act(
     """``activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one op.
 
     Args:
-        input: (N, C_in, H, W) or unbatched (C_in, H, W); float32, float64 or bfloat16.
+        input: (N, C_in, H, W) or unbatched (C_in, H, W); float32, float64, bfloat16 or (CUDA) float16.
         weight: (C_out, C_in / groups, kH, kW), input's dtype.
         bias: (C_out,) or None.
         stride, padding, dilation, groups: as ``F.conv2d``; padding may be "same" or "valid".
@@ -82,7 +82,7 @@ def conv2d_act(
     check_tensor(_OP, "weight", weight, dims=(4,))
     if bias is not None:
         check_tensor(_OP, "bias", bias, dims=(1,))
-    check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
+    check_tensor(_OP, "input", input, dtypes=float_dtypes(input))
     check_same(_OP, "input", input, weight=weight, bias=bias)
     check_kernel_available(_OP, "segfast::conv2d_act", input)
     negative_slope = check_activation(_OP, activation, negative_slope)

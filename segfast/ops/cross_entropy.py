@@ -6,7 +6,7 @@ import math
 import torch
 from torch.nn import _reduction
 
-from segfast.ops._common import CPU_DTYPES, check_float_arg, check_kernel_available, check_same, check_tensor
+from segfast.ops._common import check_float_arg, check_kernel_available, check_same, check_tensor, float_dtypes
 
 _OP = "cross_entropy"
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -87,8 +87,8 @@ def cross_entropy(
     """``F.cross_entropy`` with the same arguments and results, computed per pixel in one pass.
 
     Args:
-        input: logits (N, C), (N, C, d1, d2, ...) or unbatched (C,); float32, float64 or
-            bfloat16 (float32 accumulation). NCHW and channels_last are read in place.
+        input: logits (N, C), (N, C, d1, d2, ...) or unbatched (C,); float32, float64,
+            bfloat16 or (CUDA) float16 (float32 accumulation). NCHW and channels_last are read in place.
         target: class indices (N,), (N, d1, ...) or () as int64, int32 or uint8, each in [0, C)
             or equal to ignore_index; or class probabilities of input's shape and dtype.
         weight: (C,) class weights of input's dtype, or None.
@@ -103,7 +103,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
+    check_tensor(_OP, "input", input, dtypes=float_dtypes(input))
     check_tensor(_OP, "target", target)
     check_kernel_available(_OP, "segfast::cross_entropy", input)
     if input.dim() == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from segfast.ops._activation import check_activation, keeps_preact, register_autograd
-from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_same, check_tensor
+from segfast.ops._common import check_kernel_available, check_same, check_tensor, float_dtypes
 
 _OP = "linear_act"
 
@@ -35,7 +35,7 @@ def linear_act(
     """``activation(F.linear(input, weight, bias))`` in one op.
 
     Args:
-        input: (*, in_features); float32, float64 or bfloat16.
+        input: (*, in_features); float32, float64, bfloat16 or (CUDA) float16.
         weight: (out_features, in_features), input's dtype.
         bias: (out_features,), a one-element tensor (broadcast, as F.linear does) or None.
         activation: "none", "relu", "leaky_relu", "silu", "gelu" (exact) or "sigmoid".
@@ -48,7 +48,7 @@ def linear_act(
     leaky_relu with slope >= 0, the pre-activation otherwise), and reduces the bias gradient in the
     pass that applies the activation derivative.
     """
-    check_tensor(_OP, "input", input, dtypes=CPU_DTYPES)
+    check_tensor(_OP, "input", input, dtypes=float_dtypes(input))
     check_tensor(_OP, "weight", weight, dims=(2,))
     if bias is not None:
         check_tensor(_OP, "bias", bias, dims=(0, 1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._common import CPU_DTYPES, check_kernel_available, check_tensor, memory_format, pair
+from segfast.ops._common import check_kernel_available, check_tensor, float_dtypes, memory_format, pair
 
 
 def _output_size(size, kernel, stride, padding, dilation, ceil_mode):
@@ -81,7 +81,7 @@ torch.library.register_autograd("segfast::avg_pool2d", _avg_backward, setup_cont
 
 def _pool_args(op, input, kernel_size, stride, padding, dilation, ceil_mode):
     """Validated (batched input, kernel, stride, padding, dilation, unbatched)."""
-    check_tensor(op, "input", input, dims=(3, 4), dtypes=CPU_DTYPES)
+    check_tensor(op, "input", input, dims=(3, 4), dtypes=float_dtypes(input))
     check_kernel_available(op, f"segfast::{op}", input)
     kernel = pair(op, "kernel_size", kernel_size, minimum=1)
     stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
@@ -107,8 +107,8 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     """``F.max_pool2d`` with the same arguments and results.
 
     Args:
-        input: (N, C, H, W) or unbatched (C, H, W); float32, float64 or bfloat16; NCHW or
-            channels_last (the output keeps the layout).
+        input: (N, C, H, W) or unbatched (C, H, W); float32, float64, bfloat16 or (CUDA)
+            float16; NCHW or channels_last (the output keeps the layout).
         kernel_size, stride (default: kernel_size), padding, dilation, ceil_mode: as ``F.max_pool2d``.
         return_indices: also return torch's flat int64 indices (H * W plane offsets).
 
@@ -132,8 +132,8 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     """``F.avg_pool2d`` with the same arguments and results.
 
     Args:
-        input: (N, C, H, W) or unbatched (C, H, W); float32, float64 or bfloat16; NCHW or
-            channels_last (the output keeps the layout).
+        input: (N, C, H, W) or unbatched (C, H, W); float32, float64, bfloat16 or (CUDA)
+            float16; NCHW or channels_last (the output keeps the layout).
         kernel_size, stride (default: kernel_size), padding, ceil_mode, count_include_pad,
             divisor_override: as ``F.avg_pool2d``.
 

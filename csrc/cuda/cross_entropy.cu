@@ -1,0 +1,329 @@
+// Per-pixel softmax cross-entropy on CUDA, straight on (N, C, S) logits of any dense strides.
+//
+// One thread per pixel walks the classes once with an online log-sum-exp (running max, rescaled
+// sum), so for NCHW logits a warp reads 32 neighbouring pixels of one class plane: coalesced.
+// Accumulation is float32 (float64 for float64). The mean/sum reduction is deterministic: each
+// block sums its pixels in a fixed tree, and the per-block partials are added by ATen's sum, whose
+// order is fixed too; no float atomics. Backward recomputes softmax from the saved per-pixel
+// log-sum-exp, as on CPU.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+
+#include "common/macros.h"
+#include "cuda/launch.cuh"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+enum class Reduction { None, Mean, Sum };
+
+Reduction parse_reduction(std::string_view name) {
+  if (name == "none") return Reduction::None;
+  if (name == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(name == "sum", "reduction: expected 'none', 'mean' or 'sum', got '", name, "'");
+  return Reduction::Sum;
+}
+
+// Where pixel (n, s) of class c lives, and the smoothing terms every pixel uses.
+template <typename acc_t>
+struct Problem {
+  int64_t batch, classes, pixels;
+  int64_t batch_stride, class_stride, pixel_stride;        // logits (and probability targets)
+  int64_t target_batch_stride, target_pixel_stride;        // class-index targets
+  int64_t ignore_index;
+  acc_t smoothing;
+
+  SEGFAST_HOST_DEVICE int64_t offset(int64_t pixel) const {
+    return pixel / pixels * batch_stride + pixel % pixels * pixel_stride;
+  }
+  SEGFAST_HOST_DEVICE int64_t target_offset(int64_t pixel) const {
+    return pixel / pixels * target_batch_stride + pixel % pixels * target_pixel_stride;
+  }
+  SEGFAST_HOST_DEVICE acc_t spread() const { return smoothing / static_cast<acc_t>(classes); }
+};
+
+template <typename acc_t>
+__device__ acc_t class_weight(const acc_t* weight, int64_t c) {
+  return weight == nullptr ? acc_t(1) : weight[c];
+}
+
+// The per-pixel sums of one pass over the classes: log-sum-exp, and for label smoothing or
+// probability targets dot = sum coef_c x_c and mass = sum coef_c (coef as in csrc/cpu/cross_entropy.cpp).
+template <typename acc_t>
+struct PixelSums {
+  acc_t lse, dot, mass;
+};
+
+template <bool kProb, typename scalar_t, typename acc_t>
+__device__ PixelSums<acc_t> pixel_sums(const scalar_t* x, const scalar_t* q, const acc_t* weight,
+                                       const Problem<acc_t>& p, bool need_dot) {
+  const acc_t keep = acc_t(1) - p.smoothing, spread = p.spread();
+  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0, dot = 0, mass = 0;
+  for (int64_t c = 0; c < p.classes; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c * p.class_stride]);
+    if (v > max) {  // rescale the running sum to the new max; a NaN reaches lse through the sum
+      sum = sum * std::exp(max - v) + acc_t(1);
+      max = v;
+    } else {
+      sum += std::exp(v - max);
+    }
+    if (need_dot) {
+      const acc_t w = class_weight(weight, c);
+      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[c * p.class_stride]) + spread) : w;
+      dot += coef * v;
+      mass += coef;
+    }
+  }
+  return {max + std::log(sum), dot, mass};
+}
+
+template <typename scalar_t, typename target_t, bool kProb>
+__global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
+                                     const at::opmath_type<scalar_t>* weight, Problem<at::opmath_type<scalar_t>> p,
+                                     at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
+                                     at::opmath_type<scalar_t>* partial_loss,
+                                     at::opmath_type<scalar_t>* partial_weight, unsigned long long* bad_pixel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  acc_t loss = 0, pixel_weight = 0;
+  if (i < p.batch * p.pixels) {
+    const int64_t at = p.offset(i);
+    if constexpr (kProb) {
+      const PixelSums<acc_t> s = pixel_sums<true>(logits + at, prob + at, weight, p, true);
+      lse_out[i] = s.lse;
+      loss = s.lse * s.mass - s.dot;
+      pixel_weight = 1;
+    } else {
+      const int64_t cls = static_cast<int64_t>(target[p.target_offset(i)]);
+      const bool valid = cls >= 0 && cls < p.classes;
+      if (cls != p.ignore_index && !valid) atomicMin(bad_pixel, static_cast<unsigned long long>(i));
+      const PixelSums<acc_t> s = pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p,
+                                                   p.smoothing != 0);
+      lse_out[i] = s.lse;
+      if (cls != p.ignore_index && valid) {
+        const acc_t wt = class_weight(weight, cls), eps = p.smoothing;
+        loss = (1 - eps) * wt * (s.lse - static_cast<acc_t>(logits[at + cls * p.class_stride]));
+        if (eps != 0) loss += p.spread() * (s.mass * s.lse - s.dot);  // mass = sum of the class weights
+        pixel_weight = wt;
+      }
+    }
+    if (loss_out != nullptr) loss_out[i] = static_cast<scalar_t>(loss);
+  }
+  if (partial_loss != nullptr) {
+    loss = cuda::block_sum(loss);
+    pixel_weight = cuda::block_sum(pixel_weight);
+    if (threadIdx.x == 0) {
+      partial_loss[blockIdx.x] = loss;
+      partial_weight[blockIdx.x] = pixel_weight;
+    }
+  }
+}
+
+template <typename scalar_t, typename target_t, bool kProb>
+__global__ void cross_entropy_backward_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
+                                              const at::opmath_type<scalar_t>* weight,
+                                              Problem<at::opmath_type<scalar_t>> p,
+                                              const at::opmath_type<scalar_t>* lse,
+                                              const at::opmath_type<scalar_t>* grad_loss, bool per_pixel_grad,
+                                              const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * p.pixels) return;
+  const int64_t at = p.offset(i);
+  const acc_t keep = acc_t(1) - p.smoothing, spread = p.spread();
+  acc_t scale = per_pixel_grad ? grad_loss[i] : grad_loss[0];
+  if (mean_divisor != nullptr) scale /= *mean_divisor;
+  int64_t cls = -1;
+  acc_t mass = 0, target_weight = 0;
+  if constexpr (kProb) {
+    for (int64_t c = 0; c < p.classes; ++c) {
+      mass += class_weight(weight, c) * (keep * static_cast<acc_t>(prob[at + c * p.class_stride]) + spread);
+    }
+  } else {
+    cls = static_cast<int64_t>(target[p.target_offset(i)]);
+    if (cls == p.ignore_index || cls < 0 || cls >= p.classes) {  // forward refused bad indices already
+      cls = -1;
+      scale = 0;  // also when the mean's total weight is 0: torch gives 0, not NaN
+    } else {
+      target_weight = class_weight(weight, cls);
+      acc_t weight_total = 0;
+      for (int64_t c = 0; c < p.classes; ++c) weight_total += class_weight(weight, c);
+      mass = keep * target_weight + spread * weight_total;
+    }
+  }
+  for (int64_t c = 0; c < p.classes; ++c) {
+    const acc_t w = class_weight(weight, c);
+    const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(prob[at + c * p.class_stride]) + spread) : w * spread;
+    const acc_t softmax = std::exp(static_cast<acc_t>(logits[at + c * p.class_stride]) - lse[i]);
+    acc_t g = scale * (softmax * mass - coef);
+    if (c == cls) g -= scale * keep * target_weight;
+    grad[at + c * p.class_stride] = static_cast<scalar_t>(g);
+  }
+}
+
+// Logits are read in place through their strides and the gradient gets the same strides, so they
+// must be dense; probability targets are read with the logits' offsets.
+struct Inputs {
+  Tensor logits, target, weight;  // weight: in the accumulation type, or undefined
+  bool prob;
+};
+
+Inputs prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight) {
+  TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
+  const Tensor logits = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  const bool prob = at::isFloatingType(target.scalar_type());
+  Tensor t = target;
+  if (prob) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
+                      "cross_entropy: probability target must match input ", input.sizes(), " ", input.scalar_type(),
+                      ", got ", target.sizes(), " ", target.scalar_type());
+    if (target.strides() != logits.strides()) t = at::empty_like(logits).copy_(target);
+  } else {
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2),
+                      "cross_entropy: class-index target must be (N, S) = (", input.size(0), ", ", input.size(2),
+                      "), got ", target.sizes());
+    TORCH_CHECK_VALUE(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
+                      " but input is on ", input.device());
+  }
+  Tensor w;
+  if (weight && weight->defined()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == input.size(1), "weight: expected shape (",
+                      input.size(1), ",), got ", weight->sizes());
+    w = weight->to(at::toOpMathType(input.scalar_type())).contiguous();
+  }
+  return {logits, t, w, prob};
+}
+
+template <typename acc_t>
+Problem<acc_t> problem_of(const Inputs& in, int64_t ignore_index, double label_smoothing) {
+  const Tensor& x = in.logits;
+  const bool index_target = !in.prob;
+  return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2),
+          index_target ? in.target.stride(0) : 0, index_target ? in.target.stride(1) : 0, ignore_index,
+          static_cast<acc_t>(label_smoothing)};
+}
+
+// Calls f(target_t{}, kProb) for the target's type: class indices or probabilities.
+template <typename scalar_t, typename F>
+void dispatch_target(const Inputs& in, F&& f) {
+  switch (in.target.scalar_type()) {
+    case at::kLong: return f(int64_t{}, std::false_type{});
+    case at::kInt: return f(int32_t{}, std::false_type{});
+    case at::kByte: return f(uint8_t{}, std::false_type{});
+    default:
+      TORCH_CHECK_VALUE(in.prob, "cross_entropy: target must be int64, int32 or uint8 class indices, or "
+                                 "probabilities of the input's dtype; got ", in.target.scalar_type());
+      return f(scalar_t{}, std::true_type{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const Tensor& target_,
+                                                      const std::optional<Tensor>& weight,
+                                                      c10::string_view reduction_, int64_t ignore_index,
+                                                      double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(input, target_, weight);
+  const Reduction reduction = parse_reduction(reduction_);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t batch = input.size(0), pixels = input.size(2), count = batch * pixels;
+  Tensor lse = at::empty({batch, pixels}, input.options().dtype(acc_type));
+  Tensor loss = reduction == Reduction::None ? at::empty({batch, pixels}, input.options()) : Tensor();
+  const int64_t blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
+  Tensor partial = at::zeros({2, reduction == Reduction::None ? 0 : blocks}, input.options().dtype(acc_type));
+  // the first pixel with a bad class index; -1 (all bits set) is above every pixel for atomicMin
+  Tensor bad_pixel = at::full({}, static_cast<int64_t>(-1), input.options().dtype(at::kLong));
+  if (count > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Problem<acc_t> p = problem_of<acc_t>(in, ignore_index, label_smoothing);
+      const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+      acc_t* partial_p = reduction == Reduction::None ? nullptr : partial.mutable_data_ptr<acc_t>();
+      dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
+        using target_t = decltype(target_type);
+        constexpr bool kProb = decltype(prob)::value;
+        cross_entropy_kernel<scalar_t, target_t, kProb><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+            in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
+            kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
+            loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
+            partial_p == nullptr ? nullptr : partial_p + blocks,
+            reinterpret_cast<unsigned long long*>(bad_pixel.mutable_data_ptr<int64_t>()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  if (!in.prob) {
+    // One device-to-host read per call, so that a bad class index is a Python IndexError and not
+    // a device-side assert that ends the CUDA context.
+    const int64_t bad = bad_pixel.item<int64_t>();
+    if (bad != -1) {
+      const int64_t n = bad / pixels, s = bad % pixels;
+      TORCH_CHECK_INDEX(false, "cross_entropy: target class ", in.target[n][s].item<int64_t>(), " at (n=", n,
+                        ", pixel=", s, ") is outside [0, ", input.size(1), ") and is not ignore_index (",
+                        ignore_index, ")");
+    }
+  }
+  // sums in float64, then the loss in the input's dtype, as on CPU
+  Tensor total_weight = in.prob ? at::scalar_tensor(static_cast<double>(count), input.options().dtype(acc_type))
+                                : partial[1].sum(at::kDouble).to(acc_type);
+  if (reduction == Reduction::None) return {loss, lse, total_weight};
+  Tensor loss_sum = partial[0].sum(at::kDouble);
+  loss = (reduction == Reduction::Mean ? loss_sum.div(total_weight.to(at::kDouble)) : loss_sum).to(input.scalar_type());
+  return {loss, lse, total_weight};
+}
+
+Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target_,
+                                   const std::optional<Tensor>& weight, const Tensor& lse_, const Tensor& total_weight,
+                                   c10::string_view reduction_, int64_t ignore_index, double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(input, target_, weight);
+  const Reduction reduction = parse_reduction(reduction_);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor lse = lse_.to(acc_type).contiguous();
+  const Tensor grad_pixels = grad_loss.to(acc_type).contiguous();
+  const Tensor divisor = total_weight.to(acc_type).reshape({1});
+  Tensor grad = at::empty_like(in.logits);  // keeps the logits' strides
+  const int64_t count = input.size(0) * input.size(2);
+  if (count == 0 || input.size(1) == 0) return grad;
+  TORCH_CHECK_VALUE(reduction != Reduction::None || grad_pixels.numel() == count,
+                    "cross_entropy_backward: grad_loss must have one value per pixel (", count, "), got ",
+                    grad_loss.sizes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Problem<acc_t> p = problem_of<acc_t>(in, ignore_index, label_smoothing);
+    const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+    dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
+      using target_t = decltype(target_type);
+      constexpr bool kProb = decltype(prob)::value;
+      const auto blocks = static_cast<unsigned int>((count + cuda::kThreads - 1) / cuda::kThreads);
+      cross_entropy_backward_kernel<scalar_t, target_t, kProb><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+          in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
+          kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.const_data_ptr<acc_t>(),
+          grad_pixels.const_data_ptr<acc_t>(), reduction == Reduction::None,
+          reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+  m.impl("cross_entropy", &cross_entropy_cuda);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+}
+
+}  // namespace segfast
