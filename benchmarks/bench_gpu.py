@@ -55,7 +55,8 @@ def cases(compile_stock: bool):
 
             stock_ce = lambda x, t: F.cross_entropy(x, t)  # noqa: E731
             yield ("cross_entropy", f"8x19x512x1024 {dname} {lname}",
-                   {"eager": ce(stock_ce), "segfast": ce(segfast.ops.cross_entropy)}
+                   {"eager": ce(stock_ce), "segfast": ce(segfast.ops.cross_entropy),
+                    "segfast-grad-in-fwd": ce(lambda x, t: segfast.ops.cross_entropy(x, t, grad_in_forward=True))}
                    | ({"compile": ce(torch.compile(stock_ce))} if compile_stock else {}))
             del logits, target
 

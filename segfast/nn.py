@@ -81,8 +81,17 @@ class AvgPool2d(nn.AvgPool2d):
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` on segfast's per-pixel kernel."""
+    """``nn.CrossEntropyLoss`` on segfast's per-pixel kernel.
+
+    ``grad_in_forward=True`` (keyword-only, segfast's addition) computes the gradient in the
+    forward pass; see :func:`segfast.ops.cross_entropy`.
+    """
+
+    def __init__(self, *args, grad_in_forward: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_in_forward = grad_in_forward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, label_smoothing=self.label_smoothing)
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                 grad_in_forward=self.grad_in_forward)

@@ -267,3 +267,53 @@ def test_module_and_legacy_arguments():
 def test_bad_input_raises_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_grad_in_forward_matches_the_default_mode(dtype, reduction, probabilities):
+    logits64, target, weight = _case((3, 6, 5, 4), ignore_index=-100)
+    if probabilities:
+        target = torch.randn(3, 6, 5, 4, dtype=torch.float64).softmax(1).to(dtype)
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, weight=weight.to(dtype))
+    a = logits64.to(dtype).requires_grad_()
+    b = logits64.to(dtype).requires_grad_()
+    plain = segfast.ops.cross_entropy(a, target, **kwargs)
+    early = segfast.ops.cross_entropy(b, target, grad_in_forward=True, **kwargs)
+    torch.testing.assert_close(early, plain, rtol=0, atol=0)
+    grad_loss = torch.tensor(0.7, dtype=dtype)
+    (g_plain,) = torch.autograd.grad(plain, a, grad_loss)
+    (g_early,) = torch.autograd.grad(early, b, grad_loss)
+    # the same kernels; only where grad_loss is applied differs (one rounding)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(g_early, g_plain, rtol=tol, atol=tol)
+
+
+def test_grad_in_forward_keeps_neither_logits_nor_lse():
+    logits = torch.randn(2, 21, 16, 16, requires_grad=True)
+    target = torch.randint(0, 21, (2, 16, 16))
+    with SavedBytes(exclude=[target]) as saved:
+        loss = segfast.nn.CrossEntropyLoss(grad_in_forward=True)(logits, target)
+    assert saved.total == logits.numel() * 4  # the gradient alone
+    assert logits.untyped_storage().data_ptr() not in saved.storages
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(grad, torch.autograd.grad(F.cross_entropy(logits, target), logits)[0])
+
+
+def test_grad_in_forward_refuses_what_it_cannot_do():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
+        segfast.ops.cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long), reduction="none", grad_in_forward=True)
+    with pytest.raises(ValueError, match="target that requires grad"):
+        segfast.ops.cross_entropy(logits, torch.rand(2, 3, 4, requires_grad=True), grad_in_forward=True)
+
+
+def test_grad_in_forward_opcheck_and_compile():
+    logits = torch.randn(2, 5, 12, requires_grad=True)
+    target = torch.randint(0, 5, (2, 12))
+    torch.library.opcheck(torch.ops.segfast.cross_entropy_with_grad.default, (logits, target, None, "mean", -100, 0.0))
+    loss_fn = segfast.nn.CrossEntropyLoss(grad_in_forward=True)
+    compiled = torch.compile(lambda x: loss_fn(x, target), fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(compiled(logits), logits)[0],
+                               torch.autograd.grad(loss_fn(logits, target), logits)[0])

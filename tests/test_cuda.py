@@ -222,6 +222,18 @@ def test_cross_entropy_is_bitwise_deterministic(reduction):
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=_id)
+def test_cross_entropy_grad_in_forward_matches_default(dtype):
+    logits, target, weight = _ce_case((2, 7, 9, 8))
+    a = logits.to("cuda", dtype).requires_grad_()
+    b = logits.to("cuda", dtype).requires_grad_()
+    kw = dict(target=target.cuda(), weight=weight.to("cuda", dtype), label_smoothing=0.1)
+    plain = segfast.ops.cross_entropy(a, **kw)
+    early = segfast.ops.cross_entropy(b, grad_in_forward=True, **kw)
+    assert torch.equal(plain, early)
+    assert torch.equal(torch.autograd.grad(plain, a)[0], torch.autograd.grad(early, b)[0])
+
+
 def test_cross_entropy_bad_class_index_raises():
     x = torch.randn(2, 4, 3, 3, device="cuda")
     target = torch.zeros(2, 3, 3, dtype=torch.long, device="cuda")

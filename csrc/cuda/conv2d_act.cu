@@ -49,6 +49,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& we
   Tensor z = at::convolution(input.contiguous(format), weight.contiguous(format), std::nullopt, stride, padding,
                              dilation, false, no_output_padding, groups)
                  .contiguous(format);
+  if (act == Activation::None && !(bias && bias->defined())) return {z, empty};
   Tensor out = keep_preact ? at::empty_like(z) : z;
   cuda::bias_activation(z, bias, out, z.size(1), channel_inner(z, format), act, negative_slope);
   return {out, keep_preact ? z : empty};

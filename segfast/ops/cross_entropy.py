@@ -63,6 +63,29 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
 torch.library.register_autograd("segfast::cross_entropy", _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake("segfast::cross_entropy_with_grad")
+def _cross_entropy_with_grad_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    return input.new_empty(()), torch.empty_like(input)
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    _, grad_input = output
+    ctx.mark_non_differentiable(grad_input)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_input)  # the only state: neither logits nor log-sum-exp
+
+
+def _with_grad_backward(ctx, grad_loss, _grad_grad_input):
+    if grad_loss is None:
+        return (None,) * 6
+    (grad_input,) = ctx.saved_tensors
+    return (grad_input * grad_loss.to(grad_input.dtype),) + (None,) * 5
+
+
+torch.library.register_autograd("segfast::cross_entropy_with_grad", _with_grad_backward,
+                                setup_context=_with_grad_setup_context)
+
+
 def _as_pixels(input, target, prob):
     """(N, C, S) logits and (N, S) indices / (N, C, S) probabilities, views where possible."""
     if input.dim() == 1:  # unbatched (C,)
@@ -83,6 +106,8 @@ def cross_entropy(
     reduce=None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    grad_in_forward: bool = False,
 ) -> torch.Tensor:
     """``F.cross_entropy`` with the same arguments and results, computed per pixel in one pass.
 
@@ -98,8 +123,15 @@ def cross_entropy(
             pixels, torch's definition) or "sum".
         label_smoothing: in [0, 1], torch's definition.
 
-    Backward recomputes the softmax from the logits and one saved float per pixel (the
-    log-sum-exp); no log-softmax tensor is stored. A class index outside [0, C) raises IndexError.
+        grad_in_forward: (segfast only) compute the gradient during the forward, as
+            Liger-Kernel does for LLM losses: backward is then one multiply, and autograd keeps
+            the gradient instead of the logits and the log-sum-exp, so the logits can be freed
+            right after the loss. Needs reduction "mean" or "sum" and a target that does not
+            require grad; the forward does the work of forward + backward.
+
+    By default backward recomputes the softmax from the logits and one saved float per pixel
+    (the log-sum-exp); no log-softmax tensor is stored. A class index outside [0, C) raises
+    IndexError.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -149,6 +181,17 @@ def cross_entropy(
                          "torch returns NaN here")
 
     logits, pixel_target = _as_pixels(input, target, prob)
+    if grad_in_forward:
+        if reduction == "none":
+            raise ValueError(f"{_OP}: grad_in_forward needs reduction 'mean' or 'sum', got 'none'")
+        if prob and target.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_OP}: grad_in_forward computes no gradient for a target that requires grad")
+        if not (input.requires_grad and torch.is_grad_enabled()):
+            grad_in_forward = False  # nothing will call backward: the plain forward is cheaper
+    if grad_in_forward:
+        loss, _ = torch.ops.segfast.cross_entropy_with_grad(logits, pixel_target, weight, reduction, ignore_index,
+                                                            label_smoothing)
+        return loss
     loss, _, _ = torch.ops.segfast.cross_entropy(logits, pixel_target, weight, reduction, ignore_index,
                                                  label_smoothing)
     if reduction != "none":
