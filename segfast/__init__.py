@@ -1,4 +1,4 @@
-"""segfast: fused CPU kernels for image-segmentation training, as real torch ops.
+"""segfast: fused CPU and CUDA kernels for image-segmentation training, as real torch ops.
 
 ``segfast.ops`` mirrors ``torch.nn.functional``; ``segfast.nn`` mirrors ``torch.nn``.
 """
@@ -7,6 +7,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from segfast import _C  # noqa: F401  (registers torch.ops.segfast.*)
 from segfast import nn, ops
 from segfast._C import build_info
+from segfast.convert import ConversionReport, convert
 
-__all__ = ["build_info", "nn", "ops"]
+__all__ = ["ConversionReport", "build_info", "convert", "nn", "ops"]
 __version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""Swap segfast's layers into an existing model: ``segfast.convert(model)``.
+
+What is converted, each only where the result computes exactly what the original did:
+
+- ``Conv2d`` / ``Linear`` followed by an activation (``ReLU``, ``LeakyReLU``, ``SiLU``,
+  ``GELU(approximate="none")``, ``Sigmoid``, or their functional forms) becomes ``Conv2dAct`` /
+  ``LinearAct``. In an ``nn.Sequential`` the activation's slot becomes ``nn.Identity`` so every
+  name and state_dict key stays; elsewhere the model is traced with ``torch.fx`` and the pair is
+  fused in the graph (the result is then a ``torch.fx.GraphModule`` with the same parameter names).
+  A convolution or linear layer whose output has another user than the activation is kept.
+- ``MaxPool2d``, ``AvgPool2d`` and ``CrossEntropyLoss`` become segfast's (same arguments).
+
+The report says what was converted and, for every Conv2d/Linear that was not, why.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from segfast import nn as snn
+
+__all__ = ["ConversionReport", "convert"]
+
+
+@dataclass
+class ConversionReport:
+    """``converted``: "name: what it became"; ``kept``: "name: why it was left as it was"."""
+
+    converted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    traced: bool = False  # whether the torch.fx pass ran (and the result is a GraphModule)
+
+    def __str__(self) -> str:
+        lines = [f"segfast.convert: {len(self.converted)} converted, {len(self.kept)} kept"
+                 + (" (torch.fx graph)" if self.traced else "")]
+        lines += [f"  converted {entry}" for entry in self.converted]
+        lines += [f"  kept      {entry}" for entry in self.kept]
+        return "\n".join(lines)
+
+
+def _activation_of_module(m: nn.Module) -> tuple[str, float] | None:
+    """(segfast activation name, negative_slope) for an activation module segfast fuses exactly."""
+    if isinstance(m, nn.ReLU):
+        return "relu", 0.01
+    if isinstance(m, nn.LeakyReLU):
+        return "leaky_relu", float(m.negative_slope)
+    if isinstance(m, nn.SiLU):
+        return "silu", 0.01
+    if isinstance(m, nn.GELU) and m.approximate == "none":
+        return "gelu", 0.01
+    if isinstance(m, nn.Sigmoid):
+        return "sigmoid", 0.01
+    return None
+
+
+_FUNCTIONAL_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
+                           F.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
+_METHOD_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid"}
+
+
+def _activation_of_node(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, float] | None:
+    """The activation a traced node applies to its single input, if segfast fuses it exactly."""
+    if node.op == "call_module":
+        return _activation_of_module(modules[node.target])
+    if node.op == "call_function" and node.target in _FUNCTIONAL_ACTIVATIONS:
+        name = _FUNCTIONAL_ACTIVATIONS[node.target]
+        args, kwargs = node.args[1:], dict(node.kwargs)
+        if name == "leaky_relu":
+            slope = args[0] if args else kwargs.pop("negative_slope", 0.01)
+            kwargs.pop("inplace", None)
+            return (name, float(slope)) if not kwargs and len(args) <= 2 and isinstance(slope, (int, float)) else None
+        if name == "gelu":
+            return (name, 0.01) if not args and kwargs.get("approximate", "none") == "none" else None
+        kwargs.pop("inplace", None)
+        return (name, 0.01) if not args[1:] and not kwargs else None
+    if node.op == "call_method" and node.target in _METHOD_ACTIVATIONS and len(node.args) == 1 and not node.kwargs:
+        return _METHOD_ACTIVATIONS[node.target], 0.01
+    return None
+
+
+def _fusable(layer: nn.Module) -> str | None:
+    """None if ``layer`` (Conv2d or Linear) can become a fused segfast layer, else why not."""
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (segfast supports 'zeros')"
+    return None
+
+
+def _fused(layer: nn.Module, activation: str, negative_slope: float) -> nn.Module:
+    """A Conv2dAct / LinearAct with ``layer``'s configuration, parameters and device/dtype."""
+    p = layer.weight
+    if isinstance(layer, nn.Conv2d):
+        fused = snn.Conv2dAct(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, layer.groups, layer.bias is not None, device=p.device, dtype=p.dtype,
+                              activation=activation, negative_slope=negative_slope)
+    else:
+        fused = snn.LinearAct(layer.in_features, layer.out_features, layer.bias is not None, device=p.device,
+                              dtype=p.dtype, activation=activation, negative_slope=negative_slope)
+    fused.load_state_dict(layer.state_dict())
+    fused.train(layer.training)
+    return fused
+
+
+def _describe(layer: nn.Module) -> str:
+    return type(layer).__name__
+
+
+def _swap_simple_layers(model: nn.Module, report: ConversionReport) -> None:
+    """MaxPool2d, AvgPool2d, CrossEntropyLoss -> segfast's, wherever they sit."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            qualified = f"{parent_name}.{name}" if parent_name else name
+            new = None
+            if type(child) is nn.MaxPool2d:
+                new = snn.MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation,
+                                    child.return_indices, child.ceil_mode)
+            elif type(child) is nn.AvgPool2d:
+                new = snn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode,
+                                    child.count_include_pad, child.divisor_override)
+            elif type(child) is nn.CrossEntropyLoss:
+                new = snn.CrossEntropyLoss(child.weight, ignore_index=child.ignore_index, reduction=child.reduction,
+                                           label_smoothing=child.label_smoothing)
+            if new is not None:
+                new.train(child.training)
+                setattr(parent, name, new)
+                report.converted.append(f"{qualified}: {_describe(child)} -> segfast.nn.{type(new).__name__}")
+
+
+def _fuse_in_sequentials(model: nn.Module, report: ConversionReport) -> None:
+    for parent_name, parent in list(model.named_modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            layer, act = parent._modules[first], parent._modules[second]
+            if type(layer) not in (nn.Conv2d, nn.Linear):
+                continue
+            activation = _activation_of_module(act)
+            qualified = f"{parent_name}.{first}" if parent_name else first
+            if activation is None or _fusable(layer) is not None:
+                continue  # the fx pass (or the final sweep) reports it
+            parent._modules[first] = _fused(layer, *activation)
+            parent._modules[second] = nn.Identity()
+            report.converted.append(f"{qualified}: {_describe(layer)} + {_describe(act)} -> "
+                                    f"segfast.nn.{type(parent._modules[first]).__name__}({activation[0]!r})")
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with segfast's layers as leaves too (their argument checks cannot run on
+    proxies), as torch.nn's are."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return type(m).__module__ == snn.__name__ or super().is_leaf_module(m, qualified_name)
+
+
+def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
+    """The fx pass: fuses Conv2d/Linear -> activation pairs outside nn.Sequential."""
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    except Exception as e:  # noqa: BLE001  (any tracing failure means: no graph pass)
+        report.kept.append(f"(whole model): not traceable by torch.fx ({type(e).__name__}: {str(e)[:120]})")
+        return model
+    modules = dict(gm.named_modules())
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    fused_any = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) not in (nn.Conv2d, nn.Linear):
+            continue
+        users = list(node.users)
+        activation = _activation_of_node(users[0], modules) if len(users) == 1 else None
+        # a layer called from several places keeps its class: the activation follows only one call
+        if activation is None or calls[node.target] != 1 or _fusable(modules[node.target]) is not None:
+            continue
+        layer, act_node = modules[node.target], users[0]
+        act_name = _describe(modules[act_node.target]) if act_node.op == "call_module" else str(act_node.target)
+        fused = _fused(layer, *activation)
+        parent_name, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, fused)
+        act_node.replace_all_uses_with(node)
+        gm.graph.erase_node(act_node)
+        fused_any = True
+        report.converted.append(f"{node.target}: {_describe(layer)} + {act_name} -> "
+                                f"segfast.nn.{type(fused).__name__}({activation[0]!r}) [fx]")
+    if not fused_any:
+        return model
+    gm.graph.lint()
+    gm.recompile()
+    report.traced = True
+    return gm
+
+
+def _report_unfused(model: nn.Module, report: ConversionReport) -> None:
+    for name, m in model.named_modules():
+        if type(m) in (nn.Conv2d, nn.Linear):
+            reason = _fusable(m) or "no activation that segfast fuses exactly follows it as its only user"
+            report.kept.append(f"{name}: {_describe(m)}: {reason}")
+
+
+def convert(model: nn.Module, inplace: bool = False, *, fx_trace: bool = True) -> tuple[nn.Module, ConversionReport]:
+    """Returns ``(converted model, report)``; the converted model computes what ``model`` did.
+
+    Args:
+        model: any ``nn.Module``.
+        inplace: modify ``model`` itself (its submodules are replaced) instead of a deep copy;
+            a graph fusion still returns a new GraphModule (sharing the converted submodules).
+        fx_trace: also fuse pairs outside ``nn.Sequential`` by tracing the model with
+            ``torch.fx``; when that fuses something the result is a ``GraphModule`` with the same
+            parameter names (state_dicts load both ways), else the model keeps its class.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    report = ConversionReport()
+    model = model if inplace else copy.deepcopy(model)
+    _fuse_in_sequentials(model, report)
+    _swap_simple_layers(model, report)
+    if fx_trace and any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules()):
+        model = _fuse_in_graph(model, report)
+    _report_unfused(model, report)
+    return model, report
+
