@@ -15,7 +15,8 @@ def cases(variants: set[str]) -> list[Case]:
 
 
 def _case(variants, n, c, h, w) -> Case:
-    impls = {"eager": F.cross_entropy, "segfast": segfast.ops.cross_entropy}
+    impls = {"eager": F.cross_entropy, "segfast": segfast.ops.cross_entropy,
+             "segfast grad-in-fwd": lambda x, t: segfast.ops.cross_entropy(x, t, grad_in_forward=True)}
     if "compile" in variants:
         impls["compile"] = torch.compile(F.cross_entropy, fullgraph=True)
     logits = torch.randn(n, c, h, w, requires_grad=True)

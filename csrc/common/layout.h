@@ -12,9 +12,9 @@ inline at::MemoryFormat memory_format(const at::Tensor& t) {
 
 // The memory format F.conv2d gives its output: channels_last when input or weight is.
 inline at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
-  return memory_format(input) == at::MemoryFormat::ChannelsLast || memory_format(weight) == at::MemoryFormat::ChannelsLast
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  const bool channels_last = memory_format(input) == at::MemoryFormat::ChannelsLast ||
+                             memory_format(weight) == at::MemoryFormat::ChannelsLast;
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace segfast

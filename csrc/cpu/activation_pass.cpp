@@ -40,7 +40,7 @@ constexpr int64_t kRowBlock = 64;  // rows per partial sum: fixes the summation 
 
 }  // namespace
 
-void apply_activation(const at::Tensor& z, at::Tensor& out, Activation act, double negative_slope) {
+void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act, double negative_slope) {
   TORCH_INTERNAL_ASSERT(z.sizes() == out.sizes() && z.strides() == out.strides());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "activate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -55,7 +55,7 @@ void apply_activation(const at::Tensor& z, at::Tensor& out, Activation act, doub
   });
 }
 
-at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& grad_z,
+at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& grad_z,
                                     Activation act, double negative_slope) {
   TORCH_INTERNAL_ASSERT(grad.dim() == 2 && grad.is_contiguous() && saved.is_contiguous() && grad_z.is_contiguous());
   const int64_t rows = grad.size(0), cols = grad.size(1), blocks = (rows + kRowBlock - 1) / kRowBlock;

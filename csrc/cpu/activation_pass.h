@@ -9,11 +9,11 @@
 namespace segfast::cpu {
 
 // out = act(z) elementwise; z and out have the same layout, out may be z.
-void apply_activation(const at::Tensor& z, at::Tensor& out, Activation act, double negative_slope);
+void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act, double negative_slope);
 
 // For contiguous (rows, cols) matrices: grad_z = grad * act'(saved), and returns the column sums
 // of grad_z (the bias gradient), added in a fixed order whatever the thread count.
-at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, at::Tensor& grad_z,
+at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& grad_z,
                                     Activation act, double negative_slope);
 
 // out[i] = sum over blocks b of partial[b * width + i], added block by block: a fixed order, so

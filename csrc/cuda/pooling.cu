@@ -39,7 +39,8 @@ struct Layout {
     return {i / (channels * height * width), i / (height * width) % channels, i / width % height, i % width};
   }
   SEGFAST_HOST_DEVICE int64_t index(int64_t n, int64_t c, int64_t y, int64_t x) const {
-    return channels_last ? ((n * height + y) * width + x) * channels + c : ((n * channels + c) * height + y) * width + x;
+    return channels_last ? ((n * height + y) * width + x) * channels + c
+                         : ((n * channels + c) * height + y) * width + x;
   }
 };
 
