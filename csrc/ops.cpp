@@ -54,6 +54,10 @@ TORCH_LIBRARY(segfast, m) {
   // that backward is one multiply and keeps neither the logits nor the log-sum-exp alive.
   m.def("cross_entropy_with_grad(Tensor input, Tensor target, Tensor? weight, str reduction, "
         "int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+
+  // Segmentation metrics: the (num_classes, num_classes) int64 confusion matrix, [true, predicted],
+  // of (N, C, S) logits (argmax over C, fused) or (N, S) predicted classes against (N, S) targets.
+  m.def("confusion_matrix(Tensor input, Tensor target, int num_classes, int ignore_index) -> Tensor");
 }
 
 namespace {

@@ -288,3 +288,22 @@ def test_compile_fullgraph_on_cuda():
         return segfast.ops.cross_entropy(model(x), target)
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+# ------------------------------------------------------------------------------ confusion_matrix
+
+@pytest.mark.parametrize("dtype", LOW, ids=_id)
+@pytest.mark.parametrize("classes", [5, 100])  # shared-memory and global-memory counters
+def test_confusion_matrix_matches_cpu(dtype, classes):
+    logits = torch.randn(3, classes, 33, 17, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, classes, (3, 33, 17))
+    target[:, ::3] = 255
+    expected = segfast.ops.confusion_matrix(logits.float(), target, ignore_index=255)
+    got = segfast.ops.confusion_matrix(logits.cuda(), target.cuda(), ignore_index=255)
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_confusion_matrix_bad_class_raises():
+    with pytest.raises(IndexError, match="outside"):
+        segfast.ops.confusion_matrix(torch.randn(1, 3, 4, device="cuda"), torch.full((1, 4), 3, device="cuda"))
+    torch.cuda.synchronize()

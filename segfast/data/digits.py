@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from segfast.data.digits_segmentation import load_sklearn_digits
+
 SPLITS = ("train", "test")
 
 
@@ -20,14 +22,9 @@ class DigitsClassification(TensorDataset):
     def __init__(self, split: str = "train", image_size: int = 28, test_fraction: float = 0.2, seed: int = 0):
         if split not in SPLITS:
             raise ValueError(f"DigitsClassification: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as error:
-            raise ImportError("DigitsClassification needs scikit-learn (pip install scikit-learn)") from error
-        digits = load_digits()
-        images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        labels = torch.from_numpy(digits.target).long()
+        images, labels = load_sklearn_digits()
+        images = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+                               align_corners=False)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         n_test = int(round(test_fraction * len(labels)))
         chosen = order[:n_test] if split == "test" else order[n_test:]

@@ -7,7 +7,7 @@ from torch import nn
 
 import segfast.nn as snn
 
-BACKENDS = ("segfast", "torch")
+from segfast.models._layers import BACKENDS
 
 
 class SimpleCNN(nn.Module):

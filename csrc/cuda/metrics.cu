@@ -1,0 +1,138 @@
+// Confusion matrix on CUDA: per-pixel argmax (when given logits) fused with the histogram of
+// (target, prediction) pairs. Blocks count into a shared-memory matrix when it fits, then add it
+// to the result; integer atomics, so the counts are exact. A bad class index is flagged and
+// raised as IndexError after the kernel (one device-to-host read), as in cross_entropy.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/metrics.h"
+#include "cuda/launch.cuh"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kSharedCells = 4096;  // 32 KiB of counters: up to 64 classes in shared memory
+
+struct Pixels {
+  int64_t batch, pixels, target_stride0, target_stride1, num_classes, ignore_index;
+};
+
+// Counts pixel i into hist; returns false (and counts nothing) for a bad class index.
+template <typename target_t, typename Predict>
+__device__ bool count_pixel(int64_t i, const target_t* target, const Pixels& p, Predict predict,
+                            unsigned long long* hist) {
+  const int64_t n = i / p.pixels, s = i % p.pixels;
+  const int64_t cls = static_cast<int64_t>(target[n * p.target_stride0 + s * p.target_stride1]);
+  if (cls == p.ignore_index) return true;
+  const int64_t pred = predict(n, s);
+  if (cls < 0 || cls >= p.num_classes || pred < 0 || pred >= p.num_classes) return false;
+  atomicAdd(hist + cls * p.num_classes + pred, 1ull);
+  return true;
+}
+
+template <typename target_t, typename Predict>
+__global__ void confusion_kernel(const target_t* target, Pixels p, Predict predict, unsigned long long* matrix,
+                                 unsigned long long* bad_pixel) {
+  __shared__ unsigned long long shared[kSharedCells];
+  const int64_t cells = p.num_classes * p.num_classes;
+  const bool use_shared = cells <= kSharedCells;
+  unsigned long long* hist = use_shared ? shared : matrix;
+  if (use_shared) {
+    for (int64_t c = threadIdx.x; c < cells; c += blockDim.x) shared[c] = 0;
+    __syncthreads();
+  }
+  SEGFAST_CUDA_KERNEL_LOOP(i, p.batch * p.pixels) {
+    if (!count_pixel(i, target, p, predict, hist)) atomicMin(bad_pixel, static_cast<unsigned long long>(i));
+  }
+  if (use_shared) {
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < cells; c += blockDim.x) {
+      if (shared[c] != 0) atomicAdd(matrix + c, shared[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+struct ArgmaxOfLogits {
+  const scalar_t* x;
+  int64_t stride0, stride1, stride2, classes;
+  __device__ int64_t operator()(int64_t n, int64_t s) const {
+    return argmax_class<at::opmath_type<scalar_t>>(x + n * stride0 + s * stride2, classes, stride1);
+  }
+};
+
+template <typename index_t>
+struct GivenClasses {
+  const index_t* p;
+  int64_t stride0, stride1;
+  __device__ int64_t operator()(int64_t n, int64_t s) const {
+    return static_cast<int64_t>(p[n * stride0 + s * stride1]);
+  }
+};
+
+template <typename F>
+void dispatch_index(at::ScalarType type, const char* what, F&& f) {
+  switch (type) {
+    case at::kLong: return f(int64_t{});
+    case at::kInt: return f(int32_t{});
+    case at::kByte: return f(uint8_t{});
+    default: TORCH_CHECK_VALUE(false, "confusion_matrix: ", what, " must be int64, int32 or uint8, got ", type);
+  }
+}
+
+Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool logits = at::isFloatingType(input.scalar_type());
+  TORCH_CHECK_VALUE(num_classes > 0, "confusion_matrix: num_classes must be positive, got ", num_classes);
+  TORCH_CHECK_VALUE(logits ? input.dim() == 3 && input.size(1) == num_classes : input.dim() == 2,
+                    "confusion_matrix: input must be (N, ", num_classes, ", S) logits or (N, S) classes, got ",
+                    input.sizes(), " ", input.scalar_type());
+  const int64_t batch = input.size(0), pixels = logits ? input.size(2) : input.size(1);
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == batch && target.size(1) == pixels,
+                    "confusion_matrix: target must be (N, S) = (", batch, ", ", pixels, "), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), "confusion_matrix: target is on ", target.device(),
+                    " but input is on ", input.device());
+  Tensor matrix = at::zeros({num_classes, num_classes}, input.options().dtype(at::kLong));
+  Tensor bad_pixel = at::full({}, static_cast<int64_t>(-1), input.options().dtype(at::kLong));
+  const int64_t count = batch * pixels;
+  if (count == 0) return matrix;
+  const Pixels p{batch, pixels, target.stride(0), target.stride(1), num_classes, ignore_index};
+  auto* m = reinterpret_cast<unsigned long long*>(matrix.mutable_data_ptr<int64_t>());
+  auto* bad = reinterpret_cast<unsigned long long*>(bad_pixel.mutable_data_ptr<int64_t>());
+  dispatch_index(target.scalar_type(), "target", [&](auto target_type) {
+    using target_t = decltype(target_type);
+    const target_t* t = target.const_data_ptr<target_t>();
+    auto launch = [&](auto predict) {
+      confusion_kernel<<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(t, p, predict, m, bad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (logits) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "confusion_matrix", [&] {
+        launch(ArgmaxOfLogits<scalar_t>{input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
+                                        input.stride(2), num_classes});
+      });
+    } else {
+      dispatch_index(input.scalar_type(), "predicted classes", [&](auto index) {
+        using index_t = decltype(index);
+        launch(GivenClasses<index_t>{input.const_data_ptr<index_t>(), input.stride(0), input.stride(1)});
+      });
+    }
+  });
+  const int64_t first_bad = bad_pixel.item<int64_t>();
+  TORCH_CHECK_INDEX(first_bad == -1, "confusion_matrix: a target or predicted class at (n=", first_bad / pixels,
+                    ", pixel=", first_bad % pixels, ") is outside [0, ", num_classes, ") and is not ignore_index (",
+                    ignore_index, ")");
+  return matrix;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) { m.impl("confusion_matrix", &confusion_matrix_cuda); }
+
+}  // namespace segfast

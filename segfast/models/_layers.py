@@ -1,0 +1,53 @@
+"""Layer factories shared by the models: the same parameter names on both backends, so a
+state_dict loads in either and ``backend="torch"`` is an exact A/B baseline."""
+from __future__ import annotations
+
+from torch import nn
+
+import segfast.nn as snn
+
+BACKENDS = ("segfast", "torch")
+NORMS = ("batch", "none")
+_TORCH_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+
+
+def check_choice(model: str, name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{model}: {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+class ConvNormAct(nn.Module):
+    """conv k x k -> [BatchNorm] -> activation, as ``conv`` / ``norm`` / ``act`` submodules.
+
+    segfast without norm: one ``Conv2dAct`` (activation fused) and ``act`` is Identity. With
+    BatchNorm the activation follows the norm, so it stays a separate module on both backends.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, norm: str = "batch",
+                 activation: str = "relu", backend: str = "segfast"):
+        super().__init__()
+        padding = kernel_size // 2
+        fused = backend == "segfast" and norm == "none"
+        if fused:
+            self.conv = snn.Conv2dAct(in_channels, out_channels, kernel_size, padding=padding, activation=activation)
+        elif backend == "segfast":
+            self.conv = snn.Conv2dAct(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none",
+                                      activation="none")
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none")
+        self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
+        self.act = nn.Identity() if fused else _TORCH_ACTIVATIONS[activation]()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+def max_pool(backend: str) -> nn.Module:
+    return snn.MaxPool2d(2) if backend == "segfast" else nn.MaxPool2d(2)
+
+
+def head(in_channels: int, num_classes: int, backend: str) -> nn.Module:
+    """The 1x1 classifier: logits, no activation."""
+    if backend == "segfast":
+        return snn.Conv2dAct(in_channels, num_classes, 1, activation="none")
+    return nn.Conv2d(in_channels, num_classes, 1)
