@@ -1,4 +1,4 @@
-"""``segfast info`` (how this segfast was built), ``segfast train`` and ``segfast eval``."""
+"""``segfast info`` (how this segfast was built), ``segfast train``, ``segfast eval``, ``segfast predict``."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
     train.add_parsers(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, IndexError, ImportError) as error:
+        # bad input (arguments, files, data): one clear line, not a traceback
+        print(f"segfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""``segfast train`` and ``segfast eval`` for the classification task (the textbook CNN on
-scikit-learn's digits). Segmentation training lands with the models issue."""
+"""``segfast train`` / ``eval`` / ``predict``: the parsers, and the classification task (the
+textbook CNN on scikit-learn's digits). Segmentation lives in segfast/cli/segment.py."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import segfast
+from segfast.cli import segment
 from segfast.data import DigitsClassification
 from segfast.models import SimpleCNN
 
@@ -18,25 +19,65 @@ MODELS = {"simple-cnn": SimpleCNN}
 DATASETS = {"digits": DigitsClassification}
 
 
+# per task: defaults of the arguments the two tasks share
+TASK_DEFAULTS = {
+    "classify": dict(model="simple-cnn", epochs=30, batch_size=32, optimizer="adam", image_size=28,
+                     out="runs/simple-cnn-digits.pt"),
+    "segment": dict(model="unet", epochs=20, batch_size=16, optimizer="adam", image_size=64,
+                    out="runs/unet-digits.pt"),
+}
+
+
 def add_parsers(sub) -> None:
     train = sub.add_parser("train", help="train a model and save a checkpoint")
-    train.add_argument("--task", choices=["classify"], default="classify")
-    train.add_argument("--model", choices=sorted(MODELS), default="simple-cnn")
-    train.add_argument("--data", choices=sorted(DATASETS), default="digits")
+    train.add_argument("--task", choices=sorted(TASK_DEFAULTS), default=None,
+                       help="default: segment for unet/fcn*, classify for simple-cnn")
+    train.add_argument("--model", choices=sorted(MODELS) + list(segment.SEGMENTATION_MODELS), default=None)
+    train.add_argument("--data", choices=["digits", "folder"], default="digits")
     train.add_argument("--backend", choices=["segfast", "torch"], default="segfast")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adam, 0.05 for sgd")
-    train.add_argument("--image-size", type=int, default=28)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None, help="global batch (split over DDP processes)")
+    train.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
+    train.add_argument("--lr", type=float, default=None, help="default: adam 1e-3 (classify) / 3e-3 (segment), sgd 0.05")
+    train.add_argument("--momentum", type=float, default=0.9, help="sgd")
+    train.add_argument("--nesterov", action="store_true", help="sgd")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--schedule", choices=["poly", "cosine", "none"], default="cosine")
+    train.add_argument("--image-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", type=Path, default=Path("runs/simple-cnn-digits.pt"))
+    train.add_argument("--out", type=Path, default=None)
+    seg = train.add_argument_group("segmentation")
+    seg.add_argument("--base-width", type=int, default=16)
+    seg.add_argument("--depth", type=int, default=3, help="unet: number of poolings")
+    seg.add_argument("--norm", choices=["batch", "none"], default="batch")
+    seg.add_argument("--ignore-index", type=int, default=255)
+    seg.add_argument("--class-weights", type=float, nargs="+", default=None)
+    seg.add_argument("--images-dir", type=Path, help="--data folder: images (png/jpg)")
+    seg.add_argument("--masks-dir", type=Path, help="--data folder: index-PNG masks, same file stems")
+    seg.add_argument("--num-classes", type=int, help="--data folder")
+    seg.add_argument("--in-channels", type=int, default=3, help="--data folder: 1 (gray) or 3 (RGB)")
+    seg.add_argument("--val-fraction", type=float, default=0.15, help="--data folder")
+    seg.add_argument("--device", default="cpu")
+    seg.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    seg.add_argument("--channels-last", action="store_true")
+    seg.add_argument("--compile", action="store_true")
+    seg.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
+    seg.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch")
+    seg.add_argument("--no-shuffle", action="store_true", help="fixed batch order (tests)")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
-    evaluate = sub.add_parser("eval", help="test loss and accuracy of a checkpoint")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--backend", choices=["segfast", "torch"], default=None,
                           help="run the checkpoint on this backend (default: the one it was trained with)")
+    evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=run_eval)
+    predict = sub.add_parser("predict", help="write the colour (palette) PNG mask a checkpoint predicts for an image")
+    predict.add_argument("--checkpoint", type=Path, required=True)
+    predict.add_argument("--image", type=Path, required=True)
+    predict.add_argument("--out", type=Path, required=True)
+    predict.add_argument("--backend", choices=["segfast", "torch"], default=None)
+    predict.set_defaults(run=segment.run_predict)
 
 
 def _loss(backend: str) -> nn.Module:
@@ -57,8 +98,18 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> tuple[
 
 
 def run_train(args) -> int:
+    task = args.task or ("classify" if args.model == "simple-cnn" else "segment")
+    if (args.model in MODELS) != (task == "classify") and args.model is not None:
+        raise ValueError(f"--model {args.model} does not do --task {task}")
+    for name, value in TASK_DEFAULTS[task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, Path(value) if name == "out" else value)
     if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit("segfast train: --epochs and --batch-size must be positive")
+        raise ValueError("--epochs and --batch-size must be positive")
+    return segment.run_train(args) if task == "segment" else _train_classifier(args)
+
+
+def _train_classifier(args) -> int:
     torch.manual_seed(args.seed)
     data = DATASETS[args.data]
     train_set, test_set = (data(split, image_size=args.image_size, seed=args.seed) for split in ("train", "test"))
@@ -99,7 +150,9 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = segment.load_checkpoint(args.checkpoint)
+    if checkpoint.get("kind") == segment.CHECKPOINT_KIND:
+        return segment.run_eval(args)
     config = checkpoint["config"]
     backend = args.backend or checkpoint["backend"]
     model = MODELS[config["model"]](config["in_channels"], config["num_classes"], config["image_size"], backend=backend)

@@ -1,0 +1,279 @@
+"""Segmentation with ``segfast train`` / ``eval`` / ``predict``: U-Net and FCN on the digits canvases
+or the user's folders; SGD or Adam, poly or cosine schedules, per-epoch validation, checkpoints and
+``--resume``, AMP, channels_last, torch.compile, and DistributedDataParallel under torchrun."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import segfast
+from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
+from segfast.metrics import SegmentationMetrics
+from segfast.models import FCN, UNet
+
+SEGMENTATION_MODELS = ("unet", "fcn8s", "fcn16s", "fcn32s")
+CHECKPOINT_KIND = "segfast-segmentation"
+
+
+def build_model(config: dict, backend: str) -> nn.Module:
+    name = config["model"]
+    if name == "unet":
+        return UNet(config["in_channels"], config["num_classes"], base_width=config["base_width"],
+                    depth=config["depth"], norm=config["norm"], backend=backend)
+    return FCN(config["in_channels"], config["num_classes"], variant=name.removeprefix("fcn"),
+               base_width=config["base_width"], norm=config["norm"], backend=backend)
+
+
+def datasets(config: dict, split: str):
+    """The data set of a split ("train", "val", "test") for a run's config."""
+    if config["data"] == "digits":
+        return DigitsSegmentation(split, size=config["image_size"], seed=config["seed"])
+    full = FolderDataset(config["images_dir"], config["masks_dir"], config["num_classes"], config["ignore_index"])
+    # the user's folder: a fixed split by seed, val_fraction for validation (test = val)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config["seed"])).tolist()
+    n_val = max(1, int(round(config["val_fraction"] * len(full)))) if len(full) > 1 else 0
+    return Subset(full, order[n_val:] if split == "train" else order[:n_val])
+
+
+def _loss(config: dict, backend: str, device) -> nn.Module:
+    weight = torch.tensor(config["class_weights"], device=device) if config["class_weights"] else None
+    cls = segfast.nn.CrossEntropyLoss if backend == "segfast" else nn.CrossEntropyLoss
+    return cls(weight=weight, ignore_index=config["ignore_index"])
+
+
+def _schedule(optimizer, name: str, total_steps: int):
+    if name == "poly":  # the DeepLab schedule
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _optimizer(model: nn.Module, args):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr or 3e-3, weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=args.lr or 0.05, momentum=args.momentum, nesterov=args.nesterov,
+                           weight_decay=args.weight_decay)
+
+
+class Progress:
+    """A one-line progress bar on stderr: batches done, running loss, images per second."""
+
+    def __init__(self, total: int, prefix: str, enabled: bool):
+        self.total, self.prefix, self.enabled = total, prefix, enabled and total > 0
+        self.start, self.images, self.loss, self.done = time.perf_counter(), 0, 0.0, 0
+
+    def update(self, loss: float, images: int) -> None:
+        self.done += 1
+        self.images += images
+        self.loss += (loss - self.loss) / self.done
+        if self.enabled:
+            width, filled = 24, 24 * self.done // self.total
+            rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+            print(f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                  f"loss {self.loss:.4f} {rate:.1f} img/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=None, channels_last=False) -> dict:
+    model.eval()
+    metrics = SegmentationMetrics(config["num_classes"], config["ignore_index"], device=device)
+    for images, masks in loader:
+        images, masks = images.to(device), masks.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(images)
+        metrics.update(logits.float(), masks)
+    metrics.all_reduce()
+    return metrics.compute()
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _config_from(args) -> dict:
+    if args.data == "folder" and (args.images_dir is None or args.masks_dir is None or args.num_classes is None):
+        raise ValueError("--data folder needs --images-dir, --masks-dir and --num-classes")
+    digits = args.data == "digits"
+    config = {
+        "task": "segment", "model": args.model, "data": args.data, "seed": args.seed,
+        "in_channels": 1 if digits else args.in_channels,
+        "num_classes": DigitsSegmentation.num_classes if digits else args.num_classes,
+        "image_size": args.image_size, "base_width": args.base_width, "depth": args.depth, "norm": args.norm,
+        "ignore_index": args.ignore_index, "class_weights": args.class_weights,
+        "images_dir": str(args.images_dir) if args.images_dir else None,
+        "masks_dir": str(args.masks_dir) if args.masks_dir else None, "val_fraction": args.val_fraction,
+    }
+    if config["class_weights"] and len(config["class_weights"]) != config["num_classes"]:
+        raise ValueError(f"--class-weights has {len(config['class_weights'])} values for "
+                         f"{config['num_classes']} classes")
+    return config
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a segfast checkpoint")
+    return checkpoint
+
+
+def _load_state(model: nn.Module, checkpoint: dict, path) -> None:
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path} holds weights for another model ({checkpoint['config'].get('model')}, "
+                         f"width {checkpoint['config'].get('base_width')}): {first}") from None
+
+
+def run_train(args) -> int:
+    device = torch.device(args.device)
+    rank, world = _distributed(device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")
+    config = _config_from(args)
+    start_epoch, checkpoint = 1, None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"{args.resume} is not a segmentation checkpoint")
+        mismatched = {k for k in ("model", "num_classes", "base_width", "depth", "norm", "in_channels")
+                      if checkpoint["config"].get(k) != config[k]}
+        if mismatched:
+            theirs = ", ".join(f"{k}={checkpoint['config'][k]}" for k in sorted(mismatched))
+            raise ValueError(f"--resume {args.resume} is for another model ({theirs}) than this run")
+        start_epoch = checkpoint["epoch"] + 1
+    torch.manual_seed(args.seed)
+    train_set, val_set = datasets(config, "train"), datasets(config, "val")
+    per_process = args.batch_size // world
+    shuffle = not args.no_shuffle
+    train_sampler = DistributedSampler(train_set, shuffle=shuffle, seed=args.seed) if world > 1 else None
+    train_loader = DataLoader(train_set, batch_size=per_process, sampler=train_sampler,
+                              shuffle=shuffle and train_sampler is None, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed))
+    val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
+    val_loader = DataLoader(val_set, batch_size=max(1, 64 // world), sampler=val_sampler)
+    model = build_model(config, args.backend).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(model, args)
+    steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
+    schedule = _schedule(optimizer, args.schedule, max(1, args.epochs * steps_per_epoch))
+    if checkpoint is not None:
+        _load_state(model, checkpoint, args.resume)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+    loss_fn = _loss(config, args.backend, device)
+    trained = DistributedDataParallel(model) if world > 1 else model
+    step_model = torch.compile(trained) if args.compile else trained
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    main_process = rank == 0
+    if main_process:
+        print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}) on "
+              f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
+              f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
+              f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads")
+    start, result = time.perf_counter(), {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        step_model.train()
+        progress = Progress(steps_per_epoch, f"epoch {epoch}", main_process and not args.quiet)
+        for step, (images, masks) in enumerate(train_loader):
+            if step == steps_per_epoch:
+                break
+            images, masks = images.to(device), masks.to(device)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, args.amp):
+                loss = loss_fn(step_model(images).float(), masks)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            progress.update(loss.item(), len(images))
+        progress.close()
+        result = evaluate(step_model, val_loader, config, device, args.amp, args.channels_last)
+        if main_process:
+            print(f"epoch {epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
+                  f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)",
+                  flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"kind": CHECKPOINT_KIND, "config": config, "backend": args.backend, "epoch": epoch,
+                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "val": result}, args.out)
+    if main_process and result:
+        print(f"val mIoU {result['miou']:.4f}; checkpoint: {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _model_from_checkpoint(path, backend=None, device="cpu"):
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a segmentation checkpoint (use it with --task classify)")
+    config = checkpoint["config"]
+    model = build_model(config, backend or checkpoint["backend"]).to(device)
+    _load_state(model, checkpoint, path)
+    return model.eval(), config, checkpoint
+
+
+def run_eval(args) -> int:
+    device = torch.device(args.device)
+    model, config, checkpoint = _model_from_checkpoint(args.checkpoint, args.backend, device)
+    split = "test" if config["data"] == "digits" else "val"
+    data = datasets(config, split)
+    result = evaluate(model, DataLoader(data, batch_size=64), config, device)
+    print(f"{args.checkpoint} ({config['model']}, epoch {checkpoint['epoch']}) on {len(data)} {config['data']} "
+          f"{split} images:")
+    print(f"  mIoU {result['miou']:.4f}  mean Dice {result['mean_dice']:.4f}  "
+          f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%")
+    print("  class  IoU     Dice")
+    for c, (iou, dice) in enumerate(zip(result["iou"], result["dice"])):
+        print(f"  {c:5d}  {iou:.4f}  {dice:.4f}")
+    return 0
+
+
+@torch.no_grad()
+def run_predict(args) -> int:
+    model, config, _ = _model_from_checkpoint(args.checkpoint, args.backend)
+    image = read_image(args.image)
+    if image.shape[0] != config["in_channels"]:
+        image = image.mean(0, keepdim=True) if config["in_channels"] == 1 else image.expand(config["in_channels"],
+                                                                                           -1, -1)
+    mask = model(image.unsqueeze(0)).argmax(1)[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_mask_png(mask, args.out, config["num_classes"])
+    counts = torch.bincount(mask.flatten(), minlength=config["num_classes"])
+    present = ", ".join(f"{c}: {int(n)}" for c, n in enumerate(counts) if n)
+    print(f"wrote {args.out} ({tuple(mask.shape)} palette PNG; pixels per class {present})")
+    return 0

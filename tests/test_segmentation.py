@@ -1,0 +1,164 @@
+"""U-Net / FCN, the digits and folder data sets, and the segmentation workflow of the CLI."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import segfast
+from segfast.__main__ import main
+from segfast.data import DigitsSegmentation, FolderDataset
+from segfast.models import FCN, UNet
+
+TINY = ["--base-width", "4", "--depth", "2", "--quiet"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda backend: UNet(3, 5, base_width=4, depth=3, backend=backend),
+    lambda backend: UNet(3, 5, base_width=4, depth=2, norm="none", upsample="bilinear", activation="silu",
+                         backend=backend),
+    lambda backend: FCN(3, 5, "8s", base_width=4, backend=backend),
+    lambda backend: FCN(3, 5, "32s", base_width=4, norm="batch", convs_per_stage=(1, 1, 1, 1, 1), backend=backend),
+])
+def test_backends_share_names_and_outputs(make):
+    torch.manual_seed(0)
+    ours, stock = make("segfast"), make("torch")
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 37, 41)  # odd sizes: the models pad / interpolate to fit
+    out = ours(x)
+    assert out.shape == (2, 5, 37, 41)
+    torch.testing.assert_close(out, stock(x), rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), list(ours.parameters()))
+    for g, ref in zip(grads, torch.autograd.grad(stock(x).square().sum(), list(stock.parameters()))):
+        torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_model_argument_errors():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNet(1, 2, norm="group")
+    with pytest.raises(ValueError, match="smaller than 2\\*\\*depth"):
+        UNet(1, 2, depth=4)(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        FCN(1, 2, "4s")
+
+
+def test_convergence_parity_between_backends():
+    """Liger-style: the same seed, data and optimizer give the same loss curve on both backends."""
+    data = DigitsSegmentation("train", count=64, size=32)
+    curves = {}
+    for backend in ("torch", "segfast"):
+        torch.manual_seed(0)
+        model = UNet(1, 11, base_width=8, depth=2, backend=backend)
+        if backend == "segfast":
+            model.load_state_dict(reference_state)
+        else:
+            reference_state = {k: v.clone() for k, v in model.state_dict().items()}
+        loss_fn = segfast.nn.CrossEntropyLoss() if backend == "segfast" else torch.nn.CrossEntropyLoss()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        curve = []
+        for step in range(24):
+            images, masks = data.tensors[0][step % 8 * 8:][:8], data.tensors[1][step % 8 * 8:][:8]
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), masks)
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        curves[backend] = torch.tensor(curve)
+    assert curves["segfast"][-1] < curves["segfast"][0]
+    torch.testing.assert_close(curves["segfast"], curves["torch"], rtol=2e-3, atol=2e-4)
+
+
+def test_digits_segmentation_is_deterministic_and_labelled():
+    a, b = DigitsSegmentation("val", count=20), DigitsSegmentation("val", count=20)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    image, mask = a[0]
+    assert image.shape == (1, 64, 64) and mask.shape == (64, 64) and mask.dtype == torch.int64
+    masks = a.tensors[1]
+    assert masks.min() == 0 and masks.max() <= 10 and (masks > 0).any()
+    # strokes are labelled where the image has ink, background where it has none
+    assert (a.tensors[0][:, 0][masks > 0] > 0.35).all()
+    assert not torch.equal(DigitsSegmentation("test", count=20).tensors[0], a.tensors[0])
+    with pytest.raises(ValueError, match="split must be one of"):
+        DigitsSegmentation("dev")
+
+
+def _write_folder(root, masks):
+    Image = pytest.importorskip("PIL.Image")
+    (root / "img").mkdir()
+    (root / "mask").mkdir()
+    for i, mask in enumerate(masks):
+        Image.fromarray((torch.rand(*mask.shape) * 255).byte().numpy(), mode="L").save(root / "img" / f"{i}.png")
+        Image.fromarray(mask.byte().numpy(), mode="L").save(root / "mask" / f"{i}.png")
+    return root / "img", root / "mask"
+
+
+def test_folder_dataset_and_its_errors(tmp_path):
+    images, masks = _write_folder(tmp_path, [torch.randint(0, 3, (9, 7)), torch.full((9, 7), 255)])
+    data = FolderDataset(images, masks, num_classes=3)
+    image, mask = data[0]
+    assert image.shape == (1, 9, 7) and mask.shape == (9, 7) and mask.max() < 3
+    assert (data[1][1] == 255).all()  # ignore_index is allowed
+    with pytest.raises(ValueError, match="holds value 255"):
+        FolderDataset(images, masks, num_classes=3, ignore_index=-1)[1]
+    (images / "2.png").write_bytes((images / "0.png").read_bytes())
+    with pytest.raises(ValueError, match="no mask <stem>.png .* e.g. 2.png"):
+        FolderDataset(images, masks, num_classes=3)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        FolderDataset(tmp_path / "nowhere", masks, num_classes=3)
+
+
+def test_train_eval_predict_resume(tmp_path, capsys):
+    checkpoint = tmp_path / "unet.pt"
+    args = ["train", "--model", "unet", "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--out",
+            str(checkpoint)] + TINY
+    assert main(args) == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 1 and 0 <= saved["val"]["miou"] <= 1
+    assert main(args[:3] + ["--epochs", "2"] + args[5:] + ["--resume", str(checkpoint)]) == 0
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "pixel accuracy" in out and "class  IoU     Dice" in out
+    Image = pytest.importorskip("PIL.Image")
+    image_path, mask_path = tmp_path / "digit.png", tmp_path / "mask.png"
+    Image.fromarray((DigitsSegmentation("test", count=1).tensors[0][0, 0] * 255).byte().numpy()).save(image_path)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--image", str(image_path), "--out", str(mask_path)]) == 0
+    with Image.open(mask_path) as written:
+        assert written.mode == "P" and written.size == (64, 64)
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    checkpoint = tmp_path / "unet.pt"
+    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "1", "--batch-size", "2", "--out",
+                 str(checkpoint)] + TINY) == 0
+    capsys.readouterr()
+    resumed_wider = ["train", "--model", "unet", "--epochs", "2", "--max-steps", "1", "--batch-size", "2",
+                     "--base-width", "8", "--depth", "2", "--quiet", "--resume", str(checkpoint)]
+    assert main(resumed_wider) == 2
+    assert "is for another model (base_width=4)" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--data", "folder", "--images-dir", str(tmp_path / "x"), "--masks-dir", str(tmp_path),
+                 "--num-classes", "3", "--epochs", "1"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) reaches the weights one process reaches on the same
+    global batches (norm none: BatchNorm statistics are per process under DDP on CPU)."""
+    common = ["-m", "segfast", "train", "--model", "unet", "--norm", "none", "--epochs", "1", "--max-steps", "3",
+              "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "none", "--no-shuffle",
+              "--base-width", "4", "--depth", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, *common, "--out", str(one)], check=True, env=env, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(two)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert a["val"]["miou"] == pytest.approx(b["val"]["miou"], abs=1e-6)
