@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "common/reduction.h"
 #include "cpu/vec_math.h"
 
 namespace segfast {
@@ -27,15 +28,6 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kTile = 64;
-
-enum class Reduction { None, Mean, Sum };
-
-Reduction parse_reduction(std::string_view name) {
-  if (name == "none") return Reduction::None;
-  if (name == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(name == "sum", "reduction: expected 'none', 'mean' or 'sum', got '", name, "'");
-  return Reduction::Sum;
-}
 
 // A tile of logits: x(c, j) = data[c * class_stride + j * pixel_stride], j < pixels <= kTile.
 // kUnit: pixel_stride is 1 (NCHW), known at compile time so the pixel loops vectorise.

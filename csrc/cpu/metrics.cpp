@@ -17,16 +17,6 @@ namespace {
 
 using at::Tensor;
 
-template <typename F>
-void dispatch_index(at::ScalarType type, const char* what, F&& f) {
-  switch (type) {
-    case at::kLong: return f(int64_t{});
-    case at::kInt: return f(int32_t{});
-    case at::kByte: return f(uint8_t{});
-    default: TORCH_CHECK_VALUE(false, "confusion_matrix: ", what, " must be int64, int32 or uint8, got ", type);
-  }
-}
-
 Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const bool logits = at::isFloatingType(input.scalar_type());
   TORCH_CHECK_VALUE(num_classes > 0, "confusion_matrix: num_classes must be positive, got ", num_classes);

@@ -21,21 +21,13 @@
 #include <string_view>
 
 #include "common/macros.h"
+#include "common/reduction.h"
 #include "cuda/launch.cuh"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
-
-enum class Reduction { None, Mean, Sum };
-
-Reduction parse_reduction(std::string_view name) {
-  if (name == "none") return Reduction::None;
-  if (name == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(name == "sum", "reduction: expected 'none', 'mean' or 'sum', got '", name, "'");
-  return Reduction::Sum;
-}
 
 // Where pixel (n, s) of class c lives, and the smoothing terms every pixel uses.
 template <typename acc_t>
