@@ -28,9 +28,15 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, output to $OUT
   return "$rc"
 }
 
-VENV=/tmp/segfast-gpu-venv  # torch comes from the system site-packages: nothing to download
-python3 -m venv --system-site-packages "$VENV"
-PY="$VENV/bin/python"
+# torch comes from the system site-packages: nothing to download. SEGFAST_GPU_PYTHON overrides
+# the interpreter (a dry run of this script on a machine without a GPU).
+if [ -n "${SEGFAST_GPU_PYTHON:-}" ]; then
+  PY="$SEGFAST_GPU_PYTHON"
+else
+  VENV=/tmp/segfast-gpu-venv
+  python3 -m venv --system-site-packages "$VENV"
+  PY="$VENV/bin/python"
+fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

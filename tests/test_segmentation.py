@@ -162,3 +162,12 @@ def test_ddp_two_processes_match_one(tmp_path):
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert a["val"]["miou"] == pytest.approx(b["val"]["miou"], abs=1e-6)
+
+
+def test_train_flags_amp_channels_last_sgd_poly(tmp_path):
+    checkpoint = tmp_path / "fcn.pt"
+    assert main(["train", "--model", "fcn8s", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+                 "--optimizer", "sgd", "--nesterov", "--weight-decay", "1e-4", "--schedule", "poly", "--amp", "bf16",
+                 "--channels-last", "--class-weights", *["1"] * 11, "--out", str(checkpoint)] + TINY) == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["config"]["model"] == "fcn8s" and saved["optimizer"]["param_groups"][0]["nesterov"]
