@@ -58,6 +58,13 @@ TORCH_LIBRARY(segfast, m) {
   // Segmentation metrics: the (num_classes, num_classes) int64 confusion matrix, [true, predicted],
   // of (N, C, S) logits (argmax over C, fused) or (N, S) predicted classes against (N, S) targets.
   m.def("confusion_matrix(Tensor input, Tensor target, int num_classes, int ignore_index) -> Tensor");
+
+  // Joint image + mask augmentation: per sample, the affine map theta (N, 2, 3), from output to
+  // input coordinates normalised to [-1, 1] (F.affine_grid's convention, align_corners=False),
+  // samples the (N, C, H, W) image bilinearly (zeros outside, as F.grid_sample) and the (N, H, W)
+  // mask at the nearest pixel (ignore_index outside), into (out_h, out_w), in one pass.
+  m.def("affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
+        "-> (Tensor, Tensor)");
 }
 
 namespace {

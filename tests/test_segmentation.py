@@ -171,3 +171,14 @@ def test_train_flags_amp_channels_last_sgd_poly(tmp_path):
                  "--channels-last", "--class-weights", *["1"] * 11, "--out", str(checkpoint)] + TINY) == 0
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["config"]["model"] == "fcn8s" and saved["optimizer"]["param_groups"][0]["nesterov"]
+
+
+def test_train_with_augmentation(tmp_path, capsys):
+    checkpoint = tmp_path / "aug.pt"
+    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                 "--augment", "rotate=30,flip=0.5,scale=0.7:1.4,translate=0.1,crop=40", "--out", str(checkpoint)]
+                + TINY) == 0
+    assert "augment rotate=30" in capsys.readouterr().out
+    assert torch.load(checkpoint, weights_only=True)["config"]["augment"].startswith("rotate=30")
+    assert main(["train", "--model", "unet", "--epochs", "1", "--augment", "spin=3", "--out", str(checkpoint)]) == 2
+    assert "unknown key 'spin'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import segfast
+from segfast.augment import parse_augment
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
 from segfast.metrics import SegmentationMetrics
 from segfast.models import FCN, UNet
@@ -128,6 +129,7 @@ def _config_from(args) -> dict:
         "ignore_index": args.ignore_index, "class_weights": args.class_weights,
         "images_dir": str(args.images_dir) if args.images_dir else None,
         "masks_dir": str(args.masks_dir) if args.masks_dir else None, "val_fraction": args.val_fraction,
+        "augment": args.augment,
     }
     if config["class_weights"] and len(config["class_weights"]) != config["num_classes"]:
         raise ValueError(f"--class-weights has {len(config['class_weights'])} values for "
@@ -191,12 +193,15 @@ def run_train(args) -> int:
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
     loss_fn = _loss(config, args.backend, device)
+    augment = parse_augment(args.augment, config["ignore_index"]) if args.augment else None
+    augment_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     trained = DistributedDataParallel(model) if world > 1 else model
     step_model = torch.compile(trained) if args.compile else trained
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     main_process = rank == 0
     if main_process:
-        print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}) on "
+        print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}"
+              f"{f', augment {args.augment}' if args.augment else ''}) on "
               f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
               f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
               f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads")
@@ -210,6 +215,8 @@ def run_train(args) -> int:
             if step == steps_per_epoch:
                 break
             images, masks = images.to(device), masks.to(device)
+            if augment is not None:  # one pass over the batch, on the training device
+                images, masks, _ = augment(images, masks, augment_generator)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)

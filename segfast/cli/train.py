@@ -57,6 +57,9 @@ def add_parsers(sub) -> None:
     seg.add_argument("--num-classes", type=int, help="--data folder")
     seg.add_argument("--in-channels", type=int, default=3, help="--data folder: 1 (gray) or 3 (RGB)")
     seg.add_argument("--val-fraction", type=float, default=0.15, help="--data folder")
+    seg.add_argument("--augment", default=None, metavar="SPEC",
+                     help="joint image+mask augmentation on the training device, e.g. "
+                          "rotate=30,flip=0.5,vflip=0,scale=0.5:2,translate=0.1,crop=48")
     seg.add_argument("--device", default="cpu")
     seg.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     seg.add_argument("--channels-last", action="store_true")

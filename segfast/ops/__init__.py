@@ -6,11 +6,12 @@ csrc/<backend>/<family>.*, fake kernel + autograd here).
 from torch.nn.functional import l1_loss
 
 from segfast.ops._activation import ACTIVATIONS
+from segfast.ops.augment import affine_augment
 from segfast.ops.conv2d_act import conv2d_act
 from segfast.ops.cross_entropy import cross_entropy
 from segfast.ops.linear_act import linear_act
 from segfast.ops.metrics import confusion_matrix
 from segfast.ops.pooling import avg_pool2d, max_pool2d
 
-__all__ = ["ACTIVATIONS", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy", "l1_loss", "linear_act",
+__all__ = ["ACTIVATIONS", "affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy", "l1_loss", "linear_act",
            "max_pool2d"]

@@ -1,0 +1,29 @@
+#pragma once
+// Argument checks and mask-type dispatch of affine_augment, shared by the CPU and CUDA kernels.
+#include <ATen/core/Tensor.h>
+
+namespace segfast {
+
+inline void check_augment_args(const at::Tensor& image, const at::Tensor& mask, const at::Tensor& theta,
+                               int64_t out_h, int64_t out_w) {
+  TORCH_CHECK_VALUE(image.dim() == 4, "affine_augment: image must be (N, C, H, W), got ", image.sizes());
+  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == image.size(0) && mask.size(1) == image.size(2) &&
+                        mask.size(2) == image.size(3),
+                    "affine_augment: mask must be (N, H, W) = (", image.size(0), ", ", image.size(2), ", ",
+                    image.size(3), "), got ", mask.sizes());
+  TORCH_CHECK_VALUE(theta.dim() == 3 && theta.size(0) == image.size(0) && theta.size(1) == 2 && theta.size(2) == 3,
+                    "affine_augment: theta must be (N, 2, 3), got ", theta.sizes());
+  TORCH_CHECK_VALUE(out_h > 0 && out_w > 0, "affine_augment: output size must be positive, got ", out_h, "x", out_w);
+}
+
+template <typename F>
+void dispatch_mask(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kLong: return f(int64_t{});
+    case at::kInt: return f(int32_t{});
+    case at::kByte: return f(uint8_t{});
+    default: TORCH_CHECK_VALUE(false, "affine_augment: mask must be int64, int32 or uint8, got ", type);
+  }
+}
+
+}  // namespace segfast

@@ -1,0 +1,166 @@
+// Joint image + mask affine augmentation on CPU: each output pixel maps back once (common/affine.h)
+// and reads the image bilinearly and the mask at the nearest pixel, in one pass over the output.
+//
+// Work goes row by row: first every pixel's source coordinates and bilinear taps (the arithmetic
+// of common/affine.h), then one loop per channel that gathers the four taps of every pixel, so
+// the inner loops vectorise with gathers. A tap outside the input is read from a safe address and
+// masked out (not multiplied by 0: a NaN there must not leak in, as grid_sample never reads it).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/affine.h"
+#include "common/augment.h"
+#include "common/layout.h"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+// One output row's taps: offsets of the four neighbours in an input plane (0 when outside, with
+// `inside` cleared), their weights, and the mask offset (-1: outside). index_t is int32 when every
+// offset in a plane fits it (32-bit gathers: twice the lanes), else int64.
+template <typename acc_t, typename index_t>
+struct RowTaps {
+  std::vector<index_t> offset[4];
+  std::vector<acc_t> weight[4];
+  std::vector<uint8_t> inside[4];
+  std::vector<index_t> mask_offset;
+
+  explicit RowTaps(int64_t width) : mask_offset(width) {
+    for (int k = 0; k < 4; ++k) {
+      offset[k].resize(width);
+      weight[k].resize(width);
+      inside[k].resize(width);
+    }
+  }
+};
+
+struct Strides {
+  int64_t image_y, image_x, mask_y, mask_x;
+};
+
+// The arithmetic of common/affine.h (AffineSample::source, bilinear_taps, nearest_pixel), written
+// out over a row so that it vectorises; -ffp-contract=off (CMakeLists.txt) keeps every rounding
+// as in the scalar definition and the float64 reference.
+template <typename acc_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& s, int64_t oy, const Strides& st,
+                                       RowTaps<acc_t, index_t>& r) {
+  const auto w = static_cast<index_t>(s.in_w), h = static_cast<index_t>(s.in_h);
+  const auto sy_ = static_cast<index_t>(st.image_y), sx_ = static_cast<index_t>(st.image_x);
+  const auto my = static_cast<index_t>(st.mask_y), mx = static_cast<index_t>(st.mask_x);
+  index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
+  acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
+  uint8_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
+  index_t* mo = r.mask_offset.data();
+#pragma omp simd
+  for (int64_t ox = 0; ox < s.out_w; ++ox) {
+    double x, y;
+    s.source(ox, oy, x, y);
+    const double fx = floor(x), fy = floor(y);
+    const auto x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
+    const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);
+    const bool x0_in = x0 >= 0 && x0 < w, x1_in = x0 + 1 >= 0 && x0 + 1 < w;
+    const bool y0_in = y0 >= 0 && y0 < h, y1_in = y0 + 1 >= 0 && y0 + 1 < h;
+    i0[ox] = x0_in && y0_in;
+    i1[ox] = x1_in && y0_in;
+    i2[ox] = x0_in && y1_in;
+    i3[ox] = x1_in && y1_in;
+    o0[ox] = i0[ox] ? y0 * sy_ + x0 * sx_ : 0;
+    o1[ox] = i1[ox] ? y0 * sy_ + (x0 + 1) * sx_ : 0;
+    o2[ox] = i2[ox] ? (y0 + 1) * sy_ + x0 * sx_ : 0;
+    o3[ox] = i3[ox] ? (y0 + 1) * sy_ + (x0 + 1) * sx_ : 0;
+    w0[ox] = (1 - ax) * (1 - ay);
+    w1[ox] = ax * (1 - ay);
+    w2[ox] = (1 - ax) * ay;
+    w3[ox] = ax * ay;
+    const auto px = static_cast<index_t>(nearbyint(x)), py = static_cast<index_t>(nearbyint(y));
+    mo[ox] = px >= 0 && px < w && py >= 0 && py < h ? py * my + px * mx : index_t(-1);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* out, int64_t out_stride, int64_t width,
+                                             const RowTaps<acc_t, index_t>& r) {
+  const index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(),
+                *o3 = r.offset[3].data();
+  const acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
+  const uint8_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(),
+                *i3 = r.inside[3].data();
+#pragma omp simd
+  for (int64_t ox = 0; ox < width; ++ox) {
+    const acc_t v0 = static_cast<acc_t>(plane[o0[ox]]), v1 = static_cast<acc_t>(plane[o1[ox]]);
+    const acc_t v2 = static_cast<acc_t>(plane[o2[ox]]), v3 = static_cast<acc_t>(plane[o3[ox]]);
+    acc_t v = i0[ox] ? w0[ox] * v0 : acc_t(0);
+    v += i1[ox] ? w1[ox] * v1 : acc_t(0);
+    v += i2[ox] ? w2[ox] * v2 : acc_t(0);
+    v += i3[ox] ? w3[ox] * v3 : acc_t(0);
+    out[ox * out_stride] = static_cast<scalar_t>(v);
+  }
+}
+
+std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor& mask, const Tensor& theta_,
+                                              int64_t out_h, int64_t out_w, int64_t ignore_index) {
+  check_augment_args(image, mask, theta_, out_h, out_w);
+  const Tensor theta = theta_.to(at::kDouble).contiguous();
+  const int64_t batch = image.size(0), channels = image.size(1), in_h = image.size(2), in_w = image.size(3);
+  Tensor out = at::empty({batch, channels, out_h, out_w}, image.options(), memory_format(image));
+  Tensor out_mask = at::empty({batch, out_h, out_w}, mask.options());
+  const double* t = theta.const_data_ptr<double>();
+  const Strides st{image.stride(2), image.stride(3), mask.stride(1), mask.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_mask(mask.scalar_type(), [&](auto mask_type) {
+      using mask_t = decltype(mask_type);
+      const scalar_t* in = image.const_data_ptr<scalar_t>();
+      const mask_t* m = mask.const_data_ptr<mask_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      mask_t* om = out_mask.mutable_data_ptr<mask_t>();
+      const auto ignore = static_cast<mask_t>(ignore_index);
+      // int32 offsets when every plane offset (image and mask) fits
+      const int64_t extent = std::max((in_h - 1) * st.image_y + (in_w - 1) * st.image_x,
+                                      (in_h - 1) * st.mask_y + (in_w - 1) * st.mask_x);
+      auto run = [&](auto index) {
+        using index_t = decltype(index);
+        at::parallel_for(0, batch * out_h, 4, [&](int64_t begin, int64_t end) {
+        RowTaps<acc_t, index_t> taps(out_w);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / out_h, oy = row % out_h;
+          const double* tn = t + 6 * n;
+          const AffineSample sample{tn[0], tn[1], tn[2], tn[3], tn[4], tn[5], in_h, in_w, out_h, out_w};
+          row_taps(sample, oy, st, taps);
+          for (int64_t c = 0; c < channels; ++c) {
+            gather_channel(in + n * image.stride(0) + c * image.stride(1),
+                           o + n * out.stride(0) + c * out.stride(1) + oy * out.stride(2), out.stride(3), out_w,
+                           taps);
+          }
+          const mask_t* mask_n = m + n * mask.stride(0);
+          mask_t* mask_row = om + (n * out_h + oy) * out_w;
+          for (int64_t ox = 0; ox < out_w; ++ox) {
+            mask_row[ox] = taps.mask_offset[ox] >= 0 ? mask_n[taps.mask_offset[ox]] : ignore;
+          }
+        }
+        });
+      };
+      if (extent < (int64_t{1} << 31) - 1) {
+        run(int32_t{});
+      } else {
+        run(int64_t{});
+      }
+    });
+  });
+  return {out, out_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CPU, m) { m.impl("affine_augment", &affine_augment_cpu); }
+
+}  // namespace segfast
