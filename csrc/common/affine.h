@@ -40,10 +40,12 @@ struct AffineSample {
     const double sx = add_rn(add_rn(mul_rn(t00, xn), mul_rn(t01, yn)), t02);
     const double sy = add_rn(add_rn(mul_rn(t10, xn), mul_rn(t11, yn)), t12);
     // clamped far outside the input so that the integer conversions below stay defined
-    x = fmin(fmax((add_rn(mul_rn(sx + 1.0, static_cast<double>(in_w)), -1.0)) / 2.0, -kFar), kFar);
-    y = fmin(fmax((add_rn(mul_rn(sy + 1.0, static_cast<double>(in_h)), -1.0)) / 2.0, -kFar), kFar);
+    x = clamp_far(add_rn(mul_rn(sx + 1.0, static_cast<double>(in_w)), -1.0) / 2.0);
+    y = clamp_far(add_rn(mul_rn(sy + 1.0, static_cast<double>(in_h)), -1.0) / 2.0);
   }
   static constexpr double kFar = 1e9;  // also keeps them in int32 range
+  // (comparisons, not fmin/fmax, which are library calls on the CPU; a NaN becomes -kFar)
+  SEGFAST_HOST_DEVICE static double clamp_far(double v) { return v > -kFar ? (v < kFar ? v : kFar) : -kFar; }
 };
 
 // Bilinear sampling at (x, y): the four neighbours' offsets in a plane (-1 for a neighbour
