@@ -59,6 +59,19 @@ TORCH_LIBRARY(segfast, m) {
   // of (N, C, S) logits (argmax over C, fused) or (N, S) predicted classes against (N, S) targets.
   m.def("confusion_matrix(Tensor input, Tensor target, int num_classes, int ignore_index) -> Tensor");
 
+  // Segmentation losses on (N, C, S) logits and (N, S) class indices, softmax fused in.
+  // dice_sums: per (sample, class) over the non-ignored pixels, (3, N, C) float32 (float64 for
+  // float64): sum p*y, sum p (p^2 if squared), sum y; the Dice formula itself is Python math on these.
+  m.def("dice_sums(Tensor input, Tensor target, int ignore_index, bool squared) -> Tensor");
+  m.def("dice_sums_backward(Tensor grad_sums, Tensor input, Tensor target, int ignore_index, bool squared) "
+        "-> Tensor");
+  // focal_loss: -alpha_t (1 - p_t)^gamma log p_t per pixel; returns (loss, lse, count) like
+  // cross_entropy, count = the non-ignored pixels (the mean's divisor).
+  m.def("focal_loss(Tensor input, Tensor target, Tensor? alpha, float gamma, str reduction, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("focal_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, float gamma, "
+        "Tensor lse, Tensor count, str reduction, int ignore_index) -> Tensor");
+
   // Joint image + mask augmentation: per sample, the affine map theta (N, 2, 3), from output to
   // input coordinates normalised to [-1, 1] (F.affine_grid's convention, align_corners=False),
   // samples the (N, C, H, W) image bilinearly (zeros outside, as F.grid_sample) and the (N, H, W)

@@ -7,7 +7,8 @@ from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is alre
 
 from segfast import ops
 
-__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "L1Loss", "LinearAct", "MaxPool2d"]
+__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "DiceCELoss", "DiceLoss", "FocalLoss", "L1Loss", "LinearAct",
+           "MaxPool2d"]
 
 
 class Conv2dAct(nn.Conv2d):
@@ -95,3 +96,47 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                  reduction=self.reduction, label_smoothing=self.label_smoothing,
                                  grad_in_forward=self.grad_in_forward)
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss with the softmax fused in; arguments as :func:`segfast.ops.dice_loss`."""
+
+    def __init__(self, include_background: bool = True, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
+                 squared_pred: bool = False, ignore_index: int = -100, weight: torch.Tensor | None = None,
+                 batch: bool = False, reduction: str = "mean"):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.options = dict(include_background=include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                            squared_pred=squared_pred, ignore_index=ignore_index, batch=batch, reduction=reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.dice_loss(input, target, weight=self.weight, **self.options)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class focal loss with the softmax fused in; arguments as :func:`segfast.ops.focal_loss`."""
+
+    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.register_buffer("alpha", alpha)
+        self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
+                              reduction=self.reduction)
+
+
+class DiceCELoss(nn.Module):
+    """``lambda_dice * DiceLoss + lambda_ce * CrossEntropyLoss`` on the same logits (MONAI's
+    DiceCELoss), both segfast's fused ops; ``ignore_index`` and ``weight`` apply to both."""
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, ignore_index: int = -100,
+                 weight: torch.Tensor | None = None, label_smoothing: float = 0.0, **dice_options):
+        super().__init__()
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+        self.dice = DiceLoss(ignore_index=ignore_index, weight=weight, **dice_options)
+        self.ce = CrossEntropyLoss(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.ce(input, target)

@@ -307,3 +307,42 @@ def test_confusion_matrix_bad_class_raises():
     with pytest.raises(IndexError, match="outside"):
         segfast.ops.confusion_matrix(torch.randn(1, 3, 4, device="cuda"), torch.full((1, 4), 3, device="cuda"))
     torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------- segmentation losses, augment
+
+@pytest.mark.parametrize("dtype", LOW, ids=_id)
+@pytest.mark.parametrize("loss", ["dice", "focal"])
+def test_segmentation_losses_match_cpu_float64(dtype, loss):
+    from test_segmentation_losses import reference_dice, reference_focal
+
+    logits, target, weight = _ce_case((2, 6, 17, 9))
+    fn = {"dice": lambda x, t: segfast.ops.dice_loss(x, t, squared_pred=True, weight=weight.to(x), batch=True),
+          "focal": lambda x, t: segfast.ops.focal_loss(x, t, gamma=2.0, alpha=weight.to(x))}[loss]
+    ref = {"dice": lambda x, t: reference_dice(x, t, squared_pred=True, weight=weight.to(x), batch=True),
+           "focal": lambda x, t: reference_focal(x, t, gamma=2.0, alpha=weight.to(x))}[loss]
+    t = target.cuda()
+    _check_three_ways(lambda x: fn(x, t), lambda x: ref(x, t), [logits], dtype, loss)
+
+
+def test_segmentation_losses_bad_class_raises():
+    x = torch.randn(1, 3, 8, device="cuda")
+    for fn in (segfast.ops.dice_loss, segfast.ops.focal_loss):
+        with pytest.raises(IndexError, match="target class 3"):
+            fn(x, torch.full((1, 8), 3, device="cuda"))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_id)
+def test_affine_augment_matches_cpu(dtype):
+    from segfast.augment import RandomAffine
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 3, 29, 41, generator=g).to(dtype)
+    mask = torch.randint(0, 9, (3, 29, 41), generator=g)
+    theta = RandomAffine(rotate=45, flip=0.5, scale=(0.5, 2.0), translate=0.2).sample(3, (29, 41), g).theta
+    cpu_image, cpu_mask = segfast.ops.affine_augment(image.float(), mask, theta, (31, 23))
+    gpu_image, gpu_mask = segfast.ops.affine_augment(image.cuda(), mask.cuda(), theta, (31, 23))
+    assert torch.equal(gpu_mask.cpu(), cpu_mask)  # float64 coordinates, no FMA: the same nearest pixel
+    torch.testing.assert_close(gpu_image.cpu().float(), cpu_image, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-2 if dtype != torch.float32 else 1e-6)

@@ -182,3 +182,11 @@ def test_train_with_augmentation(tmp_path, capsys):
     assert torch.load(checkpoint, weights_only=True)["config"]["augment"].startswith("rotate=30")
     assert main(["train", "--model", "unet", "--epochs", "1", "--augment", "spin=3", "--out", str(checkpoint)]) == 2
     assert "unknown key 'spin'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["dice", "focal", "dice-ce"])
+def test_train_with_each_loss(tmp_path, loss):
+    checkpoint = tmp_path / f"{loss}.pt"
+    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+                 "--loss", loss, "--out", str(checkpoint)] + TINY) == 0
+    assert torch.load(checkpoint, weights_only=True)["config"]["loss"] == loss

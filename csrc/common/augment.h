@@ -1,5 +1,5 @@
 #pragma once
-// Argument checks and mask-type dispatch of affine_augment, shared by the CPU and CUDA kernels.
+// Argument checks of affine_augment, shared by the CPU and CUDA kernels.
 #include <ATen/core/Tensor.h>
 
 namespace segfast {
@@ -14,16 +14,6 @@ inline void check_augment_args(const at::Tensor& image, const at::Tensor& mask, 
   TORCH_CHECK_VALUE(theta.dim() == 3 && theta.size(0) == image.size(0) && theta.size(1) == 2 && theta.size(2) == 3,
                     "affine_augment: theta must be (N, 2, 3), got ", theta.sizes());
   TORCH_CHECK_VALUE(out_h > 0 && out_w > 0, "affine_augment: output size must be positive, got ", out_h, "x", out_w);
-}
-
-template <typename F>
-void dispatch_mask(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kLong: return f(int64_t{});
-    case at::kInt: return f(int32_t{});
-    case at::kByte: return f(uint8_t{});
-    default: TORCH_CHECK_VALUE(false, "affine_augment: mask must be int64, int32 or uint8, got ", type);
-  }
 }
 
 }  // namespace segfast

@@ -2,8 +2,6 @@
 // What the confusion-matrix kernels share on every backend.
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 
 #include "common/macros.h"
 
@@ -22,17 +20,6 @@ SEGFAST_HOST_DEVICE int64_t argmax_class(const scalar_t* x, int64_t classes, int
     }
   }
   return arg;
-}
-
-// Calls f(index_t{}) for an integer class tensor's dtype (host side).
-template <typename F>
-void dispatch_index(c10::ScalarType type, const char* what, F&& f) {
-  switch (type) {
-    case c10::kLong: return f(int64_t{});
-    case c10::kInt: return f(int32_t{});
-    case c10::kByte: return f(uint8_t{});
-    default: TORCH_CHECK_VALUE(false, "confusion_matrix: ", what, " must be int64, int32 or uint8, got ", type);
-  }
 }
 
 }  // namespace segfast

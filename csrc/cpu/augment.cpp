@@ -17,6 +17,7 @@
 
 #include "common/affine.h"
 #include "common/augment.h"
+#include "common/class_index.h"
 #include "common/layout.h"
 
 namespace segfast {
@@ -117,7 +118,7 @@ std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor&
   const Strides st{image.stride(2), image.stride(3), mask.stride(1), mask.stride(2)};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_mask(mask.scalar_type(), [&](auto mask_type) {
+    dispatch_class_index(mask.scalar_type(), "affine_augment: mask", [&](auto mask_type) {
       using mask_t = decltype(mask_type);
       const scalar_t* in = image.const_data_ptr<scalar_t>();
       const mask_t* m = mask.const_data_ptr<mask_t>();

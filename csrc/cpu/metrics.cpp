@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "common/class_index.h"
 #include "common/metrics.h"
 
 namespace segfast {
@@ -30,7 +31,7 @@ Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t n
   const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, count / 4096));
   std::vector<int64_t> partial(blocks * cells, 0);
   auto count_pixels = [&](auto predict) {
-    dispatch_index(target.scalar_type(), "target", [&](auto target_type) {
+    dispatch_class_index(target.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
       using target_t = decltype(target_type);
       const target_t* t = target.const_data_ptr<target_t>();
       const int64_t ts0 = target.stride(0), ts1 = target.stride(1);
@@ -62,7 +63,7 @@ Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t n
       });
     });
   } else {
-    dispatch_index(input.scalar_type(), "predicted classes", [&](auto index) {
+    dispatch_class_index(input.scalar_type(), "confusion_matrix: predicted classes", [&](auto index) {
       using index_t = decltype(index);
       const index_t* p = input.const_data_ptr<index_t>();
       const int64_t s0 = input.stride(0), s1 = input.stride(1);

@@ -8,6 +8,7 @@
 
 #include "common/affine.h"
 #include "common/augment.h"
+#include "common/class_index.h"
 #include "common/layout.h"
 #include "cuda/launch.cuh"
 
@@ -57,7 +58,7 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
   const int64_t count = batch * out_h * out_w;
   if (count == 0) return {out, out_mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
-    dispatch_mask(mask.scalar_type(), [&](auto mask_type) {
+    dispatch_class_index(mask.scalar_type(), "affine_augment: mask", [&](auto mask_type) {
       using mask_t = decltype(mask_type);
       affine_augment_kernel<scalar_t, mask_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
           image.const_data_ptr<scalar_t>(), mask.const_data_ptr<mask_t>(), theta.const_data_ptr<double>(),

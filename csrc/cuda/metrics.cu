@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common/class_index.h"
 #include "common/metrics.h"
 #include "cuda/launch.cuh"
 
@@ -95,7 +96,7 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
   const Pixels p{batch, pixels, target.stride(0), target.stride(1), num_classes, ignore_index};
   auto* m = reinterpret_cast<unsigned long long*>(matrix.mutable_data_ptr<int64_t>());
   auto* bad = reinterpret_cast<unsigned long long*>(bad_pixel.mutable_data_ptr<int64_t>());
-  dispatch_index(target.scalar_type(), "target", [&](auto target_type) {
+  dispatch_class_index(target.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
     using target_t = decltype(target_type);
     const target_t* t = target.const_data_ptr<target_t>();
     auto launch = [&](auto predict) {
@@ -108,7 +109,7 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
                                         input.stride(2), num_classes});
       });
     } else {
-      dispatch_index(input.scalar_type(), "predicted classes", [&](auto index) {
+      dispatch_class_index(input.scalar_type(), "confusion_matrix: predicted classes", [&](auto index) {
         using index_t = decltype(index);
         launch(GivenClasses<index_t>{input.const_data_ptr<index_t>(), input.stride(0), input.stride(1)});
       });

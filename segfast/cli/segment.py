@@ -46,9 +46,18 @@ def datasets(config: dict, split: str):
 
 
 def _loss(config: dict, backend: str, device) -> nn.Module:
+    """The training loss. Dice and focal exist as segfast ops only: the torch backend changes the layers."""
     weight = torch.tensor(config["class_weights"], device=device) if config["class_weights"] else None
+    ignore = config["ignore_index"]
+    name = config.get("loss", "ce")
+    if name == "dice":
+        return segfast.nn.DiceLoss(ignore_index=ignore, weight=weight)
+    if name == "focal":
+        return segfast.nn.FocalLoss(alpha=weight, ignore_index=ignore)
+    if name == "dice-ce":
+        return segfast.nn.DiceCELoss(ignore_index=ignore, weight=weight)
     cls = segfast.nn.CrossEntropyLoss if backend == "segfast" else nn.CrossEntropyLoss
-    return cls(weight=weight, ignore_index=config["ignore_index"])
+    return cls(weight=weight, ignore_index=ignore)
 
 
 def _schedule(optimizer, name: str, total_steps: int):
@@ -129,7 +138,7 @@ def _config_from(args) -> dict:
         "ignore_index": args.ignore_index, "class_weights": args.class_weights,
         "images_dir": str(args.images_dir) if args.images_dir else None,
         "masks_dir": str(args.masks_dir) if args.masks_dir else None, "val_fraction": args.val_fraction,
-        "augment": args.augment,
+        "augment": args.augment, "loss": args.loss,
     }
     if config["class_weights"] and len(config["class_weights"]) != config["num_classes"]:
         raise ValueError(f"--class-weights has {len(config['class_weights'])} values for "
@@ -201,7 +210,7 @@ def run_train(args) -> int:
     main_process = rank == 0
     if main_process:
         print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}"
-              f"{f', augment {args.augment}' if args.augment else ''}) on "
+              f"{f', augment {args.augment}' if args.augment else ''}, loss {args.loss}) on "
               f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
               f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
               f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads")

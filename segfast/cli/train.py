@@ -50,6 +50,8 @@ def add_parsers(sub) -> None:
     seg.add_argument("--base-width", type=int, default=16)
     seg.add_argument("--depth", type=int, default=3, help="unet: number of poolings")
     seg.add_argument("--norm", choices=["batch", "none"], default="batch")
+    seg.add_argument("--loss", choices=["ce", "dice", "focal", "dice-ce"], default="ce",
+                     help="cross-entropy, soft Dice, focal (gamma 2), or Dice + cross-entropy")
     seg.add_argument("--ignore-index", type=int, default=255)
     seg.add_argument("--class-weights", type=float, nargs="+", default=None)
     seg.add_argument("--images-dir", type=Path, help="--data folder: images (png/jpg)")

@@ -12,6 +12,7 @@ from segfast.ops.cross_entropy import cross_entropy
 from segfast.ops.linear_act import linear_act
 from segfast.ops.metrics import confusion_matrix
 from segfast.ops.pooling import avg_pool2d, max_pool2d
+from segfast.ops.segmentation_losses import dice_loss, focal_loss
 
-__all__ = ["ACTIVATIONS", "affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy", "l1_loss", "linear_act",
-           "max_pool2d"]
+__all__ = ["ACTIVATIONS", "affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy",
+           "dice_loss", "focal_loss", "l1_loss", "linear_act", "max_pool2d"]

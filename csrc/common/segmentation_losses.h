@@ -1,0 +1,52 @@
+#pragma once
+// Per-pixel math of the Dice and focal losses, shared by the CPU and CUDA kernels. A pixel's
+// logits are x[c * class_stride], c < classes; the softmax is recomputed from them (the log-sum-exp
+// by an online pass: running max, rescaled sum).
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+
+#include "common/macros.h"
+
+namespace segfast {
+
+template <typename acc_t, typename scalar_t>
+SEGFAST_HOST_DEVICE acc_t pixel_logsumexp(const scalar_t* x, int64_t classes, int64_t class_stride) {
+  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c * class_stride]);
+    if (v > max) {
+      sum = sum * exp(max - v) + acc_t(1);
+      max = v;
+    } else {
+      sum += exp(v - max);  // a NaN logit reaches the result through the sum
+    }
+  }
+  return max + log(sum);
+}
+
+// Focal loss of a pixel whose target class has probability pt = exp(log_pt):
+// loss = -alpha (1 - pt)^gamma log pt, and A with d loss / d z_k = A (delta_kt - p_k).
+template <typename acc_t>
+struct FocalTerms {
+  acc_t loss, a;
+};
+
+template <typename acc_t>
+SEGFAST_HOST_DEVICE FocalTerms<acc_t> focal_terms(acc_t log_pt, acc_t alpha, acc_t gamma) {
+  const acc_t pt = exp(log_pt), q = acc_t(1) - pt;
+  const acc_t q_gamma = gamma == acc_t(0) ? acc_t(1) : pow(q, gamma);
+  // gamma (1 - pt)^(gamma - 1) pt log pt: 0 where 1 - pt = 0 (its limit for gamma > 0)
+  const acc_t slope = gamma == acc_t(0) || q <= acc_t(0) ? acc_t(0) : gamma * pow(q, gamma - 1) * pt * log_pt;
+  return {-alpha * q_gamma * log_pt, -alpha * (q_gamma - slope)};
+}
+
+inline void check_loss_inputs(const char* op, const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": expected (N, C, S) logits, got ", input.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2), op,
+                    ": target must be (N, S) = (", input.size(0), ", ", input.size(2), "), got ", target.sizes());
+}
+
+}  // namespace segfast

@@ -1,0 +1,324 @@
+// Dice and focal losses on CUDA, softmax fused in; per-pixel math from
+// common/segmentation_losses.h (shared with the CPU kernels). Sums over pixels go through per-block
+// partials added in a fixed order (no float atomics), so results are the same run to run. A bad
+// class index is flagged and raised as IndexError after the kernel, as in cross_entropy.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/class_index.h"
+#include "common/reduction.h"
+#include "common/segmentation_losses.h"
+#include "cuda/launch.cuh"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+struct Geometry {
+  int64_t batch, classes, pixels, batch_stride, class_stride, pixel_stride, target_stride0, target_stride1,
+      ignore_index;
+
+  __device__ int64_t logits_at(int64_t n, int64_t s) const { return n * batch_stride + s * pixel_stride; }
+  // the class of pixel (n, s), -1 when ignored, -2 when out of range (flagged in bad)
+  template <typename target_t>
+  __device__ int64_t class_at(const target_t* t, int64_t n, int64_t s, unsigned long long* bad) const {
+    const auto cls = static_cast<int64_t>(t[n * target_stride0 + s * target_stride1]);
+    if (cls == ignore_index) return -1;
+    if (cls < 0 || cls >= classes) {
+      if (bad != nullptr) atomicMin(bad, static_cast<unsigned long long>(n * pixels + s));
+      return -2;
+    }
+    return cls;
+  }
+};
+
+Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
+  return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), t.stride(0), t.stride(1),
+          ignore_index};
+}
+
+Tensor dense(const Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
+// -1 (all bits set) is above every pixel index for atomicMin: "no bad pixel"
+Tensor no_bad_pixel(const Tensor& like) {
+  return at::full({}, static_cast<int64_t>(-1), like.options().dtype(at::kLong));
+}
+
+void raise_if_bad(const Tensor& bad_pixel, const Tensor& target, int64_t pixels, int64_t classes,
+                  int64_t ignore_index, const char* op) {
+  const int64_t bad = bad_pixel.item<int64_t>();
+  if (bad == -1) return;
+  const int64_t n = bad / pixels, s = bad % pixels;
+  TORCH_CHECK_INDEX(false, op, ": target class ", target[n][s].item<int64_t>(), " at (n=", n, ", pixel=", s,
+                    ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index, ")");
+}
+
+unsigned long long* flag(Tensor& bad) { return reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()); }
+
+// ----------------------------------------------------------------------------------------- Dice
+
+template <typename scalar_t>
+__global__ void pixel_lse_kernel(const scalar_t* x, Geometry g, at::opmath_type<scalar_t>* lse) {
+  SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
+    lse[i] = pixel_logsumexp<at::opmath_type<scalar_t>>(x + g.logits_at(i / g.pixels, i % g.pixels), g.classes,
+                                                        g.class_stride);
+  }
+}
+
+// Block (chunk, n) sums, for each class, p y, p (or p^2) and y over its pixels of image n:
+// partial[((n * chunks + chunk) * 3 + k) * classes + c].
+template <typename scalar_t, typename target_t>
+__global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, Geometry g, bool squared,
+                                 const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial,
+                                 unsigned long long* bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t chunk_len = (g.pixels + chunks - 1) / chunks;
+  const int64_t s0 = chunk * chunk_len, s1 = std::min(g.pixels, s0 + chunk_len);
+  for (int64_t c = 0; c < g.classes; ++c) {
+    acc_t inter = 0, pred = 0, truth = 0;
+    for (int64_t s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
+      const int64_t cls = g.class_at(t, n, s, c == 0 ? bad : nullptr);
+      if (cls < 0) continue;
+      const acc_t p = exp(static_cast<acc_t>(x[g.logits_at(n, s) + c * g.class_stride]) - lse[n * g.pixels + s]);
+      pred += squared ? p * p : p;
+      if (cls == c) {
+        inter += p;
+        truth += 1;
+      }
+    }
+    inter = cuda::block_sum(inter);
+    pred = cuda::block_sum(pred);
+    truth = cuda::block_sum(truth);
+    if (threadIdx.x == 0) {
+      acc_t* out = partial + (n * chunks + chunk) * 3 * g.classes + c;
+      out[0] = inter;
+      out[g.classes] = pred;
+      out[2 * g.classes] = truth;
+    }
+  }
+}
+
+template <typename scalar_t, typename target_t>
+__global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, Geometry g, bool squared,
+                                     const at::opmath_type<scalar_t>* grad_sums, scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
+    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const int64_t cls = g.class_at(t, n, s, nullptr);
+    if (cls < 0) {
+      for (int64_t c = 0; c < g.classes; ++c) grad[at + c * g.class_stride] = scalar_t(0);
+      continue;
+    }
+    const acc_t* g_inter = grad_sums + n * g.classes;
+    const acc_t* g_pred = grad_sums + (g.batch + n) * g.classes;
+    const acc_t lse = pixel_logsumexp<acc_t>(x + at, g.classes, g.class_stride);
+    acc_t weighted = 0;
+    for (int64_t c = 0; c < g.classes; ++c) {
+      const acc_t p = exp(static_cast<acc_t>(x[at + c * g.class_stride]) - lse);
+      weighted += p * (g_pred[c] * (squared ? 2 * p : acc_t(1)) + (c == cls ? g_inter[c] : acc_t(0)));
+    }
+    for (int64_t c = 0; c < g.classes; ++c) {
+      const acc_t p = exp(static_cast<acc_t>(x[at + c * g.class_stride]) - lse);
+      const acc_t dp = g_pred[c] * (squared ? 2 * p : acc_t(1)) + (c == cls ? g_inter[c] : acc_t(0));
+      grad[at + c * g.class_stride] = static_cast<scalar_t>(p * (dp - weighted));
+    }
+  }
+}
+
+Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
+  check_loss_inputs("dice_loss", input_, target);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const Tensor input = dense(input_);
+  const Geometry g = geometry_of(input, target, ignore_index);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.pixels / (cuda::kThreads * 4), 1024));
+  Tensor partial = at::zeros({g.batch, chunks, 3, g.classes}, input.options().dtype(acc_type));
+  Tensor bad = no_bad_pixel(input);
+  if (g.batch * g.pixels > 0 && g.classes > 0) {
+    Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
+        using target_t = decltype(target_type);
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        pixel_lse_kernel<scalar_t><<<cuda::blocks_for(g.batch * g.pixels), cuda::kThreads, 0, cuda::stream()>>>(
+            x, g, lse.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dice_sums_kernel<scalar_t, target_t><<<dim3(chunks, g.batch), cuda::kThreads, 0, cuda::stream()>>>(
+            x, target.const_data_ptr<target_t>(), g, squared, lse.const_data_ptr<acc_t>(),
+            partial.mutable_data_ptr<acc_t>(), flag(bad));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  raise_if_bad(bad, target, g.pixels, g.classes, ignore_index, "dice_loss");
+  return partial.sum(1).permute({1, 0, 2}).contiguous();  // (3, N, C), summed over chunks in a fixed order
+}
+
+Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
+                               int64_t ignore_index, bool squared) {
+  check_loss_inputs("dice_loss", input_, target);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const Tensor input = dense(input_);
+  const Geometry g = geometry_of(input, target, ignore_index);
+  const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
+  TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, g.batch, g.classes}),
+                    "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
+  Tensor grad = at::empty_like(input);
+  const int64_t count = g.batch * g.pixels;
+  if (count == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
+      using target_t = decltype(target_type);
+      dice_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
+          grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------- focal
+
+template <typename scalar_t, typename target_t>
+__global__ void focal_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma, Geometry g,
+                             at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
+                             at::opmath_type<scalar_t>* partial, unsigned long long* bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  acc_t loss = 0, counted = 0;
+  if (i < g.batch * g.pixels) {
+    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const acc_t lse = pixel_logsumexp<acc_t>(x + at, g.classes, g.class_stride);
+    lse_out[i] = lse;
+    const int64_t cls = g.class_at(t, n, s, bad);
+    if (cls >= 0) {
+      loss = focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse,
+                                static_cast<acc_t>(alpha != nullptr ? alpha[cls] : 1.0), static_cast<acc_t>(gamma))
+                 .loss;
+      counted = 1;
+    }
+    if (loss_out != nullptr) loss_out[i] = static_cast<scalar_t>(loss);
+  }
+  if (partial != nullptr) {
+    loss = cuda::block_sum(loss);
+    counted = cuda::block_sum(counted);
+    if (threadIdx.x == 0) {
+      partial[2 * blockIdx.x] = loss;
+      partial[2 * blockIdx.x + 1] = counted;
+    }
+  }
+}
+
+template <typename scalar_t, typename target_t>
+__global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma,
+                                      Geometry g, const at::opmath_type<scalar_t>* lse,
+                                      const at::opmath_type<scalar_t>* grad_loss, bool per_pixel,
+                                      const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
+    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const int64_t cls = g.class_at(t, n, s, nullptr);
+    acc_t scale = cls < 0 ? acc_t(0) : (per_pixel ? grad_loss[i] : grad_loss[0]);
+    if (mean_divisor != nullptr) scale /= *mean_divisor;
+    const acc_t a = cls < 0 ? acc_t(0)
+                            : focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse[i],
+                                                 static_cast<acc_t>(alpha != nullptr ? alpha[cls] : 1.0),
+                                                 static_cast<acc_t>(gamma)).a;
+    for (int64_t c = 0; c < g.classes; ++c) {
+      const acc_t p = exp(static_cast<acc_t>(x[at + c * g.class_stride]) - lse[i]);
+      grad[at + c * g.class_stride] = static_cast<scalar_t>(scale * a * ((c == cls ? acc_t(1) : acc_t(0)) - p));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const Tensor& target,
+                                                   const std::optional<Tensor>& alpha_, double gamma,
+                                                   c10::string_view reduction_, int64_t ignore_index) {
+  check_loss_inputs("focal_loss", input_, target);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const Tensor input = dense(input_);
+  const Reduction reduction = parse_reduction(reduction_);
+  const Geometry g = geometry_of(input, target, ignore_index);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
+  const int64_t count = g.batch * g.pixels, blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
+  Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
+  Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options()) : Tensor();
+  Tensor partial = at::zeros({blocks, 2}, input.options().dtype(acc_type));
+  Tensor bad = no_bad_pixel(input);
+  if (count > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "focal_loss", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
+        using target_t = decltype(target_type);
+        focal_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+            input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
+            alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
+            loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
+            flag(bad));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  raise_if_bad(bad, target, g.pixels, g.classes, ignore_index, "focal_loss");
+  const Tensor totals = partial.sum(0, false, at::kDouble);  // (loss sum, counted pixels), fixed order
+  Tensor counted = totals[1].to(acc_type);
+  if (reduction != Reduction::None) {
+    loss = (reduction == Reduction::Mean ? totals[0].div(totals[1]) : totals[0]).to(input.scalar_type());
+  }
+  return {loss, lse, counted};
+}
+
+Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, const Tensor& target,
+                                const std::optional<Tensor>& alpha_, double gamma, const Tensor& lse_,
+                                const Tensor& count, c10::string_view reduction_, int64_t ignore_index) {
+  check_loss_inputs("focal_loss", input_, target);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const Tensor input = dense(input_);
+  const Reduction reduction = parse_reduction(reduction_);
+  const Geometry g = geometry_of(input, target, ignore_index);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
+  const Tensor divisor = count.to(acc_type).reshape({1});
+  const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
+  Tensor grad = at::empty_like(input);
+  const int64_t pixels = g.batch * g.pixels;
+  if (pixels == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "focal_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
+      using target_t = decltype(target_type);
+      focal_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
+          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
+          alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
+          g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,
+          reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+  m.impl("dice_sums", &dice_sums_cuda);
+  m.impl("dice_sums_backward", &dice_sums_backward_cuda);
+  m.impl("focal_loss", &focal_loss_cuda);
+  m.impl("focal_loss_backward", &focal_loss_backward_cuda);
+}
+
+}  // namespace segfast

@@ -1,0 +1,170 @@
+"""Dice and focal losses with the softmax fused in (``torch.ops.segfast.dice_sums`` /
+``focal_loss``): the logits are read in place, and backward saves per-(sample, class) sums (Dice)
+or one float per pixel (focal), never a probability tensor."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from segfast.ops._common import check_float_arg, check_kernel_available, check_tensor, float_dtypes
+from segfast.ops.cross_entropy import INDEX_DTYPES, REDUCTIONS, _lse_dtype
+
+
+@torch.library.register_fake("segfast::dice_sums")
+def _dice_sums_fake(input, target, ignore_index, squared):
+    n, c, _ = input.shape
+    return input.new_empty((3, n, c), dtype=_lse_dtype(input.dtype))
+
+
+@torch.library.register_fake("segfast::dice_sums_backward")
+def _dice_sums_backward_fake(grad_sums, input, target, ignore_index, squared):
+    return torch.empty_like(input)
+
+
+def _dice_setup(ctx, inputs, output):
+    input, target, ignore_index, squared = inputs
+    ctx.save_for_backward(input, target)  # the caller's tensors: nothing new is kept
+    ctx.args = (ignore_index, squared)
+
+
+def _dice_backward(ctx, grad_sums):
+    input, target = ctx.saved_tensors
+    grad = torch.ops.segfast.dice_sums_backward(grad_sums, input, target, *ctx.args) if ctx.needs_input_grad[0] \
+        else None
+    return grad, None, None, None
+
+
+torch.library.register_autograd("segfast::dice_sums", _dice_backward, setup_context=_dice_setup)
+
+
+@torch.library.register_fake("segfast::focal_loss")
+def _focal_fake(input, target, alpha, gamma, reduction, ignore_index):
+    n, _, s = input.shape
+    loss = input.new_empty((n, s) if reduction == "none" else ())
+    return loss, input.new_empty((n, s), dtype=_lse_dtype(input.dtype)), input.new_empty((), dtype=_lse_dtype(
+        input.dtype))
+
+
+@torch.library.register_fake("segfast::focal_loss_backward")
+def _focal_backward_fake(grad_loss, input, target, alpha, gamma, lse, count, reduction, ignore_index):
+    return torch.empty_like(input)
+
+
+def _focal_setup(ctx, inputs, output):
+    input, target, alpha, gamma, reduction, ignore_index = inputs
+    _, lse, count = output
+    ctx.mark_non_differentiable(lse, count)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, target, alpha, lse, count)
+    ctx.args = (gamma, reduction, ignore_index)
+
+
+def _focal_backward(ctx, grad_loss, _grad_lse, _grad_count):
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    input, target, alpha, lse, count = ctx.saved_tensors
+    gamma, reduction, ignore_index = ctx.args
+    grad = torch.ops.segfast.focal_loss_backward(grad_loss, input, target, alpha, gamma, lse, count, reduction,
+                                                 ignore_index)
+    return (grad,) + (None,) * 5
+
+
+torch.library.register_autograd("segfast::focal_loss", _focal_backward, setup_context=_focal_setup)
+
+
+def _pixels(op, input, target):
+    """(N, C, S) logits and (N, S) targets, views where possible, after the checks every loss shares."""
+    check_tensor(op, "input", input, dtypes=float_dtypes(input))
+    check_tensor(op, "target", target, dtypes=INDEX_DTYPES)
+    if input.dim() < 2:
+        raise ValueError(f"{op}: input must be (N, C, d1, ...) logits, got shape {tuple(input.shape)}")
+    if input.shape[1] == 0:
+        raise ValueError(f"{op}: input has no classes (shape {tuple(input.shape)})")
+    pixel_shape = input.shape[:1] + input.shape[2:]
+    if target.shape != pixel_shape:
+        raise ValueError(f"{op}: target must have shape {tuple(pixel_shape)}, got {tuple(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"{op}: target is on {target.device} but input is on {input.device}")
+    if input.numel() == 0:
+        raise ValueError(f"{op}: empty batch (input shape {tuple(input.shape)})")
+    check_kernel_available(op, f"segfast::{op if op != 'dice_loss' else 'dice_sums'}", input)
+    n, c = input.shape[:2]
+    pixels = math.prod(input.shape[2:])
+    return input.reshape(n, c, pixels), target.reshape(n, pixels)
+
+
+def _check_class_vector(op, name, value, classes, input):
+    if value is None:
+        return None
+    check_tensor(op, name, value, dims=(1,))
+    if value.shape[0] != classes:
+        raise ValueError(f"{op}: {name} must have shape ({classes},), got {tuple(value.shape)}")
+    if value.device != input.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but input is on {input.device}")
+    return value
+
+
+def dice_loss(input: torch.Tensor, target: torch.Tensor, *, include_background: bool = True,
+              smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, squared_pred: bool = False,
+              ignore_index: int = -100, weight: torch.Tensor | None = None, batch: bool = False,
+              reduction: str = "mean") -> torch.Tensor:
+    """Soft Dice loss of softmax(input) against one-hot class targets, as MONAI's ``DiceLoss``
+    (``softmax=True, to_onehot_y=True``) defines it, with ignore_index.
+
+    For each sample and class (over all samples when ``batch``), over the pixels whose target is
+    not ``ignore_index``: I = sum p y, P = sum p (sum p^2 if ``squared_pred``), G = sum y, and
+    loss = 1 - (2 I + smooth_nr) / (P + G + smooth_dr).
+
+    Args:
+        input: logits (N, C, d1, ...), float32/float64/bfloat16 (float16 on CUDA); the sums
+            accumulate in float32 (float64 for float64), so 16-bit inputs at 512x512 cannot overflow.
+        target: class indices (N, d1, ...) int64/int32/uint8 in [0, C) or ``ignore_index``.
+        include_background: keep class 0 in the loss.
+        weight: (C,) class weights multiplying each class's loss (before dropping the background).
+        reduction: "mean" / "sum" over (sample, class) losses, or "none": (N, C') (or (1, C') with batch).
+
+    Backward saves nothing but the caller's logits and targets; it recomputes the softmax.
+    """
+    x, t = _pixels("dice_loss", input, target)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"dice_loss: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    smooth_nr = check_float_arg("dice_loss", "smooth_nr", smooth_nr, 0.0)
+    smooth_dr = check_float_arg("dice_loss", "smooth_dr", smooth_dr, 0.0)
+    weight = _check_class_vector("dice_loss", "weight", weight, x.shape[1], input)
+    if not include_background and x.shape[1] < 2:
+        raise ValueError("dice_loss: include_background=False needs at least 2 classes")
+    inter, pred, truth = torch.ops.segfast.dice_sums(x, t, ignore_index, bool(squared_pred))
+    if batch:
+        inter, pred, truth = inter.sum(0, keepdim=True), pred.sum(0, keepdim=True), truth.sum(0, keepdim=True)
+    loss = 1 - (2 * inter + smooth_nr) / (pred + truth + smooth_dr)
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    if not include_background:
+        loss = loss[:, 1:]
+    loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+    return loss.to(input.dtype)
+
+
+def focal_loss(input: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: torch.Tensor | None = None,
+               ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Multi-class focal loss (Lin et al. 2017) with the softmax fused in:
+    -alpha_t (1 - p_t)^gamma log p_t per pixel, p_t the softmax probability of the target class.
+
+    Args:
+        input: logits (N, C, d1, ...); target: (N, d1, ...) class indices, as ``dice_loss``.
+        gamma: focusing parameter >= 0 (0 with no alpha is cross-entropy).
+        alpha: (C,) class weights, or None.
+        reduction: "mean" (over the non-ignored pixels), "sum", or "none" (target's shape).
+
+    Backward keeps one float per pixel (the log-sum-exp), as cross_entropy.
+    """
+    x, t = _pixels("focal_loss", input, target)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"focal_loss: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    gamma = check_float_arg("focal_loss", "gamma", gamma, 0.0)
+    alpha = _check_class_vector("focal_loss", "alpha", alpha, x.shape[1], input)
+    if alpha is not None and alpha.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("focal_loss: alpha must not require grad")
+    loss, _, _ = torch.ops.segfast.focal_loss(x, t, alpha, gamma, reduction, ignore_index)
+    return loss.reshape(target.shape) if reduction == "none" else loss

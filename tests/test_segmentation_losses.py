@@ -1,0 +1,148 @@
+"""Dice, focal and Dice+CE losses against straightforward PyTorch references in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segfast
+from conftest import SavedBytes, assert_close_to_reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def reference_dice(x, t, ignore_index=-100, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
+                   squared_pred=False, weight=None, batch=False, reduction="mean"):
+    """MONAI's DiceLoss(softmax=True, to_onehot_y=True) with ignored pixels left out, in plain torch."""
+    valid = (t != ignore_index).unsqueeze(1).to(x.dtype)
+    p = torch.softmax(x, 1) * valid
+    y = F.one_hot(torch.where(t == ignore_index, 0, t), x.shape[1]).movedim(-1, 1).to(x.dtype) * valid
+    dims = tuple(range(2, x.dim()))
+    inter, pred, truth = (p * y).sum(dims), (p * p if squared_pred else p).sum(dims), y.sum(dims)
+    if batch:
+        inter, pred, truth = inter.sum(0, keepdim=True), pred.sum(0, keepdim=True), truth.sum(0, keepdim=True)
+    loss = 1 - (2 * inter + smooth_nr) / (pred + truth + smooth_dr)
+    if weight is not None:
+        loss = loss * weight
+    if not include_background:
+        loss = loss[:, 1:]
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def reference_focal(x, t, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean"):
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0)
+    log_pt = torch.log_softmax(x, 1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    a = 1.0 if alpha is None else alpha[safe]
+    loss = torch.where(valid, -a * (1 - log_pt.exp()) ** gamma * log_pt, torch.zeros_like(log_pt))
+    return loss.sum() / valid.sum() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def _case(shape=(3, 5, 7, 6), ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+    t.view(-1)[::4] = ignore_index
+    return x, t, torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5
+
+
+def _compare(ours_fn, ref_fn, x64, dtype):
+    low, ref = x64.to(dtype).requires_grad_(), x64.clone().requires_grad_()
+    ours, stock, reference = ours_fn(low), ref_fn(low), ref_fn(ref)
+    assert_close_to_reference(ours, stock, reference, "loss")
+    grad = torch.randn_like(reference)
+    assert_close_to_reference(torch.autograd.grad(ours, low, grad.to(dtype))[0],
+                              torch.autograd.grad(stock, low, grad.to(dtype))[0],
+                              torch.autograd.grad(reference, ref, grad)[0], "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, dict(include_background=False), dict(squared_pred=True, batch=True),
+                                     dict(weighted=True, smooth_nr=0.0, smooth_dr=1e-3)])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_dice_matches_reference(dtype, reduction, options, ignore_index):
+    x, t, w = _case(ignore_index=ignore_index)
+    options = dict(options, reduction=reduction, ignore_index=ignore_index)
+    if options.pop("weighted", False):
+        options["weight"] = w
+
+    def with_weight(fn):
+        return lambda z: fn(z, t, **{k: (v.to(z.dtype) if isinstance(v, torch.Tensor) else v)
+                                     for k, v in options.items()})
+
+    _compare(with_weight(segfast.ops.dice_loss), with_weight(reference_dice), x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_matches_reference(dtype, reduction, gamma, weighted):
+    x, t, w = _case()
+
+    def run(fn):
+        return lambda z: fn(z, t, gamma=gamma, alpha=w.to(z.dtype) if weighted else None, reduction=reduction)
+
+    _compare(run(segfast.ops.focal_loss), run(reference_focal), x, dtype)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    x, t, _ = _case()
+    torch.testing.assert_close(segfast.ops.focal_loss(x, t, gamma=0.0), F.cross_entropy(x, t))
+
+
+def test_dice_ce_combines_both():
+    x, t, w = _case()
+    loss = segfast.nn.DiceCELoss(lambda_dice=0.7, lambda_ce=0.3, weight=w, ignore_index=-100)(x, t)
+    expected = 0.7 * reference_dice(x, t, weight=w) + 0.3 * F.cross_entropy(x, t, weight=w)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_bfloat16_at_512_does_not_overflow():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 512, 512, generator=g)
+    t = torch.randint(0, 3, (2, 512, 512), generator=g)
+    ours = segfast.ops.dice_loss(x.bfloat16(), t)
+    assert torch.isfinite(ours) and abs(ours.float() - reference_dice(x.double(), t).float()) < 1e-2
+
+
+def test_gradcheck_opcheck_compile():
+    x, t, w = _case((2, 3, 4, 3))
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: segfast.ops.dice_loss(z, t, squared_pred=True, reduction="none"), (x,))
+    assert torch.autograd.gradcheck(lambda z: segfast.ops.focal_loss(z, t, gamma=1.5, alpha=w), (x,))
+    xs, ts = x.detach().float().reshape(2, 3, 12).requires_grad_(), t.reshape(2, 12)
+    torch.library.opcheck(torch.ops.segfast.dice_sums.default, (xs, ts, -100, False))
+    torch.library.opcheck(torch.ops.segfast.focal_loss.default, (xs, ts, None, 2.0, "mean", -100))
+    loss_fn = segfast.nn.DiceCELoss()
+    compiled = torch.compile(lambda z: loss_fn(z, t), fullgraph=True)
+    xf = x.detach().float().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(compiled(xf), xf)[0],
+                               torch.autograd.grad(loss_fn(xf, t), xf)[0])
+
+
+def test_saved_state_is_small():
+    x = torch.randn(2, 21, 16, 16, requires_grad=True)
+    t = torch.randint(0, 21, (2, 16, 16))
+    with SavedBytes(exclude=[x, t]) as dice:
+        segfast.ops.dice_loss(x, t)
+    assert dice.total <= 3 * 2 * 21 * 4 + 256  # the per-(sample, class) sums at most
+    with SavedBytes(exclude=[x, t]) as focal:
+        segfast.ops.focal_loss(x, t)
+    assert focal.total <= 4 * 2 * 16 * 16 + 64  # one float per pixel
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.full((2, 4), 3)), IndexError, "target class 3"),
+    (lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError,
+     "target must have shape"),
+    (lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), gamma=-1),
+     ValueError, "gamma"),
+    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), weight=torch.ones(2)),
+     ValueError, "weight must have shape"),
+    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.zeros(2, 4)), TypeError, "target dtype"),
+    (lambda: segfast.ops.dice_loss(torch.randn(0, 3, 4), torch.zeros(0, 4, dtype=torch.long)), ValueError,
+     "empty batch"),
+])
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
