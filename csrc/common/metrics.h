@@ -1,6 +1,9 @@
 #pragma once
 // What the confusion-matrix kernels share on every backend.
 #include <cstdint>
+#include <utility>
+
+#include <ATen/core/Tensor.h>
 
 
 #include "common/macros.h"
@@ -20,6 +23,20 @@ SEGFAST_HOST_DEVICE int64_t argmax_class(const scalar_t* x, int64_t classes, int
     }
   }
   return arg;
+}
+
+// Checks (N, C, S) logits or (N, S) predicted classes against (N, S) targets; returns (N, S).
+inline std::pair<int64_t, int64_t> check_confusion_args(const at::Tensor& input, const at::Tensor& target,
+                                                        int64_t num_classes) {
+  const bool logits = at::isFloatingType(input.scalar_type());
+  TORCH_CHECK_VALUE(num_classes > 0, "confusion_matrix: num_classes must be positive, got ", num_classes);
+  TORCH_CHECK_VALUE(logits ? input.dim() == 3 && input.size(1) == num_classes : input.dim() == 2,
+                    "confusion_matrix: input must be (N, ", num_classes, ", S) logits or (N, S) classes, got ",
+                    input.sizes(), " ", input.scalar_type());
+  const int64_t batch = input.size(0), pixels = logits ? input.size(2) : input.size(1);
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == batch && target.size(1) == pixels,
+                    "confusion_matrix: target must be (N, S) = (", batch, ", ", pixels, "), got ", target.sizes());
+  return {batch, pixels};
 }
 
 }  // namespace segfast

@@ -20,13 +20,8 @@ using at::Tensor;
 
 Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const bool logits = at::isFloatingType(input.scalar_type());
-  TORCH_CHECK_VALUE(num_classes > 0, "confusion_matrix: num_classes must be positive, got ", num_classes);
-  TORCH_CHECK_VALUE(logits ? input.dim() == 3 && input.size(1) == num_classes : input.dim() == 2,
-                    "confusion_matrix: input must be (N, ", num_classes, ", S) logits or (N, S) classes, got ",
-                    input.sizes(), " ", input.scalar_type());
-  const int64_t batch = input.size(0), pixels = logits ? input.size(2) : input.size(1);
-  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == batch && target.size(1) == pixels,
-                    "confusion_matrix: target must be (N, S) = (", batch, ", ", pixels, "), got ", target.sizes());
+  const auto size = check_confusion_args(input, target, num_classes);
+  const int64_t batch = size.first, pixels = size.second;
   const int64_t count = batch * pixels, cells = num_classes * num_classes;
   const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, count / 4096));
   std::vector<int64_t> partial(blocks * cells, 0);
