@@ -2,7 +2,7 @@
 
     python benchmarks/bench_augment.py [--batch 16] [--size 512] [--reps 10] [--out DIR]
 
-A batch of 16 x 3 x 512 x 512 float32 images and int64 masks, random rotation, flip, scale and
+A batch of 16 x 3 x 512 x 512 float32 images and int64 (or --mask-dtype uint8) masks, random rotation, flip, scale and
 translation. Variants, timed side by side (interleaved):
 - "per-sample grid_sample": what a Dataset does per item: F.affine_grid + F.grid_sample for the
   image (bilinear) and for the mask (nearest, as float), out-of-frame mask pixels set to ignore;
@@ -31,9 +31,9 @@ from utils import Row, machine_info, time_side_by_side, write_json  # noqa: E402
 def stock_augment(images, masks, theta, ignore_index=255):
     grid = F.affine_grid(theta.to(images.dtype), images.shape, align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    mask = F.grid_sample(masks[:, None].to(images.dtype), grid, mode="nearest", align_corners=False)[:, 0].long()
+    mask = F.grid_sample(masks[:, None].to(images.dtype), grid, mode="nearest", align_corners=False)[:, 0]
     inside = (grid.abs() <= 1).all(-1)
-    return out, torch.where(inside, mask, ignore_index)
+    return out, torch.where(inside, mask.to(masks.dtype), ignore_index)
 
 
 def variants(images, masks, params):
@@ -68,23 +68,26 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mask-dtype", choices=["int64", "uint8"], default="int64",
+                        help="uint8: masks as PNG masks usually come (a quarter of int64's output floor)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(args.device)
-    masks = torch.randint(0, 21, (args.batch, args.size, args.size), generator=g).to(args.device)
+    masks = torch.randint(0, 21, (args.batch, args.size, args.size), generator=g).to(args.device,
+                                                                                     getattr(torch, args.mask_dtype))
     params = RandomAffine(rotate=30, flip=0.5, scale=(0.5, 2.0), translate=0.1).sample(args.batch, images.shape[-2:], g)
     fns = variants(images, masks, params)
     times = time_side_by_side(fns, args.reps, device=args.device)
     info = machine_info()
-    print(f"\naffine augmentation of {args.batch} x 3 x {args.size} x {args.size} float32 images + int64 masks "
-          f"on {args.device} ({info['cpu']}, {info['threads']} threads), torch {info['torch']}, "
-          f"segfast {info['segfast_commit']}, {info['date']}\n")
+    print(f"\naffine augmentation of {args.batch} x 3 x {args.size} x {args.size} float32 images + "
+          f"{args.mask_dtype} masks on {args.device} ({info['cpu']}, {info['threads']} threads), "
+          f"torch {info['torch']}, segfast {info['segfast_commit']}, {info['date']}\n")
     print("| variant | ms per batch | images/s | segfast speed-up |\n|---|---|---|---|")
     for name, ms in times.items():
         print(f"| {name} | {ms:.1f} | {args.batch / ms * 1e3:.0f} | {ms / times['segfast']:.2f}x |")
     rows = [Row("affine_augment", f"{args.batch}x3x{args.size}x{args.size}", "fwd", k, v) for k, v in times.items()]
-    write_json(args.out / f"augment-{args.device}.json", rows, {"machine": info})
+    write_json(args.out / f"augment-{args.device}-{args.mask_dtype}.json", rows, {"machine": info})
     return 0
 
 

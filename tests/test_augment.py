@@ -67,7 +67,8 @@ def test_nearest_agrees_with_grid_sample_inside_the_frame():
 
 def test_geometry_flip_twice_and_rot90():
     image, mask = _batch(2, 2, 16, 16)
-    zero, one, false, true = torch.zeros(2), torch.ones(2), torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    zero, one = torch.zeros(2), torch.ones(2)
+    false, true = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
     flip = affine_theta(zero, one, torch.zeros(2, 2), true, false, (16, 16), (16, 16))
     once, once_mask = segfast.ops.affine_augment(image, mask, flip)
     assert torch.equal(once, image.flip(-1)) and torch.equal(once_mask, mask.flip(-1))

@@ -47,3 +47,13 @@ def test_cuda_kernels_are_registered_with_the_dispatcher():
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}", "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}_backward", "CUDA")
+
+
+def test_mismatched_torch_gives_a_clear_import_error():
+    # fake the recorded build version; the real _C is never loaded
+    code = ("import sys, types; fake = types.ModuleType('segfast._build_info'); fake.TORCH_VERSION = '2.9.1+cpu'; "
+            "sys.modules['segfast._build_info'] = fake\n"
+            "try:\n    import segfast\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"built against torch 2.9.1+cpu but torch {torch.__version__} is installed" in out
+    assert "Reinstall segfast" in out

@@ -77,8 +77,8 @@ def test_conv2d_act_matches_stock(dtype, layout, activation, geometry, bias):
     b = _randn(6, seed=3) if bias else None
     slope = 0.1
     act = ACTIVATION_REFERENCES[activation]
-    ours = _check_three_ways(lambda x, w, b: segfast.ops.conv2d_act(x, w, b, activation=activation, negative_slope=slope,
-                                                                    **kw),
+    ours = _check_three_ways(lambda x, w, b: segfast.ops.conv2d_act(x, w, b, activation=activation,
+                                                                    negative_slope=slope, **kw),
                              lambda x, w, b: act(F.conv2d(x, w, b, **kw), slope), [x, w, b], dtype, "conv2d_act")
     assert ours.is_contiguous(memory_format=layout)
 

@@ -47,14 +47,13 @@ def test_model_argument_errors():
 def test_convergence_parity_between_backends():
     """Liger-style: the same seed, data and optimizer give the same loss curve on both backends."""
     data = DigitsSegmentation("train", count=64, size=32)
-    curves = {}
+    curves, initial = {}, None
     for backend in ("torch", "segfast"):
         torch.manual_seed(0)
         model = UNet(1, 11, base_width=8, depth=2, backend=backend)
-        if backend == "segfast":
-            model.load_state_dict(reference_state)
-        else:
-            reference_state = {k: v.clone() for k, v in model.state_dict().items()}
+        if initial is None:
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(initial)
         loss_fn = segfast.nn.CrossEntropyLoss() if backend == "segfast" else torch.nn.CrossEntropyLoss()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         curve = []

@@ -44,8 +44,12 @@ struct AffineSample {
     y = clamp_far(add_rn(mul_rn(sy + 1.0, static_cast<double>(in_h)), -1.0) / 2.0);
   }
   static constexpr double kFar = 1e9;  // also keeps them in int32 range
-  // (comparisons, not fmin/fmax, which are library calls on the CPU; a NaN becomes -kFar)
-  SEGFAST_HOST_DEVICE static double clamp_far(double v) { return v > -kFar ? (v < kFar ? v : kFar) : -kFar; }
+  // Two unconditional selects (not fmin/fmax, library calls on the CPU, nor nested conditions, which
+  // GCC will not if-convert under -ftrapping-math): the row loop on the CPU vectorises. NaN -> kFar.
+  SEGFAST_HOST_DEVICE static double clamp_far(double v) {
+    v = v < kFar ? v : kFar;
+    return v > -kFar ? v : -kFar;
+  }
 };
 
 // Bilinear sampling at (x, y): the four neighbours' offsets in a plane (-1 for a neighbour

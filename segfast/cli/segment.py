@@ -62,7 +62,8 @@ def _loss(config: dict, backend: str, device) -> nn.Module:
 
 def _schedule(optimizer, name: str, total_steps: int):
     if name == "poly":  # the DeepLab schedule
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -2,7 +2,6 @@
 textbook CNN on scikit-learn's digits). Segmentation lives in segfast/cli/segment.py."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None, help="global batch (split over DDP processes)")
     train.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
-    train.add_argument("--lr", type=float, default=None, help="default: adam 1e-3 (classify) / 3e-3 (segment), sgd 0.05")
+    train.add_argument("--lr", type=float, default=None,
+                       help="default: adam 1e-3 (classify) / 3e-3 (segment), sgd 0.05")
     train.add_argument("--momentum", type=float, default=0.9, help="sgd")
     train.add_argument("--nesterov", action="store_true", help="sgd")
     train.add_argument("--weight-decay", type=float, default=0.0)

@@ -12,7 +12,8 @@ UPSAMPLES = ("transpose", "bilinear")
 
 class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, **layer):
-        super().__init__(ConvNormAct(in_channels, out_channels, **layer), ConvNormAct(out_channels, out_channels, **layer))
+        super().__init__(ConvNormAct(in_channels, out_channels, **layer),
+                         ConvNormAct(out_channels, out_channels, **layer))
 
 
 class Up(nn.Module):

@@ -1,0 +1,51 @@
+"""fold_batchnorm and torch.export of segfast models."""
+import pytest
+import torch
+from torch import nn
+
+import segfast
+from segfast.models import FCN, UNet
+
+
+def _randomise_batchnorm(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: UNet(3, 5, base_width=8, depth=2),
+    lambda: UNet(3, 5, base_width=8, depth=2, backend="torch", activation="silu"),
+    lambda: FCN(3, 5, "16s", base_width=4, norm="batch"),
+    lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
+                          nn.Conv2d(6, 6, 3, bias=False), nn.BatchNorm2d(6), nn.MaxPool2d(2)),
+])
+def test_folded_model_equals_the_original_in_eval(make):
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(make())
+    folded = segfast.fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, segfast.nn.Conv2dAct) and m.activation != "none" for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # a copy by default
+    x = torch.randn(2, 3, 37, 35)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_refuses_training_mode():
+    with pytest.raises(ValueError, match="training mode"):
+        segfast.fold_batchnorm(UNet(1, 2, base_width=4, depth=1))
+
+
+def test_folded_unet_exports_and_matches_eager():
+    model = segfast.fold_batchnorm(_randomise_batchnorm(UNet(1, 11, base_width=8, depth=2)))
+    x = torch.randn(2, 1, 32, 32)
+    program = torch.export.export(model, (x,))
+    assert any("segfast.conv2d_act" in str(n.target) for n in program.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
