@@ -49,3 +49,25 @@ def test_folded_unet_exports_and_matches_eager():
     assert any("segfast.conv2d_act" in str(n.target) for n in program.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_export_command_and_predict_from_the_program(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    from segfast.__main__ import main
+    from segfast.data import DigitsSegmentation
+
+    checkpoint, program = tmp_path / "unet.pt", tmp_path / "unet.pt2"
+    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
+                 "--base-width", "4", "--depth", "2", "--quiet", "--out", str(checkpoint)]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(program)]) == 0
+    difference = float(capsys.readouterr().out.rsplit(":", 1)[1])
+    assert difference < 1e-4
+    image = tmp_path / "digit.png"
+    Image.fromarray((DigitsSegmentation("test", count=1).tensors[0][0, 0] * 255).byte().numpy()).save(image)
+    masks = []
+    for source in (checkpoint, program):
+        out = tmp_path / f"{source.suffix[1:]}.png"
+        assert main(["predict", "--checkpoint", str(source), "--image", str(image), "--out", str(out)]) == 0
+        with Image.open(out) as written:
+            masks.append(torch.tensor(list(written.getdata())))
+    assert torch.equal(masks[0], masks[1])

@@ -3,6 +3,7 @@ or the user's folders; SGD or Adam, poly or cosine schedules, per-epoch validati
 ``--resume``, AMP, channels_last, torch.compile, and DistributedDataParallel under torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -280,10 +281,45 @@ def run_eval(args) -> int:
     return 0
 
 
+EXPORT_CONFIG = "segfast-config.json"
+
+
+def run_export(args) -> int:
+    """A checkpoint -> BatchNorm folded into the convolutions -> a torch.export program (.pt2)."""
+    model, config, _ = _model_from_checkpoint(args.checkpoint, "segfast")
+    size = args.image_size or config["image_size"]
+    example = torch.zeros(1, config["in_channels"], size, size)
+    program = torch.export.export(segfast.fold_batchnorm(model), (example,))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, args.out, extra_files={EXPORT_CONFIG: json.dumps({**config, "image_size": size})})
+    with torch.no_grad():
+        difference = (program.module()(example + 0.5) - model(example + 0.5)).abs().max().item()
+    print(f"wrote {args.out}: {config['model']} with BatchNorm folded, input (1, {config['in_channels']}, {size}, "
+          f"{size}); max |exported - checkpoint| on a test input: {difference:.2e}")
+    return 0
+
+
+def _model_for_prediction(path, backend):
+    """(model, config) from a checkpoint, or from a program written by ``segfast export`` (.pt2)."""
+    if str(path).endswith(".pt2"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"exported program {path} does not exist")
+        extra = {EXPORT_CONFIG: ""}
+        program = torch.export.load(path, extra_files=extra)
+        if not extra[EXPORT_CONFIG]:
+            raise ValueError(f"{path} was not written by `segfast export` (no {EXPORT_CONFIG} inside)")
+        return program.module(), json.loads(extra[EXPORT_CONFIG])
+    model, config, _ = _model_from_checkpoint(path, backend)
+    return model, config
+
+
 @torch.no_grad()
 def run_predict(args) -> int:
-    model, config, _ = _model_from_checkpoint(args.checkpoint, args.backend)
+    model, config = _model_for_prediction(args.checkpoint, args.backend)
     image = read_image(args.image)
+    if str(args.checkpoint).endswith(".pt2") and image.shape[1:] != (config["image_size"],) * 2:
+        raise ValueError(f"{args.checkpoint} was exported for {config['image_size']}x{config['image_size']} images, "
+                         f"{args.image} is {image.shape[2]}x{image.shape[1]}")
     if image.shape[0] != config["in_channels"]:
         image = image.mean(0, keepdim=True) if config["in_channels"] == 1 else image.expand(config["in_channels"],
                                                                                            -1, -1)

@@ -78,11 +78,16 @@ def add_parsers(sub) -> None:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=run_eval)
     predict = sub.add_parser("predict", help="write the colour (palette) PNG mask a checkpoint predicts for an image")
-    predict.add_argument("--checkpoint", type=Path, required=True)
+    predict.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint, or a .pt2 from segfast export")
     predict.add_argument("--image", type=Path, required=True)
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--backend", choices=["segfast", "torch"], default=None)
     predict.set_defaults(run=segment.run_predict)
+    export = sub.add_parser("export", help="fold BatchNorm and write a torch.export program (.pt2) for predict")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--image-size", type=int, default=None, help="input size (default: the training size)")
+    export.set_defaults(run=segment.run_export)
 
 
 def _loss(backend: str) -> nn.Module:
