@@ -28,20 +28,21 @@ SEGFAST_HOST_DEVICE double add_rn(double a, double b) {
 #endif
 }
 
-// theta (2 x 3, output -> input, normalised coordinates) of one sample, and the sizes.
+// theta (2 x 3, output -> input, normalised coordinates) of one sample, and the sizes, as doubles:
+// the arithmetic converts nothing from int64 (which AVX2 cannot vectorise).
 struct AffineSample {
   double t00, t01, t02, t10, t11, t12;
-  int64_t in_h, in_w, out_h, out_w;
+  double in_h, in_w, out_h, out_w;
 
   // Input pixel coordinates (x, y), pixel centres at integers, of output pixel (ox, oy).
-  SEGFAST_HOST_DEVICE void source(int64_t ox, int64_t oy, double& x, double& y) const {
-    const double xn = add_rn(mul_rn(2.0, static_cast<double>(ox)), 1.0) / static_cast<double>(out_w) - 1.0;
-    const double yn = add_rn(mul_rn(2.0, static_cast<double>(oy)), 1.0) / static_cast<double>(out_h) - 1.0;
+  SEGFAST_HOST_DEVICE void source(double ox, double oy, double& x, double& y) const {
+    const double xn = add_rn(mul_rn(2.0, ox), 1.0) / out_w - 1.0;
+    const double yn = add_rn(mul_rn(2.0, oy), 1.0) / out_h - 1.0;
     const double sx = add_rn(add_rn(mul_rn(t00, xn), mul_rn(t01, yn)), t02);
     const double sy = add_rn(add_rn(mul_rn(t10, xn), mul_rn(t11, yn)), t12);
     // clamped far outside the input so that the integer conversions below stay defined
-    x = clamp_far(add_rn(mul_rn(sx + 1.0, static_cast<double>(in_w)), -1.0) / 2.0);
-    y = clamp_far(add_rn(mul_rn(sy + 1.0, static_cast<double>(in_h)), -1.0) / 2.0);
+    x = clamp_far(add_rn(mul_rn(sx + 1.0, in_w), -1.0) / 2.0);
+    y = clamp_far(add_rn(mul_rn(sy + 1.0, in_h), -1.0) / 2.0);
   }
   static constexpr double kFar = 1e9;  // also keeps them in int32 range
   // Two unconditional selects (not fmin/fmax, library calls on the CPU, nor nested conditions, which

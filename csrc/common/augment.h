@@ -13,7 +13,8 @@ inline void check_augment_args(const at::Tensor& image, const at::Tensor& mask, 
                     image.size(3), "), got ", mask.sizes());
   TORCH_CHECK_VALUE(theta.dim() == 3 && theta.size(0) == image.size(0) && theta.size(1) == 2 && theta.size(2) == 3,
                     "affine_augment: theta must be (N, 2, 3), got ", theta.sizes());
-  TORCH_CHECK_VALUE(out_h > 0 && out_w > 0, "affine_augment: output size must be positive, got ", out_h, "x", out_w);
+  TORCH_CHECK_VALUE(out_h > 0 && out_w > 0 && out_h < (int64_t{1} << 31) && out_w < (int64_t{1} << 31),
+                    "affine_augment: output size must be positive and below 2^31, got ", out_h, "x", out_w);
 }
 
 }  // namespace segfast

@@ -52,9 +52,12 @@ struct Strides {
 // out over a row so that it vectorises; -ffp-contract=off (CMakeLists.txt) keeps every rounding
 // as in the scalar definition and the float64 reference.
 template <typename acc_t, typename index_t>
-SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& s, int64_t oy, const Strides& st,
+SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, const Strides& st,
                                        RowTaps<acc_t, index_t>& r) {
+  const AffineSample s = sample;  // a local copy: the stores below cannot alias it
   const auto w = static_cast<index_t>(s.in_w), h = static_cast<index_t>(s.in_h);
+  const auto width = static_cast<int32_t>(s.out_w);  // int32 -> double converts in vectors, int64 does not
+  const auto row = static_cast<double>(oy);
   const auto sy_ = static_cast<index_t>(st.image_y), sx_ = static_cast<index_t>(st.image_x);
   const auto my = static_cast<index_t>(st.mask_y), mx = static_cast<index_t>(st.mask_x);
   index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
@@ -62,22 +65,23 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& s, int64_t oy, const 
   uint8_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
   index_t* mo = r.mask_offset.data();
 #pragma omp simd
-  for (int64_t ox = 0; ox < s.out_w; ++ox) {
+  for (int32_t ox = 0; ox < width; ++ox) {
     double x, y;
-    s.source(ox, oy, x, y);
+    s.source(static_cast<double>(ox), row, x, y);
     const double fx = floor(x), fy = floor(y);
     const auto x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
     const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);
     const bool x0_in = x0 >= 0 && x0 < w, x1_in = x0 + 1 >= 0 && x0 + 1 < w;
     const bool y0_in = y0 >= 0 && y0 < h, y1_in = y0 + 1 >= 0 && y0 + 1 < h;
-    i0[ox] = x0_in && y0_in;
-    i1[ox] = x1_in && y0_in;
-    i2[ox] = x0_in && y1_in;
-    i3[ox] = x1_in && y1_in;
-    o0[ox] = i0[ox] ? y0 * sy_ + x0 * sx_ : 0;
-    o1[ox] = i1[ox] ? y0 * sy_ + (x0 + 1) * sx_ : 0;
-    o2[ox] = i2[ox] ? (y0 + 1) * sy_ + x0 * sx_ : 0;
-    o3[ox] = i3[ox] ? (y0 + 1) * sy_ + (x0 + 1) * sx_ : 0;
+    const bool in0 = x0_in && y0_in, in1 = x1_in && y0_in, in2 = x0_in && y1_in, in3 = x1_in && y1_in;
+    i0[ox] = in0;
+    i1[ox] = in1;
+    i2[ox] = in2;
+    i3[ox] = in3;
+    o0[ox] = in0 ? y0 * sy_ + x0 * sx_ : 0;
+    o1[ox] = in1 ? y0 * sy_ + (x0 + 1) * sx_ : 0;
+    o2[ox] = in2 ? (y0 + 1) * sy_ + x0 * sx_ : 0;
+    o3[ox] = in3 ? (y0 + 1) * sy_ + (x0 + 1) * sx_ : 0;
     w0[ox] = (1 - ax) * (1 - ay);
     w1[ox] = ax * (1 - ay);
     w2[ox] = (1 - ax) * ay;
@@ -135,7 +139,8 @@ std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor&
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / out_h, oy = row % out_h;
           const double* tn = t + 6 * n;
-          const AffineSample sample{tn[0], tn[1], tn[2], tn[3], tn[4], tn[5], in_h, in_w, out_h, out_w};
+          const AffineSample sample{tn[0],         tn[1],         tn[2],          tn[3],         tn[4], tn[5],
+                                    double(in_h), double(in_w), double(out_h), double(out_w)};
           row_taps(sample, oy, st, taps);
           for (int64_t c = 0; c < channels; ++c) {
             gather_channel(in + n * image.stride(0) + c * image.stride(1),

@@ -30,9 +30,10 @@ __global__ void affine_augment_kernel(const scalar_t* image, const mask_t* mask,
   SEGFAST_CUDA_KERNEL_LOOP(i, batch * out_h * out_w) {
     const int64_t n = i / (out_h * out_w), oy = i / out_w % out_h, ox = i % out_w;
     const double* t = theta + 6 * n;
-    const AffineSample sample{t[0], t[1], t[2], t[3], t[4], t[5], in_h, in_w, out_h, out_w};
+    const AffineSample sample{t[0], t[1], t[2], t[3], t[4], t[5], double(in_h), double(in_w), double(out_h),
+                              double(out_w)};
     double x, y;
-    sample.source(ox, oy, x, y);
+    sample.source(static_cast<double>(ox), static_cast<double>(oy), x, y);
     const auto taps = bilinear_taps<acc_t>(x, y, in_w, in_h, is.s2, is.s3);
     scalar_t* pixel = out + n * os.s0 + oy * os.s2 + ox * os.s3;
     for (int64_t c = 0; c < channels; ++c) {
