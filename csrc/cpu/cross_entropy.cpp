@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
 #include "cpu/vec_math.h"
@@ -187,10 +188,6 @@ void check_inputs(const Tensor& input, const Tensor& target, bool prob) {
                       "), got ", target.sizes());
   }
 }
-
-// Logits are read in place through their strides, and the gradient (empty_like) gets the same
-// strides, so they must be dense: an expanded or gapped view is copied first.
-Tensor dense(const Tensor& input) { return input.is_non_overlapping_and_dense() ? input : input.contiguous(); }
 
 // Probability targets are read with the logits' offsets.
 Tensor with_logit_strides(const Tensor& target, const Tensor& input, bool prob) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/class_index.h"
+#include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
 
@@ -37,8 +38,6 @@ void for_each_tile(int64_t batch, int64_t pixels, F&& f) {
 }
 
 int64_t tile_count(int64_t batch, int64_t pixels) { return batch * ((pixels + kTile - 1) / kTile); }
-
-Tensor dense(const Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
 
 // The class of pixel (n, s), or -1 when ignored; a bad index raises IndexError.
 template <typename target_t>
@@ -159,6 +158,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
       const target_t* t = target.const_data_ptr<target_t>();
       const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
       acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+      scalar_t* loss_p = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
       for_each_tile(batch, pixels, [&](int64_t n, int64_t s0, int64_t s1, int64_t tile) {
         double sum = 0, counted = 0;
         for (int64_t s = s0; s < s1; ++s) {
@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
                                        static_cast<acc_t>(gamma)).loss;
             counted += 1;
           }
-          if (loss.defined()) loss.mutable_data_ptr<scalar_t>()[n * pixels + s] = static_cast<scalar_t>(value);
+          if (loss_p != nullptr) loss_p[n * pixels + s] = static_cast<scalar_t>(value);
           sum += value;
         }
         tile_loss[tile] = sum;

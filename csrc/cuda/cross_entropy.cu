@@ -20,6 +20,7 @@
 #include <limits>
 #include <string_view>
 
+#include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
 #include "cuda/launch.cuh"
@@ -175,7 +176,7 @@ struct Inputs {
 
 Inputs prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight) {
   TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
-  const Tensor logits = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  const Tensor logits = dense(input);
   const bool prob = at::isFloatingType(target.scalar_type());
   Tensor t = target;
   if (prob) {

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "common/class_index.h"
+#include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
 #include "cuda/launch.cuh"
@@ -45,8 +46,6 @@ Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
   return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), t.stride(0), t.stride(1),
           ignore_index};
 }
-
-Tensor dense(const Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
 
 // -1 (all bits set) is above every pixel index for atomicMin: "no bad pixel"
 Tensor no_bad_pixel(const Tensor& like) {
