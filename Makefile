@@ -21,7 +21,7 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 # torchvision for the conversion tests on its models, in the venv whose torch it matches
 EXTRA_DEPS_2.14.1 = torchvision==0.29.1
 
-.PHONY: venv build test bench info fuzz asan clean
+.PHONY: venv build test bench info fuzz asan wheel clean
 venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,15 @@ asan:
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(ASAN_VENV)/bin/python -m pytest -q -s -p no:cacheprovider $(ASAN_TESTS)
+
+# dist/: a CPU wheel (torch 2.13) and a CUDA wheel (torch 2.14.1, cu130), each repaired by auditwheel,
+# inspected and installed into a fresh venv for a smoke test of every op (tools/build_wheel.py)
+wheel:
+	$(MAKE) venv
+	SEGFAST_CUDA=OFF $(PYTHON) tools/build_wheel.py --venv $(VENV) --dist dist
+	$(MAKE) venv TORCH=2.14.1 VENV=.venv-cuda
+	SEGFAST_CUDA=ON .venv-cuda/bin/python tools/build_wheel.py --venv .venv-cuda --dist dist
+	@ls -l dist
 
 info: build
 	$(PYTHON) -m segfast info

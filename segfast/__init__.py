@@ -2,6 +2,8 @@
 
 ``segfast.ops`` mirrors ``torch.nn.functional``; ``segfast.nn`` mirrors ``torch.nn``.
 """
+import importlib.metadata as _metadata
+
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from segfast._build_info import TORCH_VERSION as _BUILT_FOR
@@ -28,4 +30,4 @@ from segfast.convert import ConversionReport, convert  # noqa: E402
 from segfast.deploy import fold_batchnorm  # noqa: E402
 
 __all__ = ["ConversionReport", "build_info", "convert", "fold_batchnorm", "nn", "ops"]
-__version__ = "0.1.0"
+__version__ = _metadata.version("segfast")  # e.g. 0.1.0+cpu.torch2.13: what this build is for

@@ -57,3 +57,13 @@ def test_mismatched_torch_gives_a_clear_import_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"built against torch 2.9.1+cpu but torch {torch.__version__} is installed" in out
     assert "Reinstall segfast" in out
+
+
+def test_package_version_names_the_torch_and_kernels_it_was_built_for():
+    # tools/wheel_metadata.py: the local label a wheel (or this editable install) carries, and its torch pin
+    import importlib.metadata
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    flavour = "cu" + torch.version.cuda.replace(".", "") if segfast.build_info()["cuda"] else "cpu"
+    assert segfast.__version__ == importlib.metadata.version("segfast")
+    assert segfast.__version__.endswith(f"+{flavour}.torch{major_minor}")
+    assert f"torch=={major_minor}.*" in importlib.metadata.requires("segfast")
