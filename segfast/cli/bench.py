@@ -1,0 +1,84 @@
+"""``segfast bench``: run the benchmark suites, or compare two result files.
+
+    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                  [--layout nchw|channels_last] [--quick] [--reps N] [--no-compile] [--out DIR]
+    segfast bench compare A.json B.json
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from segfast.bench.cases import DTYPES, LAYOUTS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="segfast vs stock PyTorch (eager, torch.compile): time and memory",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="*", metavar="compare A.json B.json",
+                   help="compare two result files instead of running")
+    p.add_argument("--suite", default="ops,models,augment", help="comma-separated: ops, models, augment")
+    p.add_argument("--only", default="", help="comma-separated families/models within the suites, e.g. "
+                   "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
+                   "segmentation_losses, confusion_matrix; models: unet, fcn; augment: int64, uint8)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--layout", default="nchw", choices=list(LAYOUTS))
+    p.add_argument("--quick", action="store_true", help="small shapes, 5 reps: under 3 minutes on 2 CPU cores")
+    p.add_argument("--reps", type=int, help="timed calls per provider (default 15; 5 with --quick)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--no-charts", action="store_true", help="no PNG charts (they need matplotlib)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="where the JSON and charts go")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from segfast import bench
+
+    if args.action:
+        if len(args.action) != 3 or args.action[0] != "compare":
+            raise ValueError(f"expected 'segfast bench compare A.json B.json', got {' '.join(args.action)!r}")
+        for path in args.action[1:]:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"no result file {path}")
+        print(bench.report.compare(Path(args.action[1]), Path(args.action[2])))
+        return 0
+    suites = [s for s in args.suite.split(",") if s]
+    unknown = [s for s in suites if s not in bench.SUITES]
+    if unknown or not suites:
+        raise ValueError(f"--suite: expected some of {', '.join(bench.SUITES)}, got {args.suite!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch here")
+    if args.reps is not None and args.reps < 1:
+        raise ValueError(f"--reps must be at least 1, got {args.reps}")
+    only = _only(args.only, suites, bench.SUITES)
+    suites = [s for s in suites if s in only] if only else suites
+    settings = bench.Settings(device=args.device, dtype=args.dtype, layout=args.layout, quick=args.quick,
+                              compile=not args.no_compile)
+    reps = args.reps or (5 if args.quick else 15)
+    rows, env = bench.run(suites, settings, reps, only)
+    if not rows:
+        raise ValueError("nothing ran: every case's baseline failed with these settings")
+    stem = f"bench-{args.device}-{args.dtype}-{args.layout}" + ("-quick" if args.quick else "")
+    json_path = args.out / f"{stem}.json"
+    bench.report.write_json(json_path, rows, env)
+    print(f"\n{bench.report.environment_line(env)}\n\n{bench.report.markdown(rows)}\n\nwrote {json_path}")
+    if not args.no_charts:
+        for path in bench.report.charts(rows, args.out, stem):
+            print(f"wrote {path}")
+    return 0
+
+
+def _only(spec: str, suites: list[str], known: dict) -> dict[str, list[str]]:
+    """--only names, each sent to the suite that knows it (suites left without a name do not run)."""
+    names = {"ops": list(known["ops"].FAMILIES), "models": ["unet", "fcn"], "augment": ["int64", "uint8"]}
+    only: dict[str, list[str]] = {}
+    for name in filter(None, spec.split(",")):
+        owners = [s for s in suites if name in names[s]]
+        if not owners:
+            raise ValueError(f"--only: {name!r} is in none of the suites {', '.join(suites)} "
+                             f"(known: {', '.join(n for s in suites for n in names[s])})")
+        only.setdefault(owners[0], []).append(name)
+    return only
