@@ -1,9 +1,5 @@
-// Per-pixel softmax cross-entropy on CPU, straight on (N, C, S) logits of any strides.
-//
-// Work is cut into tiles of kTile pixels of one image. Within a tile the C x kTile logits stay in
-// L1, so the class loops (max, then sum of exp) read memory once; the inner loop runs over pixels
-// and vectorises when pixels are contiguous (NCHW). Backward recomputes softmax from the saved
-// per-pixel log-sum-exp. Sums over pixels go through per-tile partials added in a fixed order, so
+// Per-pixel softmax cross-entropy on CPU, straight on (N, C, S) logits of any strides, tile by
+// tile (cpu/softmax_tile.h). Backward recomputes softmax from the saved per-pixel log-sum-exp. Sums over pixels go through per-tile partials added in a fixed order, so
 // results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,51 +17,21 @@
 #include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
+#include "cpu/softmax_tile.h"
 #include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kTile = 64;
-
-// A tile of logits: x(c, j) = data[c * class_stride + j * pixel_stride], j < pixels <= kTile.
-// kUnit: pixel_stride is 1 (NCHW), known at compile time so the pixel loops vectorise.
-template <typename scalar_t, bool kUnit>
-struct Tile {
-  const scalar_t* data;
-  int64_t class_stride, pixel_stride_, classes, pixels;
-
-  int64_t pixel_stride() const { return kUnit ? 1 : pixel_stride_; }
-  const scalar_t* row(int64_t c) const { return data + c * class_stride; }
-};
-
-// lse[j] = log sum_c exp x(c, j): a max pass, then a sum-of-exp pass over the L1-resident tile.
-template <typename scalar_t, bool kUnit>
-SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* lse) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t ps = t.pixel_stride();
-  acc_t max[kTile], sum[kTile];
-  for (int64_t j = 0; j < t.pixels; ++j) {
-    max[j] = -std::numeric_limits<acc_t>::infinity();
-    sum[j] = 0;
-  }
-  for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-#pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j * ps]);
-      max[j] = v > max[j] ? v : max[j];  // NaN reaches lse through the sum below
-    }
-  }
-  for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-#pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) sum[j] += cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - max[j]);
-  }
-  for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
-}
+using cpu::dispatch_unit_stride;
+using cpu::for_each_tile;
+using cpu::Geometry;
+using cpu::geometry_of;
+using cpu::kTile;
+using cpu::Tile;
+using cpu::tile_at;
+using cpu::tile_logsumexp;
 
 // dot[j] = sum_c coef(c, j) x(c, j) and mass[j] = sum_c coef(c, j), where coef(c, j) is w_c
 // (class-index targets, for label smoothing) or w_c q'(c, j) with q' the smoothed target
@@ -113,43 +79,6 @@ SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const sca
       const acc_t p = cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
       g[j * ps] = static_cast<scalar_t>(scale[j] * (p * mass[j] - coef));
     }
-  }
-}
-
-struct Geometry {
-  int64_t batch, classes, pixels;
-  int64_t batch_stride, class_stride, pixel_stride;
-  int64_t tiles_per_image() const { return (pixels + kTile - 1) / kTile; }
-  int64_t tiles() const { return batch * tiles_per_image(); }
-};
-
-Geometry geometry_of(const Tensor& input) {
-  return {input.size(0), input.size(1), input.size(2), input.stride(0), input.stride(1), input.stride(2)};
-}
-
-// Calls f(n, s0, pixels, tile_index) for every tile, in parallel.
-template <typename F>
-void for_each_tile(const Geometry& g, F&& f) {
-  const int64_t per_image = g.tiles_per_image();
-  at::parallel_for(0, g.tiles(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / per_image, s0 = tile % per_image * kTile;
-      f(n, s0, std::min(kTile, g.pixels - s0), tile);
-    }
-  });
-}
-
-template <typename scalar_t, bool kUnit>
-Tile<scalar_t, kUnit> tile_at(const scalar_t* base, const Geometry& g, int64_t n, int64_t s0, int64_t pixels) {
-  return {base + n * g.batch_stride + s0 * g.pixel_stride, g.class_stride, g.pixel_stride, g.classes, pixels};
-}
-
-template <typename F>
-void dispatch_unit_stride(const Geometry& g, F&& f) {
-  if (g.pixel_stride == 1) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
   }
 }
 

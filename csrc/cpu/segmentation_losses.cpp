@@ -1,9 +1,9 @@
-// Dice and focal losses on CPU, softmax fused in: one pass over each pixel's classes for the
-// log-sum-exp, one for the sums or the gradient. Sums over pixels go through per-tile partials
-// added in a fixed order, so results do not depend on the thread count.
+// Dice and focal losses on CPU, softmax fused in, tile by tile (cpu/softmax_tile.h): the
+// log-sum-exp of a tile's pixels in two vectorised class passes, then one pass for the sums or the
+// gradient. Sums over pixels go through per-tile partials added in a fixed order, so results do not
+// depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -17,122 +17,200 @@
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
+#include "cpu/softmax_tile.h"
+#include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
+using cpu::exp_vec;
+using cpu::Geometry;
+using cpu::kTile;
+using cpu::Tile;
 
-constexpr int64_t kTile = 256;  // pixels per task: fixed by the sizes, so is the order of the sums
+// The classes of a tile's pixels, -1 where ignored; a bad index raises IndexError.
+template <typename target_t>
+void tile_classes(const Tensor& target, const target_t* t, int64_t n, int64_t s0, int64_t pixels, int64_t classes,
+                  int64_t ignore_index, const char* op, int64_t* cls) {
+  for (int64_t j = 0; j < pixels; ++j) {
+    const auto c = static_cast<int64_t>(t[n * target.stride(0) + (s0 + j) * target.stride(1)]);
+    TORCH_CHECK_INDEX(c == ignore_index || (c >= 0 && c < classes), op, ": target class ", c, " at (n=", n,
+                      ", pixel=", s0 + j, ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index,
+                      ")");
+    cls[j] = c == ignore_index ? -1 : c;
+  }
+}
 
-// Calls f(n, s0, s1, tile) for every tile of pixels of every image, in parallel.
-template <typename F>
-void for_each_tile(int64_t batch, int64_t pixels, F&& f) {
-  const int64_t per_image = (pixels + kTile - 1) / kTile;
-  at::parallel_for(0, batch * per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / per_image, s0 = t % per_image * kTile;
-      f(n, s0, std::min(pixels, s0 + kTile), t);
-    }
+// Runs body(tile, t, lse, cls) for every tile of the dense logits, with their log-sum-exp and classes.
+template <typename scalar_t, typename target_t, typename Body>
+void for_each_softmax_tile(const Tensor& input, const Tensor& target, int64_t ignore_index, const char* op,
+                           Body&& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = cpu::geometry_of(input);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const target_t* tp = target.const_data_ptr<target_t>();
+  cpu::dispatch_unit_stride(g, [&](auto unit) {
+    cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t tile) {
+      const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x, g, n, s0, pixels);
+      acc_t lse[kTile];
+      int64_t cls[kTile];
+      cpu::tile_logsumexp(t, lse);
+      tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, op, cls);
+      body(n, s0, tile, t, lse, cls);
+    });
   });
 }
 
-int64_t tile_count(int64_t batch, int64_t pixels) { return batch * ((pixels + kTile - 1) / kTile); }
+// softmax p(c, j) of a tile, recomputed from its log-sum-exp
+template <typename scalar_t, bool kUnit>
+at::opmath_type<scalar_t> prob(const Tile<scalar_t, kUnit>& t, const at::opmath_type<scalar_t>* lse, int64_t c,
+                               int64_t j) {
+  return exp_vec(static_cast<at::opmath_type<scalar_t>>(t.row(c)[j * t.pixel_stride()]) - lse[j]);
+}
 
-// The class of pixel (n, s), or -1 when ignored; a bad index raises IndexError.
-template <typename target_t>
-int64_t class_at(const Tensor& target, const target_t* t, int64_t n, int64_t s, int64_t classes,
-                 int64_t ignore_index, const char* op) {
-  const auto cls = static_cast<int64_t>(t[n * target.stride(0) + s * target.stride(1)]);
-  if (cls == ignore_index) return -1;
-  TORCH_CHECK_INDEX(cls >= 0 && cls < classes, op, ": target class ", cls, " at (n=", n, ", pixel=", s,
-                    ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index, ")");
-  return cls;
+// sums[c] = sum over the tile's counted pixels (cls >= 0) of p(c, j), or p(c, j)^2 if squared
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_prob_sums(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
+                                             const int64_t* cls, bool squared, at::opmath_type<scalar_t>* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      sum += cls[j] < 0 ? acc_t(0) : (squared ? p * p : p);  // an ignored pixel's NaN stays out
+    }
+    sums[c] = sum;
+  }
+}
+
+// Dice gradient of a tile, written with the logits' offsets from grad: d loss / d x(c, j) =
+// p_c (dp_c - sum_k p_k dp_k), dp_c = d loss / d p_c = g_pred[c] (2 p_c if squared, else 1) +
+// g_inter[c] at the pixel's class; 0 at ignored pixels.
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
+                                             const int64_t* cls, const at::opmath_type<scalar_t>* g_pred,
+                                             const at::opmath_type<scalar_t>* g_inter, bool squared, scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  acc_t weighted[kTile];  // sum_k p_k dp_k
+  for (int64_t j = 0; j < t.pixels; ++j) {
+    weighted[j] = cls[j] < 0 ? acc_t(0) : prob(t, lse, cls[j], j) * g_inter[cls[j]];
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    const acc_t gp = g_pred[c];
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      weighted[j] += p * gp * (squared ? 2 * p : acc_t(1));
+    }
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    scalar_t* g = grad + c * t.class_stride;
+    const acc_t gp = g_pred[c], gi = g_inter[c];
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      const acc_t dp = gp * (squared ? 2 * p : acc_t(1)) + (cls[j] == c ? gi : acc_t(0));
+      g[j * ps] = static_cast<scalar_t>(cls[j] < 0 ? acc_t(0) : p * (dp - weighted[j]));
+    }
+  }
+}
+
+// Focal gradient of a tile: d loss / d x(c, j) = coef[j] (delta_{c, cls[j]} - p(c, j)), coef the
+// pixel's scale x A (0 where ignored), written with the logits' offsets from grad.
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_focal_grad(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
+                                              const int64_t* cls, const at::opmath_type<scalar_t>* coef,
+                                              scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    scalar_t* g = grad + c * t.class_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      g[j * ps] = static_cast<scalar_t>(coef[j] * ((cls[j] == c ? acc_t(1) : acc_t(0)) - p));
+    }
+  }
+}
+
+// Per tile and class: sum of p (or p^2) over counted pixels, sum of p over pixels of that class,
+// and their count; then added per image in tile order into sums (3, N, C).
+template <typename scalar_t, typename target_t>
+void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_index, bool squared, Tensor& sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = cpu::geometry_of(input);
+  const int64_t classes = g.classes;
+  std::vector<acc_t> partial(g.tiles() * 3 * classes, acc_t(0));
+  for_each_softmax_tile<scalar_t, target_t>(input, target, ignore_index, "dice_loss",
+      [&](int64_t, int64_t, int64_t tile, const auto& t, const acc_t* lse, const int64_t* cls) {
+        acc_t* inter = partial.data() + tile * 3 * classes;
+        acc_t *pred = inter + classes, *truth = pred + classes;
+        tile_prob_sums(t, lse, cls, squared, pred);
+        for (int64_t j = 0; j < t.pixels; ++j) {
+          if (cls[j] < 0) continue;
+          inter[cls[j]] += prob(t, lse, cls[j], j);
+          truth[cls[j]] += 1;
+        }
+      });
+  acc_t* out = sums.mutable_data_ptr<acc_t>();
+  const int64_t per_image = g.tiles_per_image();
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t tile = n * per_image; tile < (n + 1) * per_image; ++tile) {
+      for (int64_t k = 0; k < 3; ++k) {
+        for (int64_t c = 0; c < classes; ++c) out[(k * g.batch + n) * classes + c] += partial[(tile * 3 + k) * classes + c];
+      }
+    }
+  }
 }
 
 Tensor dice_sums_cpu(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
   check_loss_inputs("dice_loss", input_, target);
   const Tensor input = dense(input_);
-  const int64_t batch = input.size(0), classes = input.size(1), pixels = input.size(2);
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  Tensor sums = at::zeros({3, batch, classes}, input.options().dtype(acc_type));
+  Tensor sums = at::zeros({3, input.size(0), input.size(1)}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const target_t* t = target.const_data_ptr<target_t>();
-      std::vector<acc_t> partial(tile_count(batch, pixels) * 3 * classes, acc_t(0));
-      for_each_tile(batch, pixels, [&](int64_t n, int64_t s0, int64_t s1, int64_t tile) {
-        acc_t* inter = partial.data() + tile * 3 * classes;
-        acc_t *pred = inter + classes, *truth = pred + classes;
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t cls = class_at(target, t, n, s, classes, ignore_index, "dice_loss");
-          if (cls < 0) continue;
-          const scalar_t* px = x + n * input.stride(0) + s * input.stride(2);
-          const acc_t lse = pixel_logsumexp<acc_t>(px, classes, input.stride(1));
-          for (int64_t c = 0; c < classes; ++c) {
-            const acc_t p = std::exp(static_cast<acc_t>(px[c * input.stride(1)]) - lse);
-            pred[c] += squared ? p * p : p;
-          }
-          inter[cls] += std::exp(static_cast<acc_t>(px[cls * input.stride(1)]) - lse);
-          truth[cls] += 1;
-        }
-      });
-      acc_t* out = sums.mutable_data_ptr<acc_t>();
-      const int64_t per_image = tile_count(1, pixels);
-      for (int64_t n = 0; n < batch; ++n) {
-        for (int64_t tile = n * per_image; tile < (n + 1) * per_image; ++tile) {
-          for (int64_t k = 0; k < 3; ++k) {
-            for (int64_t c = 0; c < classes; ++c) {
-              out[(k * batch + n) * classes + c] += partial[(tile * 3 + k) * classes + c];
-            }
-          }
-        }
-      }
+      dice_sums_kernel<scalar_t, decltype(target_type)>(input, target, ignore_index, squared, sums);
     });
   });
   return sums;
+}
+
+template <typename scalar_t, typename target_t>
+void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, const Tensor& target,
+                               int64_t ignore_index, bool squared, Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = cpu::geometry_of(input);
+  const acc_t* gs = grad_sums.const_data_ptr<acc_t>();
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  for_each_softmax_tile<scalar_t, target_t>(input, target, ignore_index, "dice_loss",
+      [&](int64_t n, int64_t, int64_t, const auto& t, const acc_t* lse, const int64_t* cls) {
+        const acc_t *g_inter = gs + n * g.classes, *g_pred = gs + (g.batch + n) * g.classes;
+        tile_dice_grad(t, lse, cls, g_pred, g_inter, squared, out + (t.data - input.const_data_ptr<scalar_t>()));
+      });
 }
 
 Tensor dice_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                               int64_t ignore_index, bool squared) {
   check_loss_inputs("dice_loss", input_, target);
   const Tensor input = dense(input_);
-  const int64_t batch = input.size(0), classes = input.size(1), pixels = input.size(2);
+  const int64_t batch = input.size(0), classes = input.size(1);
   const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
   TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, batch, classes}),
                     "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
   Tensor grad = at::empty_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const target_t* t = target.const_data_ptr<target_t>();
-      const acc_t* gs = grad_sums.const_data_ptr<acc_t>();
-      scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-      const int64_t cs = input.stride(1);
-      for_each_tile(batch, pixels, [&](int64_t n, int64_t s0, int64_t s1, int64_t) {
-        std::vector<acc_t> dp(classes), p(classes);
-        const acc_t *g_inter = gs + n * classes, *g_pred = gs + (batch + n) * classes;
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t at = n * input.stride(0) + s * input.stride(2);
-          const int64_t cls = class_at(target, t, n, s, classes, ignore_index, "dice_loss");
-          if (cls < 0) {
-            for (int64_t c = 0; c < classes; ++c) g[at + c * cs] = scalar_t(0);
-            continue;
-          }
-          const acc_t lse = pixel_logsumexp<acc_t>(x + at, classes, cs);
-          acc_t weighted = 0;  // sum_c p_c dL/dp_c
-          for (int64_t c = 0; c < classes; ++c) {
-            p[c] = std::exp(static_cast<acc_t>(x[at + c * cs]) - lse);
-            dp[c] = g_pred[c] * (squared ? 2 * p[c] : acc_t(1)) + (c == cls ? g_inter[c] : acc_t(0));
-            weighted += p[c] * dp[c];
-          }
-          for (int64_t c = 0; c < classes; ++c) g[at + c * cs] = static_cast<scalar_t>(p[c] * (dp[c] - weighted));
-        }
-      });
+      dice_sums_backward_kernel<scalar_t, decltype(target_type)>(grad_sums, input, target, ignore_index, squared,
+                                                                  grad);
     });
   });
   return grad;
@@ -144,41 +222,36 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
   check_loss_inputs("focal_loss", input_, target);
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const int64_t batch = input.size(0), classes = input.size(1), pixels = input.size(2);
+  const Geometry g = cpu::geometry_of(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
-  Tensor lse = at::empty({batch, pixels}, input.options().dtype(acc_type));
-  Tensor loss = reduction == Reduction::None ? at::empty({batch, pixels}, input.options()) : Tensor();
-  std::vector<double> tile_loss(tile_count(batch, pixels)), tile_pixels(tile_count(batch, pixels));
+  Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
+  Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options()) : Tensor();
+  std::vector<double> tile_loss(g.tiles()), tile_pixels(g.tiles());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "focal_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const target_t* t = target.const_data_ptr<target_t>();
       const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
       acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
       scalar_t* loss_p = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-      for_each_tile(batch, pixels, [&](int64_t n, int64_t s0, int64_t s1, int64_t tile) {
-        double sum = 0, counted = 0;
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t at = n * input.stride(0) + s * input.stride(2);
-          const acc_t l = pixel_logsumexp<acc_t>(x + at, classes, input.stride(1));
-          lse_p[n * pixels + s] = l;
-          const int64_t cls = class_at(target, t, n, s, classes, ignore_index, "focal_loss");
-          acc_t value = 0;
-          if (cls >= 0) {
-            const auto alpha_t = static_cast<acc_t>(a ? a[cls] : 1.0);
-            value = focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * input.stride(1)]) - l, alpha_t,
-                                       static_cast<acc_t>(gamma)).loss;
-            counted += 1;
-          }
-          if (loss_p != nullptr) loss_p[n * pixels + s] = static_cast<scalar_t>(value);
-          sum += value;
-        }
-        tile_loss[tile] = sum;
-        tile_pixels[tile] = counted;
-      });
+      for_each_softmax_tile<scalar_t, decltype(target_type)>(input, target, ignore_index, "focal_loss",
+          [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int64_t* cls) {
+            double sum = 0, counted = 0;
+            for (int64_t j = 0; j < t.pixels; ++j) {
+              lse_p[n * g.pixels + s0 + j] = lse_tile[j];
+              acc_t value = 0;
+              if (cls[j] >= 0) {
+                const acc_t log_pt = static_cast<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+                value = focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
+                                           static_cast<acc_t>(gamma)).loss;
+                counted += 1;
+              }
+              if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = static_cast<scalar_t>(value);
+              sum += value;
+            }
+            tile_loss[tile] = sum;
+            tile_pixels[tile] = counted;
+          });
     });
   });
   double sum = 0, count = 0;
@@ -199,7 +272,7 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
   check_loss_inputs("focal_loss", input_, target);
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const int64_t batch = input.size(0), classes = input.size(1), pixels = input.size(2);
+  const Geometry g = cpu::geometry_of(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
@@ -210,27 +283,30 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
     const acc_t reduced = reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
       using target_t = decltype(target_type);
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const target_t* t = target.const_data_ptr<target_t>();
+      const scalar_t* x0 = input.const_data_ptr<scalar_t>();
+      const target_t* tp = target.const_data_ptr<target_t>();
       const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
       const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-      scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-      const int64_t cs = input.stride(1);
-      for_each_tile(batch, pixels, [&](int64_t n, int64_t s0, int64_t s1, int64_t) {
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t at = n * input.stride(0) + s * input.stride(2);
-          const int64_t cls = class_at(target, t, n, s, classes, ignore_index, "focal_loss");
-          const acc_t scale = cls < 0 ? acc_t(0) : (reduction == Reduction::None ? gl[n * pixels + s] : reduced);
-          const acc_t l = lse_p[n * pixels + s];
-          const acc_t big_a = cls < 0 ? acc_t(0)
-                                      : focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * cs]) - l,
-                                                           static_cast<acc_t>(a ? a[cls] : 1.0),
-                                                           static_cast<acc_t>(gamma)).a;
-          for (int64_t c = 0; c < classes; ++c) {
-            const acc_t p = std::exp(static_cast<acc_t>(x[at + c * cs]) - l);
-            g[at + c * cs] = static_cast<scalar_t>(scale * big_a * ((c == cls ? acc_t(1) : acc_t(0)) - p));
+      scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+      cpu::dispatch_unit_stride(g, [&](auto unit) {
+        cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
+          const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x0, g, n, s0, pixels);
+          const acc_t* lse_tile = lse_p + n * g.pixels + s0;
+          int64_t cls[kTile];
+          acc_t coef[kTile];  // scale * A
+          tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, "focal_loss", cls);
+          for (int64_t j = 0; j < pixels; ++j) {
+            if (cls[j] < 0) {
+              coef[j] = 0;
+              continue;
+            }
+            const acc_t scale = reduction == Reduction::None ? gl[n * g.pixels + s0 + j] : reduced;
+            const acc_t log_pt = static_cast<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+            coef[j] = scale * focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
+                                                 static_cast<acc_t>(gamma)).a;
           }
-        }
+          tile_focal_grad(t, lse_tile, cls, coef, out + (t.data - x0));
+        });
       });
     });
   });
