@@ -92,6 +92,26 @@ def test_seeded_generator_reproduces_and_collate_works():
     assert images.shape == (4, 3, 12, 20) and masks.dtype == torch.int64
 
 
+def test_large_outputs_from_the_output_cache_are_ordinary_tensors():
+    # outputs of 8 MiB and more come from cpu/output_cache.h: same values, and they share across
+    # processes (DataLoader workers) like any tensor
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.rand(3, 3, 640, 640, generator=g), torch.randint(0, 9, (3, 640, 640), generator=g)
+    theta = RandomAffine(rotate=30, flip=0.5).sample(3, (640, 640), g).theta
+    ours, ours_mask = segfast.ops.affine_augment(image, mask, theta)
+    assert ours.nbytes >= 8 << 20 and ours_mask.nbytes >= 8 << 20
+    assert_close_to_reference(ours, _stock(image, theta, (640, 640)), _stock(image.double(), theta, (640, 640)),
+                              "image")
+    assert torch.equal(ours_mask, _reference_mask(mask, theta, (640, 640), 255))
+    expected = ours.clone()
+    shared = ours.share_memory_()
+    assert shared.is_shared() and torch.equal(shared, expected)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(image, mask), batch_size=3, num_workers=1,
+                                         collate_fn=AugmentCollate(RandomAffine(rotate=10)))
+    (batch_images, batch_masks), = list(loader)
+    assert batch_images.shape == (3, 3, 640, 640) and batch_masks.shape == (3, 640, 640)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: segfast.ops.affine_augment(torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long),
                                         torch.zeros(2, 2, 3)), ValueError, "mask must have shape"),

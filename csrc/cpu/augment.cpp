@@ -13,12 +13,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/affine.h"
 #include "common/augment.h"
 #include "common/class_index.h"
 #include "common/layout.h"
+#include "cpu/output_cache.h"
 
 namespace segfast {
 namespace {
@@ -27,12 +29,13 @@ using at::Tensor;
 
 // One output row's taps: offsets of the four neighbours in an input plane (0 when outside, with
 // `inside` cleared), their weights, and the mask offset (-1: outside). index_t is int32 when every
-// offset in a plane fits it (32-bit gathers: twice the lanes), else int64.
+// offset in a plane fits it (32-bit gathers: twice the lanes), else int64; the inside flags are
+// index_t too (one element width in the loops: uint8 flags kept GCC from vectorising them).
 template <typename acc_t, typename index_t>
 struct RowTaps {
   std::vector<index_t> offset[4];
   std::vector<acc_t> weight[4];
-  std::vector<uint8_t> inside[4];
+  std::vector<index_t> inside[4];
   std::vector<index_t> mask_offset;
 
   explicit RowTaps(int64_t width) : mask_offset(width) {
@@ -55,14 +58,15 @@ template <typename acc_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, const Strides& st,
                                        RowTaps<acc_t, index_t>& r) {
   const AffineSample s = sample;  // a local copy: the stores below cannot alias it
-  const auto w = static_cast<index_t>(s.in_w), h = static_cast<index_t>(s.in_h);
+  using uindex_t = std::make_unsigned_t<index_t>;
+  const auto uw = static_cast<uindex_t>(s.in_w), uh = static_cast<uindex_t>(s.in_h);
   const auto width = static_cast<int32_t>(s.out_w);  // int32 -> double converts in vectors, int64 does not
   const auto row = static_cast<double>(oy);
   const auto sy_ = static_cast<index_t>(st.image_y), sx_ = static_cast<index_t>(st.image_x);
   const auto my = static_cast<index_t>(st.mask_y), mx = static_cast<index_t>(st.mask_x);
   index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
   acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
-  uint8_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
+  index_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
   index_t* mo = r.mask_offset.data();
 #pragma omp simd
   for (int32_t ox = 0; ox < width; ++ox) {
@@ -71,9 +75,10 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
     const double fx = floor(x), fy = floor(y);
     const auto x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
     const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);
-    const bool x0_in = x0 >= 0 && x0 < w, x1_in = x0 + 1 >= 0 && x0 + 1 < w;
-    const bool y0_in = y0 >= 0 && y0 < h, y1_in = y0 + 1 >= 0 && y0 + 1 < h;
-    const bool in0 = x0_in && y0_in, in1 = x1_in && y0_in, in2 = x0_in && y1_in, in3 = x1_in && y1_in;
+    // 0 <= v < n as one unsigned compare, and & not &&: GCC if-converts and vectorises only this form
+    const bool x0_in = uindex_t(x0) < uw, x1_in = uindex_t(x0 + 1) < uw;
+    const bool y0_in = uindex_t(y0) < uh, y1_in = uindex_t(y0 + 1) < uh;
+    const bool in0 = x0_in & y0_in, in1 = x1_in & y0_in, in2 = x0_in & y1_in, in3 = x1_in & y1_in;
     i0[ox] = in0;
     i1[ox] = in1;
     i2[ox] = in2;
@@ -87,7 +92,7 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
     w2[ox] = (1 - ax) * ay;
     w3[ox] = ax * ay;
     const auto px = static_cast<index_t>(nearbyint(x)), py = static_cast<index_t>(nearbyint(y));
-    mo[ox] = px >= 0 && px < w && py >= 0 && py < h ? py * my + px * mx : index_t(-1);
+    mo[ox] = (uindex_t(px) < uw) & (uindex_t(py) < uh) ? py * my + px * mx : index_t(-1);
   }
 }
 
@@ -97,7 +102,7 @@ SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* ou
   const index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(),
                 *o3 = r.offset[3].data();
   const acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
-  const uint8_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(),
+  const index_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(),
                 *i3 = r.inside[3].data();
 #pragma omp simd
   for (int64_t ox = 0; ox < width; ++ox) {
@@ -111,13 +116,20 @@ SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* ou
   }
 }
 
+template <typename mask_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void gather_mask(const mask_t* plane, mask_t* out, int64_t width, const index_t* offset,
+                                          mask_t ignore) {
+#pragma omp simd
+  for (int64_t ox = 0; ox < width; ++ox) out[ox] = offset[ox] >= 0 ? plane[offset[ox]] : ignore;
+}
+
 std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor& mask, const Tensor& theta_,
                                               int64_t out_h, int64_t out_w, int64_t ignore_index) {
   check_augment_args(image, mask, theta_, out_h, out_w);
   const Tensor theta = theta_.to(at::kDouble).contiguous();
   const int64_t batch = image.size(0), channels = image.size(1), in_h = image.size(2), in_w = image.size(3);
-  Tensor out = at::empty({batch, channels, out_h, out_w}, image.options(), memory_format(image));
-  Tensor out_mask = at::empty({batch, out_h, out_w}, mask.options());
+  Tensor out = cpu::empty_cached({batch, channels, out_h, out_w}, image.options(), memory_format(image));
+  Tensor out_mask = cpu::empty_cached({batch, out_h, out_w}, mask.options());
   const double* t = theta.const_data_ptr<double>();
   const Strides st{image.stride(2), image.stride(3), mask.stride(1), mask.stride(2)};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
@@ -147,11 +159,7 @@ std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor&
                            o + n * out.stride(0) + c * out.stride(1) + oy * out.stride(2), out.stride(3), out_w,
                            taps);
           }
-          const mask_t* mask_n = m + n * mask.stride(0);
-          mask_t* mask_row = om + (n * out_h + oy) * out_w;
-          for (int64_t ox = 0; ox < out_w; ++ox) {
-            mask_row[ox] = taps.mask_offset[ox] >= 0 ? mask_n[taps.mask_offset[ox]] : ignore;
-          }
+          gather_mask(m + n * mask.stride(0), om + (n * out_h + oy) * out_w, out_w, taps.mask_offset.data(), ignore);
         }
         });
       };

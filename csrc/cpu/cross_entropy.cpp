@@ -17,6 +17,7 @@
 #include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
+#include "cpu/output_cache.h"
 #include "cpu/softmax_tile.h"
 #include "cpu/vec_math.h"
 
@@ -238,7 +239,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_,
   const Tensor lse = lse_.contiguous();
   const Tensor grad_pixels = reduction == Reduction::None ? grad_loss.to(lse.scalar_type()).contiguous()
                                                           : grad_loss.to(lse.scalar_type()).reshape({});
-  Tensor grad = at::empty_like(input);  // keeps the logits' strides
+  Tensor grad = cpu::empty_like_cached(input);  // keeps the logits' strides
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -16,6 +16,7 @@
 
 #include "common/layout.h"
 #include "common/pooling.h"
+#include "cpu/output_cache.h"
 
 namespace segfast {
 namespace {
@@ -292,7 +293,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
   check_grad_size("max_pool2d_backward", grad_out, p);
   TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
                     " and grad_output ", grad_out.sizes(), " differ");
-  Tensor grad_in = at::empty(input_size, grad_out.options(), format);
+  Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
     dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
       max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p);
@@ -441,7 +442,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
-  Tensor grad_in = at::empty(input_size, grad_out.options(), format);
+  Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();

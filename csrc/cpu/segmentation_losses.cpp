@@ -17,6 +17,7 @@
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
+#include "cpu/output_cache.h"
 #include "cpu/softmax_tile.h"
 #include "cpu/vec_math.h"
 
@@ -206,7 +207,7 @@ Tensor dice_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_, co
   const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
   TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, batch, classes}),
                     "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
-  Tensor grad = at::empty_like(input);
+  Tensor grad = cpu::empty_like_cached(input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
       dice_sums_backward_kernel<scalar_t, decltype(target_type)>(grad_sums, input, target, ignore_index, squared,
@@ -276,7 +277,7 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
-  Tensor grad = at::empty_like(input);
+  Tensor grad = cpu::empty_like_cached(input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "focal_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gl = g_loss.const_data_ptr<acc_t>();
