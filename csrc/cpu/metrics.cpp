@@ -1,6 +1,8 @@
 // Confusion matrix on CPU: per-pixel argmax over the classes (when given logits) fused with the
-// histogram of (target, prediction) pairs. Each block of pixels counts into its own matrix, and
-// the blocks are summed; integer counts, so the result is exact whatever the thread count.
+// histogram of (target, prediction) pairs. Pixels go by tiles (cpu/softmax_tile.h): the argmax of a
+// tile runs over the classes with the pixels in the inner, vectorised loop. Each thread's block of
+// tiles counts into its own matrix, and the blocks are summed; integer counts, so the result is
+// exact whatever the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,65 +13,110 @@
 #include <vector>
 
 #include "common/class_index.h"
+#include "common/macros.h"
 #include "common/metrics.h"
+#include "cpu/softmax_tile.h"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
+using cpu::kTile;
 
-Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const bool logits = at::isFloatingType(input.scalar_type());
-  const auto size = check_confusion_args(input, target, num_classes);
-  const int64_t batch = size.first, pixels = size.second;
-  const int64_t count = batch * pixels, cells = num_classes * num_classes;
-  const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, count / 4096));
+// pred[j] = the class torch.argmax picks for the tile's pixel j: the first maximum, or the first
+// NaN (argmax_class of common/metrics.h, with the pixels vectorised).
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_argmax(const cpu::Tile<scalar_t, kUnit> t, int64_t* pred) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  acc_t best[kTile];
+  int32_t arg[kTile];  // 32-bit in the loop: the same lane count as float
+  for (int64_t j = 0; j < t.pixels; ++j) {
+    best[j] = static_cast<acc_t>(t.row(0)[j * ps]);
+    arg[j] = 0;
+  }
+  for (int32_t c = 1; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j * ps]);
+      const bool take = (best[j] == best[j]) & ((v > best[j]) | (v != v));  // a NaN best stays
+      best[j] = take ? v : best[j];
+      arg[j] = take ? c : arg[j];
+    }
+  }
+  for (int64_t j = 0; j < t.pixels; ++j) pred[j] = arg[j];
+}
+
+// Calls predict(n, s0, pixels, pred) for every tile of the (N, S) pixels, each thread counting the
+// (target, pred) pairs of its tiles into its own matrix; returns the sum.
+template <typename Predict>
+Tensor count_pairs(const Tensor& target, int64_t batch, int64_t pixels, int64_t num_classes, int64_t ignore_index,
+                   Predict&& predict) {
+  const int64_t cells = num_classes * num_classes;
+  const int64_t per_image = (pixels + kTile - 1) / kTile, tiles = batch * per_image;
+  const int64_t blocks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, tiles / 64));
   std::vector<int64_t> partial(blocks * cells, 0);
-  auto count_pixels = [&](auto predict) {
-    dispatch_class_index(target.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const target_t* t = target.const_data_ptr<target_t>();
-      const int64_t ts0 = target.stride(0), ts1 = target.stride(1);
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          int64_t* hist = partial.data() + b * cells;
-          for (int64_t i = b * count / blocks; i < (b + 1) * count / blocks; ++i) {
-            const int64_t n = i / pixels, s = i % pixels;
-            const int64_t cls = static_cast<int64_t>(t[n * ts0 + s * ts1]);
+  dispatch_class_index(target.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
+    using target_t = decltype(target_type);
+    const target_t* t = target.const_data_ptr<target_t>();
+    const int64_t ts0 = target.stride(0), ts1 = target.stride(1);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      int64_t pred[kTile];
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t* hist = partial.data() + b * cells;
+        for (int64_t tile = b * tiles / blocks; tile < (b + 1) * tiles / blocks; ++tile) {
+          const int64_t n = tile / per_image, s0 = tile % per_image * kTile;
+          const int64_t count = std::min(kTile, pixels - s0);
+          predict(n, s0, count, pred);
+          for (int64_t j = 0; j < count; ++j) {
+            const auto cls = static_cast<int64_t>(t[n * ts0 + (s0 + j) * ts1]);
             if (cls == ignore_index) continue;
             TORCH_CHECK_INDEX(cls >= 0 && cls < num_classes, "confusion_matrix: target class ", cls, " at (n=", n,
-                              ", pixel=", s, ") is outside [0, ", num_classes, ") and is not ignore_index (",
+                              ", pixel=", s0 + j, ") is outside [0, ", num_classes, ") and is not ignore_index (",
                               ignore_index, ")");
-            const int64_t pred = predict(n, s);
-            TORCH_CHECK_INDEX(pred >= 0 && pred < num_classes, "confusion_matrix: predicted class ", pred,
-                              " at (n=", n, ", pixel=", s, ") is outside [0, ", num_classes, ")");
-            ++hist[cls * num_classes + pred];
+            TORCH_CHECK_INDEX(pred[j] >= 0 && pred[j] < num_classes, "confusion_matrix: predicted class ", pred[j],
+                              " at (n=", n, ", pixel=", s0 + j, ") is outside [0, ", num_classes, ")");
+            ++hist[cls * num_classes + pred[j]];
           }
         }
-      });
+      }
     });
-  };
-  if (logits) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "confusion_matrix", [&] {
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      const int64_t s0 = input.stride(0), s1 = input.stride(1), s2 = input.stride(2);
-      count_pixels([&](int64_t n, int64_t s) {
-        return argmax_class<at::opmath_type<scalar_t>>(x + n * s0 + s * s2, num_classes, s1);
-      });
-    });
-  } else {
-    dispatch_class_index(input.scalar_type(), "confusion_matrix: predicted classes", [&](auto index) {
-      using index_t = decltype(index);
-      const index_t* p = input.const_data_ptr<index_t>();
-      const int64_t s0 = input.stride(0), s1 = input.stride(1);
-      count_pixels([&](int64_t n, int64_t s) { return static_cast<int64_t>(p[n * s0 + s * s1]); });
-    });
-  }
-  Tensor matrix = at::zeros({num_classes, num_classes}, input.options().dtype(at::kLong));
+  });
+  Tensor matrix = at::zeros({num_classes, num_classes}, target.options().dtype(at::kLong));
   int64_t* m = matrix.mutable_data_ptr<int64_t>();
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t c = 0; c < cells; ++c) m[c] += partial[b * cells + c];
   }
+  return matrix;
+}
+
+Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const auto [batch, pixels] = check_confusion_args(input, target, num_classes);
+  if (at::isFloatingType(input.scalar_type())) {
+    const cpu::Geometry g = cpu::geometry_of(input);
+    Tensor matrix;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "confusion_matrix", [&] {
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      cpu::dispatch_unit_stride(g, [&](auto unit) {
+        matrix = count_pairs(target, batch, pixels, num_classes, ignore_index,
+                             [&](int64_t n, int64_t s0, int64_t count, int64_t* pred) {
+                               tile_argmax(cpu::tile_at<scalar_t, decltype(unit)::value>(x, g, n, s0, count), pred);
+                             });
+      });
+    });
+    return matrix;
+  }
+  Tensor matrix;
+  dispatch_class_index(input.scalar_type(), "confusion_matrix: predicted classes", [&](auto index) {
+    using index_t = decltype(index);
+    const index_t* p = input.const_data_ptr<index_t>();
+    const int64_t s0 = input.stride(0), s1 = input.stride(1);
+    matrix = count_pairs(target, batch, pixels, num_classes, ignore_index,
+                         [&](int64_t n, int64_t first, int64_t count, int64_t* pred) {
+                           for (int64_t j = 0; j < count; ++j) pred[j] = static_cast<int64_t>(p[n * s0 + (first + j) * s1]);
+                         });
+  });
   return matrix;
 }
 
