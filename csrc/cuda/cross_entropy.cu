@@ -11,7 +11,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -23,6 +22,7 @@
 #include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
+#include "cuda/bad_index.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -102,7 +102,7 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
     } else {
       const int64_t cls = static_cast<int64_t>(target[p.target_offset(i)]);
       const bool valid = cls >= 0 && cls < p.classes;
-      if (cls != p.ignore_index && !valid) atomicMin(bad_pixel, static_cast<unsigned long long>(i));
+      if (cls != p.ignore_index && !valid) cuda::flag_bad_pixel(bad_pixel, i);
       const PixelSums<acc_t> s = pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p,
                                                    p.smoothing != 0);
       lse_out[i] = s.lse;
@@ -236,8 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
   Tensor loss = reduction == Reduction::None ? at::empty({batch, pixels}, input.options()) : Tensor();
   const int64_t blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
   Tensor partial = at::zeros({2, reduction == Reduction::None ? 0 : blocks}, input.options().dtype(acc_type));
-  // the first pixel with a bad class index; -1 (all bits set) is above every pixel for atomicMin
-  Tensor bad_pixel = at::full({}, static_cast<int64_t>(-1), input.options().dtype(at::kLong));
+  cuda::BadPixel bad_pixel(input);
   if (count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -252,22 +251,12 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
             kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
             loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
             partial_p == nullptr ? nullptr : partial_p + blocks,
-            reinterpret_cast<unsigned long long*>(bad_pixel.mutable_data_ptr<int64_t>()));
+            bad_pixel.flag());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  if (!in.prob) {
-    // One device-to-host read per call, so that a bad class index is a Python IndexError and not
-    // a device-side assert that ends the CUDA context.
-    const int64_t bad = bad_pixel.item<int64_t>();
-    if (bad != -1) {
-      const int64_t n = bad / pixels, s = bad % pixels;
-      TORCH_CHECK_INDEX(false, "cross_entropy: target class ", in.target[n][s].item<int64_t>(), " at (n=", n,
-                        ", pixel=", s, ") is outside [0, ", input.size(1), ") and is not ignore_index (",
-                        ignore_index, ")");
-    }
-  }
+  if (!in.prob) bad_pixel.raise_if_any(in.target, pixels, input.size(1), ignore_index, "cross_entropy");
   // sums in float64, then the loss in the input's dtype, as on CPU
   Tensor total_weight = in.prob ? at::scalar_tensor(static_cast<double>(count), input.options().dtype(acc_type))
                                 : partial[1].sum(at::kDouble).to(acc_type);

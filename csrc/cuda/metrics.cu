@@ -5,12 +5,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "common/class_index.h"
 #include "common/metrics.h"
+#include "cuda/bad_index.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -49,7 +49,7 @@ __global__ void confusion_kernel(const target_t* target, Pixels p, Predict predi
     __syncthreads();
   }
   SEGFAST_CUDA_KERNEL_LOOP(i, p.batch * p.pixels) {
-    if (!count_pixel(i, target, p, predict, hist)) atomicMin(bad_pixel, static_cast<unsigned long long>(i));
+    if (!count_pixel(i, target, p, predict, hist)) cuda::flag_bad_pixel(bad_pixel, i);
   }
   if (use_shared) {
     __syncthreads();
@@ -85,12 +85,12 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
   TORCH_CHECK_VALUE(target.device() == input.device(), "confusion_matrix: target is on ", target.device(),
                     " but input is on ", input.device());
   Tensor matrix = at::zeros({num_classes, num_classes}, input.options().dtype(at::kLong));
-  Tensor bad_pixel = at::full({}, static_cast<int64_t>(-1), input.options().dtype(at::kLong));
+  cuda::BadPixel bad_pixel(input);
   const int64_t count = batch * pixels;
   if (count == 0) return matrix;
   const Pixels p{batch, pixels, target.stride(0), target.stride(1), num_classes, ignore_index};
   auto* m = reinterpret_cast<unsigned long long*>(matrix.mutable_data_ptr<int64_t>());
-  auto* bad = reinterpret_cast<unsigned long long*>(bad_pixel.mutable_data_ptr<int64_t>());
+  auto* bad = bad_pixel.flag();
   dispatch_class_index(target.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
     using target_t = decltype(target_type);
     const target_t* t = target.const_data_ptr<target_t>();
@@ -110,7 +110,7 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
       });
     }
   });
-  const int64_t first_bad = bad_pixel.item<int64_t>();
+  const int64_t first_bad = bad_pixel.first();
   TORCH_CHECK_INDEX(first_bad == -1, "confusion_matrix: a target or predicted class at (n=", first_bad / pixels,
                     ", pixel=", first_bad % pixels, ") is outside [0, ", num_classes, ") and is not ignore_index (",
                     ignore_index, ")");

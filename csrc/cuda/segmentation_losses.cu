@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -17,6 +16,7 @@
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
+#include "cuda/bad_index.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -35,7 +35,7 @@ struct Geometry {
     const auto cls = static_cast<int64_t>(t[n * target_stride0 + s * target_stride1]);
     if (cls == ignore_index) return -1;
     if (cls < 0 || cls >= classes) {
-      if (bad != nullptr) atomicMin(bad, static_cast<unsigned long long>(n * pixels + s));
+      if (bad != nullptr) cuda::flag_bad_pixel(bad, n * pixels + s);
       return -2;
     }
     return cls;
@@ -47,21 +47,6 @@ Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
           ignore_index};
 }
 
-// -1 (all bits set) is above every pixel index for atomicMin: "no bad pixel"
-Tensor no_bad_pixel(const Tensor& like) {
-  return at::full({}, static_cast<int64_t>(-1), like.options().dtype(at::kLong));
-}
-
-void raise_if_bad(const Tensor& bad_pixel, const Tensor& target, int64_t pixels, int64_t classes,
-                  int64_t ignore_index, const char* op) {
-  const int64_t bad = bad_pixel.item<int64_t>();
-  if (bad == -1) return;
-  const int64_t n = bad / pixels, s = bad % pixels;
-  TORCH_CHECK_INDEX(false, op, ": target class ", target[n][s].item<int64_t>(), " at (n=", n, ", pixel=", s,
-                    ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index, ")");
-}
-
-unsigned long long* flag(Tensor& bad) { return reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()); }
 
 // ----------------------------------------------------------------------------------------- Dice
 
@@ -142,7 +127,7 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.pixels / (cuda::kThreads * 4), 1024));
   Tensor partial = at::zeros({g.batch, chunks, 3, g.classes}, input.options().dtype(acc_type));
-  Tensor bad = no_bad_pixel(input);
+  cuda::BadPixel bad(input);
   if (g.batch * g.pixels > 0 && g.classes > 0) {
     Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums", [&] {
@@ -155,12 +140,12 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         dice_sums_kernel<scalar_t, target_t><<<dim3(chunks, g.batch), cuda::kThreads, 0, cuda::stream()>>>(
             x, target.const_data_ptr<target_t>(), g, squared, lse.const_data_ptr<acc_t>(),
-            partial.mutable_data_ptr<acc_t>(), flag(bad));
+            partial.mutable_data_ptr<acc_t>(), bad.flag());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  raise_if_bad(bad, target, g.pixels, g.classes, ignore_index, "dice_loss");
+  bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "dice_loss");
   return partial.sum(1).permute({1, 0, 2}).contiguous();  // (3, N, C), summed over chunks in a fixed order
 }
 
@@ -257,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
   Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
   Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options()) : Tensor();
   Tensor partial = at::zeros({blocks, 2}, input.options().dtype(acc_type));
-  Tensor bad = no_bad_pixel(input);
+  cuda::BadPixel bad(input);
   if (count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "focal_loss", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -267,12 +252,12 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
             input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
             alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
             loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
-            flag(bad));
+            bad.flag());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  raise_if_bad(bad, target, g.pixels, g.classes, ignore_index, "focal_loss");
+  bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "focal_loss");
   const Tensor totals = partial.sum(0, false, at::kDouble);  // (loss sum, counted pixels), fixed order
   Tensor counted = totals[1].to(acc_type);
   if (reduction != Reduction::None) {

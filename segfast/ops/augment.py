@@ -35,6 +35,8 @@ def affine_augment(image: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor,
 
     Returns:
         (image (N, C, out_h, out_w) in image's dtype and layout, mask (N, out_h, out_w) in mask's dtype).
+        On CPU, outputs of 8 MiB and more come from segfast's cache of freed blocks (README,
+        Performance): ordinary tensors whose storage cannot grow with ``resize_``.
     """
     check_tensor(_OP, "image", image, dims=(4,), dtypes=float_dtypes(image))
     check_tensor(_OP, "mask", mask, dims=(3,), dtypes=MASK_DTYPES)

@@ -1,0 +1,40 @@
+#pragma once
+// A bad class index found on the device becomes a Python IndexError on the host: kernels record the
+// first bad pixel with atomicMin, and one device-to-host read after the kernel raises (a device-side
+// assert would end the CUDA context instead).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace segfast::cuda {
+
+__device__ inline void flag_bad_pixel(unsigned long long* first, int64_t pixel) {
+  atomicMin(first, static_cast<unsigned long long>(pixel));
+}
+
+class BadPixel {
+ public:
+  // -1 (all bits set) is above every pixel index for atomicMin: "no bad pixel"
+  explicit BadPixel(const at::Tensor& like) : first_(at::full({}, int64_t{-1}, like.options().dtype(at::kLong))) {}
+
+  unsigned long long* flag() { return reinterpret_cast<unsigned long long*>(first_.mutable_data_ptr<int64_t>()); }
+
+  // the first bad pixel (n * pixels + s), or -1; synchronises with the stream
+  int64_t first() const { return first_.item<int64_t>(); }
+
+  void raise_if_any(const at::Tensor& target, int64_t pixels, int64_t classes, int64_t ignore_index,
+                    const char* op) const {
+    const int64_t bad = first();
+    if (bad == -1) return;
+    const int64_t n = bad / pixels, s = bad % pixels;
+    TORCH_CHECK_INDEX(false, op, ": target class ", target[n][s].item<int64_t>(), " at (n=", n, ", pixel=", s,
+                      ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index, ")");
+  }
+
+ private:
+  at::Tensor first_;
+};
+
+}  // namespace segfast::cuda
