@@ -1,4 +1,4 @@
-"""scikit-build-core dynamic-metadata provider: version and torch requirement of the build.
+"""scikit-build-core metadata provider: the version and the torch requirement of this build.
 
 A segfast binary only loads in the torch minor release it was compiled against, so the wheel says
 so: the local version label names the build (``0.1.0+cpu.torch2.13``, ``0.1.0+cu130.torch2.14``)
@@ -38,10 +38,11 @@ def build_label() -> tuple[str, str] | None:
     return f"{flavour}.torch{major}.{minor}", f"torch=={major}.{minor}.*"
 
 
-def dynamic_metadata(settings: Mapping[str, Any], project: Mapping[str, Any]) -> dict[str, Any]:
-    version = settings["base-version"]
+def dynamic_metadata(field: str, settings: Mapping[str, Any]):
+    """The ``version`` (settings: ``base-version``) or the ``dependencies`` of this build."""
     found = build_label()
-    if found is None:
-        return {"version": version, "dependencies": [SUPPORTED_TORCH, "numpy"]}
-    label, requirement = found
-    return {"version": f"{version}+{label}", "dependencies": [requirement, "numpy"]}
+    if field == "version":
+        return settings["base-version"] if found is None else f"{settings['base-version']}+{found[0]}"
+    if field == "dependencies":
+        return [SUPPORTED_TORCH if found is None else found[1], "numpy"]
+    raise ValueError(f"wheel_metadata provides version and dependencies, not {field}")
