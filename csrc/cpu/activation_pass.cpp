@@ -1,4 +1,5 @@
 #include "cpu/activation_pass.h"
+#include "cpu/vec_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,7 +16,7 @@ SEGFAST_CPU_MULTIVERSION void activation_range(const scalar_t* z, scalar_t* out,
                                                at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(z[i]), slope));
+  for (int64_t i = 0; i < count; ++i) out[i] = narrow<scalar_t>(activate<A>(widen<acc_t>(z[i]), slope));
 }
 
 // Rows [r0, r1): grad_z and the partial column sums of this block.
@@ -29,8 +30,8 @@ SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t
     const int64_t at = r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-      const acc_t g = static_cast<acc_t>(grad[at + c]) * activation_derivative<A>(static_cast<acc_t>(saved[at + c]), slope);
-      grad_z[at + c] = static_cast<scalar_t>(g);
+      const acc_t g = cpu::widen<acc_t>(grad[at + c]) * activation_derivative<A>(cpu::widen<acc_t>(saved[at + c]), slope);
+      grad_z[at + c] = cpu::narrow<scalar_t>(g);
       column_sums[c] += g;
     }
   }
@@ -49,7 +50,7 @@ void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act
     dispatch_activation(act, [&](auto a) {
       at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
         activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
-                                                       static_cast<acc_t>(negative_slope));
+                                                       cpu::widen<acc_t>(negative_slope));
       });
     });
   });
@@ -68,7 +69,7 @@ at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& sa
         for (int64_t b = begin; b < end; ++b) {
           backward_rows<decltype(a)::value, scalar_t>(
               grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
-              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), static_cast<acc_t>(negative_slope),
+              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), cpu::widen<acc_t>(negative_slope),
               partial.data() + b * cols);
         }
       });

@@ -21,6 +21,7 @@
 #include "common/class_index.h"
 #include "common/layout.h"
 #include "cpu/output_cache.h"
+#include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
@@ -74,7 +75,7 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
     s.source(static_cast<double>(ox), row, x, y);
     const double fx = floor(x), fy = floor(y);
     const auto x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
-    const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);
+    const auto ax = cpu::widen<acc_t>(x - fx), ay = cpu::widen<acc_t>(y - fy);
     // 0 <= v < n as one unsigned compare, and & not &&: GCC if-converts and vectorises only this form
     const bool x0_in = uindex_t(x0) < uw, x1_in = uindex_t(x0 + 1) < uw;
     const bool y0_in = uindex_t(y0) < uh, y1_in = uindex_t(y0 + 1) < uh;
@@ -106,13 +107,13 @@ SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* ou
                 *i3 = r.inside[3].data();
 #pragma omp simd
   for (int64_t ox = 0; ox < width; ++ox) {
-    const acc_t v0 = static_cast<acc_t>(plane[o0[ox]]), v1 = static_cast<acc_t>(plane[o1[ox]]);
-    const acc_t v2 = static_cast<acc_t>(plane[o2[ox]]), v3 = static_cast<acc_t>(plane[o3[ox]]);
+    const acc_t v0 = cpu::widen<acc_t>(plane[o0[ox]]), v1 = cpu::widen<acc_t>(plane[o1[ox]]);
+    const acc_t v2 = cpu::widen<acc_t>(plane[o2[ox]]), v3 = cpu::widen<acc_t>(plane[o3[ox]]);
     acc_t v = i0[ox] ? w0[ox] * v0 : acc_t(0);
     v += i1[ox] ? w1[ox] * v1 : acc_t(0);
     v += i2[ox] ? w2[ox] * v2 : acc_t(0);
     v += i3[ox] ? w3[ox] * v3 : acc_t(0);
-    out[ox * out_stride] = static_cast<scalar_t>(v);
+    out[ox * out_stride] = cpu::narrow<scalar_t>(v);
   }
 }
 

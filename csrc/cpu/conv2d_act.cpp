@@ -21,6 +21,7 @@
 #include "common/layout.h"
 #include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
+#include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
@@ -115,9 +116,9 @@ SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_o
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t p = q0; p < q1; ++p) {
-        const acc_t g = static_cast<acc_t>(gc[p * gs]) * activation_derivative<A>(static_cast<acc_t>(sc[p * ss]), slope);
+        const acc_t g = cpu::widen<acc_t>(gc[p * gs]) * activation_derivative<A>(cpu::widen<acc_t>(sc[p * ss]), slope);
         if constexpr (kInPlace) {
-          zc[p] = static_cast<scalar_t>(g);
+          zc[p] = cpu::narrow<scalar_t>(g);
         } else {
           tc[p] = g;
         }
@@ -130,7 +131,7 @@ SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_o
         scalar_t* zp = grad_z.at(n, 0, p);
         const acc_t* tp = scratch + p - q0;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) zp[c * zc_stride] = static_cast<scalar_t>(tp[c * kScratchStride]);
+        for (int64_t c = 0; c < channels; ++c) zp[c * zc_stride] = cpu::narrow<scalar_t>(tp[c * kScratchStride]);
       }
     }
   }
@@ -245,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
           thread_local std::vector<acc_t> scratch;
           scratch.resize(out_channels * kScratchStride);
           act_backward_tile<decltype(a)::value, decltype(l)::value, scalar_t>(
-              gv, sv, zv, out_channels, n, p0, p1, static_cast<acc_t>(negative_slope),
+              gv, sv, zv, out_channels, n, p0, p1, cpu::widen<acc_t>(negative_slope),
               partial.data() + t * out_channels, scratch.data());
         });
       });

@@ -14,6 +14,7 @@
 
 #include "common/activation.h"
 #include "cpu/activation_pass.h"
+#include "cpu/vec_math.h"
 
 namespace segfast::direct {
 
@@ -55,7 +56,7 @@ void gather_rows(const scalar_t* image, const Geometry& d, int64_t oh, acc_t* ro
       if (ih < 0 || ih >= d.in_h) continue;
       const scalar_t* src = image + (ci * d.in_h + ih) * d.in_w;
       acc_t* dst = rows + (ci * d.kernel_h + r) * d.row_width() + d.pad_w;
-      for (int64_t iw = 0; iw < d.in_w; ++iw) dst[iw] = static_cast<acc_t>(src[iw]);
+      for (int64_t iw = 0; iw < d.in_w; ++iw) dst[iw] = cpu::widen<acc_t>(src[iw]);
     }
   }
 }
@@ -84,9 +85,9 @@ SEGFAST_CPU_MULTIVERSION void forward_row(const at::opmath_type<scalar_t>* rows,
       const int64_t valid = std::min(kBlock, d.out_w - ow0);
       scalar_t* o = out + co * plane + ow0;
       if (preact) {
-        for (int64_t j = 0; j < valid; ++j) preact[co * plane + ow0 + j] = static_cast<scalar_t>(acc[j]);
+        for (int64_t j = 0; j < valid; ++j) preact[co * plane + ow0 + j] = cpu::narrow<scalar_t>(acc[j]);
       }
-      for (int64_t j = 0; j < valid; ++j) o[j] = static_cast<scalar_t>(activate<A>(acc[j], slope));
+      for (int64_t j = 0; j < valid; ++j) o[j] = cpu::narrow<scalar_t>(activate<A>(acc[j], slope));
     }
   }
 }
@@ -107,7 +108,7 @@ SEGFAST_CPU_MULTIVERSION void backward_row(const at::opmath_type<scalar_t>* rows
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t ow = 0; ow < d.out_w; ++ow) {
-      gz[ow] = static_cast<acc_t>(g[ow]) * activation_derivative<A>(static_cast<acc_t>(s[ow]), slope);
+      gz[ow] = cpu::widen<acc_t>(g[ow]) * activation_derivative<A>(cpu::widen<acc_t>(s[ow]), slope);
       sum += gz[ow];
     }
     grad_b[co] += sum;
@@ -147,7 +148,7 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const std::optio
       gather_rows(x + n * d.in_channels * d.in_h * d.in_w, d, oh, rows.data());
       const int64_t at = n * image + oh * d.out_w;
       forward_row<A, scalar_t>(rows.data(), w.data(), b.empty() ? nullptr : b.data(), d, plane, o + at,
-                               z ? z + at : nullptr, static_cast<acc_t>(negative_slope));
+                               z ? z + at : nullptr, cpu::widen<acc_t>(negative_slope));
     }
   });
 }
@@ -171,7 +172,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Ten
         const int64_t n = row / d.out_h, oh = row % d.out_h;
         gather_rows(x + n * d.in_channels * d.in_h * d.in_w, d, oh, rows.data());
         const int64_t at = n * image + oh * d.out_w;
-        backward_row<A, scalar_t>(rows.data(), g + at, s + at, d, plane, static_cast<acc_t>(negative_slope),
+        backward_row<A, scalar_t>(rows.data(), g + at, s + at, d, plane, cpu::widen<acc_t>(negative_slope),
                                   grad_z.data(), gw, gw + d.weights());
       }
     }
@@ -180,8 +181,8 @@ void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Ten
   cpu::sum_block_partials(partial, stride, total.data());
   scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
   scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < d.weights(); ++i) gw[i] = static_cast<scalar_t>(total[i]);
-  for (int64_t c = 0; c < d.out_channels; ++c) gb[c] = static_cast<scalar_t>(total[d.weights() + c]);
+  for (int64_t i = 0; i < d.weights(); ++i) gw[i] = cpu::narrow<scalar_t>(total[i]);
+  for (int64_t c = 0; c < d.out_channels; ++c) gb[c] = cpu::narrow<scalar_t>(total[d.weights() + c]);
 }
 
 }  // namespace segfast::direct

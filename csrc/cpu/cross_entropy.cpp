@@ -44,7 +44,7 @@ SEGFAST_CPU_MULTIVERSION void tile_weighted_sums(const Tile<scalar_t, kUnit> t, 
                                                  at::opmath_type<scalar_t>* dot, at::opmath_type<scalar_t>* mass) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
-  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / cpu::widen<acc_t>(t.classes);
   for (int64_t j = 0; j < t.pixels; ++j) dot[j] = mass[j] = 0;
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
@@ -52,8 +52,8 @@ SEGFAST_CPU_MULTIVERSION void tile_weighted_sums(const Tile<scalar_t, kUnit> t, 
     const acc_t w = weight ? weight[c] : acc_t(1);
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[j * ps]) + spread) : w;
-      dot[j] += coef * static_cast<acc_t>(x[j * ps]);
+      const acc_t coef = kProb ? w * (keep * cpu::widen<acc_t>(q[j * ps]) + spread) : w;
+      dot[j] += coef * cpu::widen<acc_t>(x[j * ps]);
       mass[j] += coef;
     }
   }
@@ -68,7 +68,7 @@ SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const sca
                                         const at::opmath_type<scalar_t>* scale, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
-  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / cpu::widen<acc_t>(t.classes);
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
     const scalar_t* q = kProb ? prob + c * t.class_stride : nullptr;
@@ -76,9 +76,9 @@ SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const sca
     const acc_t w = weight ? weight[c] : acc_t(1);
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[j * ps]) + spread) : w * spread;
-      const acc_t p = cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
-      g[j * ps] = static_cast<scalar_t>(scale[j] * (p * mass[j] - coef));
+      const acc_t coef = kProb ? w * (keep * cpu::widen<acc_t>(q[j * ps]) + spread) : w * spread;
+      const acc_t p = cpu::exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
+      g[j * ps] = cpu::narrow<scalar_t>(scale[j] * (p * mass[j] - coef));
     }
   }
 }
@@ -90,9 +90,9 @@ struct LossTerms {
   acc_t weight_total, smoothing, spread;  // spread = smoothing / classes
 
   LossTerms(const std::optional<Tensor>& w, int64_t classes, double label_smoothing)
-      : weight_total(static_cast<acc_t>(classes)),
-        smoothing(static_cast<acc_t>(label_smoothing)),
-        spread(static_cast<acc_t>(label_smoothing / static_cast<double>(classes))) {
+      : weight_total(cpu::widen<acc_t>(classes)),
+        smoothing(cpu::widen<acc_t>(label_smoothing)),
+        spread(cpu::widen<acc_t>(label_smoothing / static_cast<double>(classes))) {
     if (w && w->defined()) {
       TORCH_CHECK_VALUE(w->dim() == 1 && w->numel() == classes, "weight: expected shape (", classes, ",), got ",
                         w->sizes());
@@ -198,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const
                                 ", pixel=", s0 + j, ") is outside [0, ", g.classes, ") and is not ignore_index (",
                                 ignore_index, ")");
               const acc_t wt = terms.of(cls);
-              const acc_t nll = tile_lse[j] - static_cast<acc_t>(t.row(cls)[j * t.pixel_stride()]);
+              const acc_t nll = tile_lse[j] - cpu::widen<acc_t>(t.row(cls)[j * t.pixel_stride()]);
               pixel_loss[j] = (1 - eps) * wt * nll;
               if (eps != 0) pixel_loss[j] += spread * (terms.weight_total * tile_lse[j] - dot[j]);
               pixel_weight[j] = wt;
@@ -206,7 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const
           });
         }
         if (loss_p) {
-          for (int64_t j = 0; j < pixels; ++j) loss_p[n * g.pixels + s0 + j] = static_cast<scalar_t>(pixel_loss[j]);
+          for (int64_t j = 0; j < pixels; ++j) loss_p[n * g.pixels + s0 + j] = cpu::narrow<scalar_t>(pixel_loss[j]);
         } else {
           double l = 0, wsum = 0;
           for (int64_t j = 0; j < pixels; ++j) {
@@ -288,7 +288,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_,
             if (cls[j] == ignore_index) continue;
             scalar_t& gt = tile_grad_p[cls[j] * t.class_stride + j * t.pixel_stride()];
             const acc_t wt = terms.of(cls[j]);
-            gt = static_cast<scalar_t>(static_cast<acc_t>(gt) - scale[j] * (1 - eps) * wt);
+            gt = cpu::narrow<scalar_t>(cpu::widen<acc_t>(gt) - scale[j] * (1 - eps) * wt);
           }
         });
       });

@@ -16,6 +16,7 @@
 #include "common/macros.h"
 #include "common/metrics.h"
 #include "cpu/softmax_tile.h"
+#include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
@@ -32,14 +33,14 @@ SEGFAST_CPU_MULTIVERSION void tile_argmax(const cpu::Tile<scalar_t, kUnit> t, in
   acc_t best[kTile];
   int32_t arg[kTile];  // 32-bit in the loop: the same lane count as float
   for (int64_t j = 0; j < t.pixels; ++j) {
-    best[j] = static_cast<acc_t>(t.row(0)[j * ps]);
+    best[j] = cpu::widen<acc_t>(t.row(0)[j * ps]);
     arg[j] = 0;
   }
   for (int32_t c = 1; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j * ps]);
+      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
       const bool take = (best[j] == best[j]) & ((v > best[j]) | (v != v));  // a NaN best stays
       best[j] = take ? v : best[j];
       arg[j] = take ? c : arg[j];

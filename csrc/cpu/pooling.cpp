@@ -17,6 +17,7 @@
 #include "common/layout.h"
 #include "common/pooling.h"
 #include "cpu/output_cache.h"
+#include "cpu/vec_math.h"
 
 namespace segfast {
 namespace {
@@ -64,11 +65,11 @@ SEGFAST_CPU_MULTIVERSION void max_pool_row_nchw(const scalar_t* plane, scalar_t*
       const int64_t o0 = w.first_output(kw), o1 = w.last_output(kw), step = w.stride;
       const scalar_t* src = row + w.tap(0, kw);
 #pragma omp simd
-      for (int64_t ow = o0; ow < o1; ++ow) max_update(static_cast<acc_t>(src[ow * step]), this_tap, best[ow], tap[ow]);
+      for (int64_t ow = o0; ow < o1; ++ow) max_update(cpu::widen<acc_t>(src[ow * step]), this_tap, best[ow], tap[ow]);
     }
   }
   for (int64_t ow = 0; ow < w.out; ++ow) {
-    out[ow] = static_cast<scalar_t>(best[ow]);
+    out[ow] = cpu::narrow<scalar_t>(best[ow]);
     argmax[ow] = static_cast<index_t>(tap[ow]);
   }
 }
@@ -91,11 +92,11 @@ SEGFAST_CPU_MULTIVERSION void max_pool_pixel_nhwc(const scalar_t* image, scalar_
       const scalar_t* src = image + (h.tap(oh, kh) * w.in + w.tap(ow, kw)) * channels;
       const auto this_tap = static_cast<int32_t>(kh * w.kernel + kw);
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) max_update(static_cast<acc_t>(src[c]), this_tap, best[c], tap[c]);
+      for (int64_t c = 0; c < channels; ++c) max_update(cpu::widen<acc_t>(src[c]), this_tap, best[c], tap[c]);
     }
   }
   for (int64_t c = 0; c < channels; ++c) {
-    out[c] = static_cast<scalar_t>(best[c]);
+    out[c] = cpu::narrow<scalar_t>(best[c]);
     argmax[c] = static_cast<index_t>(tap[c]);
   }
 }
@@ -238,9 +239,9 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
     const scalar_t* g = grad_image + at;
     const index_t* a = argmax_image + at;
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) acc[c] += argmax_is(a[c], tap, offset) ? static_cast<acc_t>(g[c]) : 0;
+    for (int64_t c = 0; c < channels; ++c) acc[c] += argmax_is(a[c], tap, offset) ? cpu::widen<acc_t>(g[c]) : 0;
   });
-  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
+  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
 template <typename scalar_t, typename index_t>
@@ -261,7 +262,7 @@ void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& gra
         for (int64_t oh = 0; oh < p.h.out; ++oh) {
           for (int64_t ow = 0; ow < p.w.out; ++ow) {
             const int64_t at = position(oh, ow, ap[oh * p.w.out + ow]);
-            if (at >= 0) acc[at] += static_cast<acc_t>(gp[oh * p.w.out + ow]);
+            if (at >= 0) acc[at] += cpu::widen<acc_t>(gp[oh * p.w.out + ow]);
           }
         }
         std::copy(acc.begin(), acc.end(), gi + plane * in_plane);
@@ -325,13 +326,13 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_row_nchw(const scalar_t* plane, scalar_t*
       const int64_t o1 = w.last_output(kw);
       const scalar_t* src = row + w.tap(0, kw);
 #pragma omp simd
-      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) acc[ow] += static_cast<acc_t>(src[ow * w.stride]);
+      for (int64_t ow = w.first_output(kw); ow < o1; ++ow) acc[ow] += cpu::widen<acc_t>(src[ow * w.stride]);
     }
   }
   const int64_t height_count = divisor.count(wh);
 #pragma omp simd
   for (int64_t ow = 0; ow < w.out; ++ow) {
-    out[ow] = static_cast<scalar_t>(divide(acc[ow], divisor(height_count, width_counts[ow])));
+    out[ow] = cpu::narrow<scalar_t>(divide(acc[ow], divisor(height_count, width_counts[ow])));
   }
 }
 
@@ -347,11 +348,11 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
     for (int64_t iw = ww.begin; iw < ww.end; ++iw) {
       const scalar_t* src = image + (ih * w.in + iw) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(src[c]);
+      for (int64_t c = 0; c < channels; ++c) acc[c] += cpu::widen<acc_t>(src[c]);
     }
   }
   const int64_t div = divisor(divisor.count(wh), divisor.count(ww));
-  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(divide(acc[c], div));
+  for (int64_t c = 0; c < channels; ++c) out[c] = cpu::narrow<scalar_t>(divide(acc[c], div));
 }
 
 Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
@@ -401,7 +402,7 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_pl
     const scalar_t* g = grad_plane + oh * w.out;
 #pragma omp simd
     for (int64_t ow = 0; ow < w.out; ++ow) {
-      share[ow] = divide(static_cast<acc_t>(g[ow]), divisor(height_count, width_counts[ow]));
+      share[ow] = divide(cpu::widen<acc_t>(g[ow]), divisor(height_count, width_counts[ow]));
     }
     for (int64_t kw = 0; kw < w.kernel; ++kw) {  // outputs whose tap kw is inside the input
       acc_t* dst = acc + w.tap(0, kw);
@@ -409,7 +410,7 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_pl
       for (int64_t ow = w.first_output(kw); ow < o1; ++ow) dst[ow * step] += share[ow];
     }
   }
-  for (int64_t iw = 0; iw < w.in; ++iw) grad_row[iw] = static_cast<scalar_t>(acc[iw]);
+  for (int64_t iw = 0; iw < w.in; ++iw) grad_row[iw] = cpu::narrow<scalar_t>(acc[iw]);
 }
 
 // channels_last: every input pixel gathers the gradients of the windows that cover it, divided
@@ -424,12 +425,12 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
   for_each_covering_window(h, w, ih, iw, [&](int64_t oh, int64_t ow, int64_t, int64_t) {
     const int64_t height_count = divisor.count(avg_window(oh, h.in, h.kernel, h.stride, h.pad));
-    const auto div = static_cast<acc_t>(divisor(height_count, width_counts[ow]));
+    const auto div = cpu::widen<acc_t>(divisor(height_count, width_counts[ow]));
     const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(g[c]) / div;
+    for (int64_t c = 0; c < channels; ++c) acc[c] += cpu::widen<acc_t>(g[c]) / div;
   });
-  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(acc[c]);
+  for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
 Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel,

@@ -81,7 +81,7 @@ SEGFAST_CPU_MULTIVERSION void tile_prob_sums(const Tile<scalar_t, kUnit> t, cons
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
       sum += cls[j] < 0 ? acc_t(0) : (squared ? p * p : p);  // an ignored pixel's NaN stays out
     }
     sums[c] = sum;
@@ -106,7 +106,7 @@ SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, cons
     const acc_t gp = g_pred[c];
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
       weighted[j] += p * gp * (squared ? 2 * p : acc_t(1));
     }
   }
@@ -116,9 +116,9 @@ SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, cons
     const acc_t gp = g_pred[c], gi = g_inter[c];
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
+      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
       const acc_t dp = gp * (squared ? 2 * p : acc_t(1)) + (cls[j] == c ? gi : acc_t(0));
-      g[j * ps] = static_cast<scalar_t>(cls[j] < 0 ? acc_t(0) : p * (dp - weighted[j]));
+      g[j * ps] = cpu::narrow<scalar_t>(cls[j] < 0 ? acc_t(0) : p * (dp - weighted[j]));
     }
   }
 }
@@ -136,8 +136,8 @@ SEGFAST_CPU_MULTIVERSION void tile_focal_grad(const Tile<scalar_t, kUnit> t, con
     scalar_t* g = grad + c * t.class_stride;
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(static_cast<acc_t>(x[j * ps]) - lse[j]);
-      g[j * ps] = static_cast<scalar_t>(coef[j] * ((cls[j] == c ? acc_t(1) : acc_t(0)) - p));
+      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
+      g[j * ps] = cpu::narrow<scalar_t>(coef[j] * ((cls[j] == c ? acc_t(1) : acc_t(0)) - p));
     }
   }
 }
@@ -242,12 +242,12 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
               lse_p[n * g.pixels + s0 + j] = lse_tile[j];
               acc_t value = 0;
               if (cls[j] >= 0) {
-                const acc_t log_pt = static_cast<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-                value = focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
-                                           static_cast<acc_t>(gamma)).loss;
+                const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+                value = focal_terms<acc_t>(log_pt, cpu::widen<acc_t>(a ? a[cls[j]] : 1.0),
+                                           cpu::widen<acc_t>(gamma)).loss;
                 counted += 1;
               }
-              if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = static_cast<scalar_t>(value);
+              if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = cpu::narrow<scalar_t>(value);
               sum += value;
             }
             tile_loss[tile] = sum;
@@ -302,9 +302,9 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
               continue;
             }
             const acc_t scale = reduction == Reduction::None ? gl[n * g.pixels + s0 + j] : reduced;
-            const acc_t log_pt = static_cast<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-            coef[j] = scale * focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
-                                                 static_cast<acc_t>(gamma)).a;
+            const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+            coef[j] = scale * focal_terms<acc_t>(log_pt, cpu::widen<acc_t>(a ? a[cls[j]] : 1.0),
+                                                 cpu::widen<acc_t>(gamma)).a;
           }
           tile_focal_grad(t, lse_tile, cls, coef, out + (t.data - x0));
         });

@@ -47,14 +47,14 @@ SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::
     const scalar_t* x = t.row(c);
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j * ps]);
+      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
       max[j] = v > max[j] ? v : max[j];  // NaN reaches lse through the sum below
     }
   }
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
 #pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) sum[j] += cpu::exp_vec(static_cast<acc_t>(x[j * ps]) - max[j]);
+    for (int64_t j = 0; j < t.pixels; ++j) sum[j] += cpu::exp_vec(cpu::widen<acc_t>(x[j * ps]) - max[j]);
   }
   for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
 }

@@ -4,8 +4,37 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+
+#include "common/macros.h"
 
 namespace segfast::cpu {
+
+// scalar_t <-> its accumulation type inside the hot loops. c10::BFloat16's own conversions are
+// plain inline functions, which GCC does not inline into the multiversioned loops (a call per
+// element, no vectorisation); these are the same bit operations, always inlined.
+template <typename acc_t, typename scalar_t>
+SEGFAST_HOST_DEVICE acc_t widen(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+// round to nearest even, NaN -> the quiet NaN c10 uses (0x7fc0)
+template <typename scalar_t, typename acc_t>
+SEGFAST_HOST_DEVICE scalar_t narrow(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint32_t bits = std::bit_cast<uint32_t>(static_cast<float>(v));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
 
 // exp(x) for float, within 2 ulp for normal results: Cody-Waite reduction x = n ln2 + r,
 // |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation error < 1e-9), and the scale
