@@ -16,6 +16,8 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -64,6 +66,10 @@ class OutputCache {
   OutputCache() {
     const char* mb = std::getenv("SEGFAST_CPU_CACHE_MB");
     limit_bytes_ = (mb != nullptr ? std::atoll(mb) : 512) << 20;
+    // a fork (DataLoader workers) while another thread holds the mutex would leave it locked in
+    // the child: hold it across fork, release it on both sides
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
   }
 
   std::mutex mutex_;
