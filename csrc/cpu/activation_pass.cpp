@@ -50,7 +50,7 @@ void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act
     dispatch_activation(act, [&](auto a) {
       at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
         activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
-                                                       cpu::widen<acc_t>(negative_slope));
+                                                       static_cast<acc_t>(negative_slope));
       });
     });
   });
@@ -69,7 +69,7 @@ at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& sa
         for (int64_t b = begin; b < end; ++b) {
           backward_rows<decltype(a)::value, scalar_t>(
               grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
-              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), cpu::widen<acc_t>(negative_slope),
+              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), static_cast<acc_t>(negative_slope),
               partial.data() + b * cols);
         }
       });

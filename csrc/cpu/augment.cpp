@@ -75,7 +75,7 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
     s.source(static_cast<double>(ox), row, x, y);
     const double fx = floor(x), fy = floor(y);
     const auto x0 = static_cast<index_t>(fx), y0 = static_cast<index_t>(fy);
-    const auto ax = cpu::widen<acc_t>(x - fx), ay = cpu::widen<acc_t>(y - fy);
+    const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);
     // 0 <= v < n as one unsigned compare, and & not &&: GCC if-converts and vectorises only this form
     const bool x0_in = uindex_t(x0) < uw, x1_in = uindex_t(x0 + 1) < uw;
     const bool y0_in = uindex_t(y0) < uh, y1_in = uindex_t(y0 + 1) < uh;

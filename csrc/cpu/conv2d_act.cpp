@@ -246,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
           thread_local std::vector<acc_t> scratch;
           scratch.resize(out_channels * kScratchStride);
           act_backward_tile<decltype(a)::value, decltype(l)::value, scalar_t>(
-              gv, sv, zv, out_channels, n, p0, p1, cpu::widen<acc_t>(negative_slope),
+              gv, sv, zv, out_channels, n, p0, p1, static_cast<acc_t>(negative_slope),
               partial.data() + t * out_channels, scratch.data());
         });
       });

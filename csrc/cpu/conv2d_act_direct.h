@@ -148,7 +148,7 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const std::optio
       gather_rows(x + n * d.in_channels * d.in_h * d.in_w, d, oh, rows.data());
       const int64_t at = n * image + oh * d.out_w;
       forward_row<A, scalar_t>(rows.data(), w.data(), b.empty() ? nullptr : b.data(), d, plane, o + at,
-                               z ? z + at : nullptr, cpu::widen<acc_t>(negative_slope));
+                               z ? z + at : nullptr, static_cast<acc_t>(negative_slope));
     }
   });
 }
@@ -172,7 +172,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Ten
         const int64_t n = row / d.out_h, oh = row % d.out_h;
         gather_rows(x + n * d.in_channels * d.in_h * d.in_w, d, oh, rows.data());
         const int64_t at = n * image + oh * d.out_w;
-        backward_row<A, scalar_t>(rows.data(), g + at, s + at, d, plane, cpu::widen<acc_t>(negative_slope),
+        backward_row<A, scalar_t>(rows.data(), g + at, s + at, d, plane, static_cast<acc_t>(negative_slope),
                                   grad_z.data(), gw, gw + d.weights());
       }
     }

@@ -44,7 +44,7 @@ SEGFAST_CPU_MULTIVERSION void tile_weighted_sums(const Tile<scalar_t, kUnit> t, 
                                                  at::opmath_type<scalar_t>* dot, at::opmath_type<scalar_t>* mass) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
-  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / cpu::widen<acc_t>(t.classes);
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
   for (int64_t j = 0; j < t.pixels; ++j) dot[j] = mass[j] = 0;
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
@@ -68,7 +68,7 @@ SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const sca
                                         const at::opmath_type<scalar_t>* scale, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
-  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / cpu::widen<acc_t>(t.classes);
+  const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
     const scalar_t* q = kProb ? prob + c * t.class_stride : nullptr;
@@ -90,9 +90,9 @@ struct LossTerms {
   acc_t weight_total, smoothing, spread;  // spread = smoothing / classes
 
   LossTerms(const std::optional<Tensor>& w, int64_t classes, double label_smoothing)
-      : weight_total(cpu::widen<acc_t>(classes)),
-        smoothing(cpu::widen<acc_t>(label_smoothing)),
-        spread(cpu::widen<acc_t>(label_smoothing / static_cast<double>(classes))) {
+      : weight_total(static_cast<acc_t>(classes)),
+        smoothing(static_cast<acc_t>(label_smoothing)),
+        spread(static_cast<acc_t>(label_smoothing / static_cast<double>(classes))) {
     if (w && w->defined()) {
       TORCH_CHECK_VALUE(w->dim() == 1 && w->numel() == classes, "weight: expected shape (", classes, ",), got ",
                         w->sizes());

@@ -12,9 +12,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <pthread.h>
 
@@ -77,10 +77,9 @@ class OutputCache {
   int64_t cached_bytes_ = 0, limit_bytes_ = 0;
 };
 
-// A CPU tensor with layout's sizes, strides and dtype (layout may be a meta tensor).
-inline at::Tensor empty_cached_as(const at::Tensor& layout, const at::TensorOptions& options) {
+// A CPU tensor from the cache with layout's sizes and strides (layout: a meta tensor).
+inline at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options) {
   const int64_t bytes = layout.numel() * layout.element_size();
-  if (bytes < kCachedMinBytes) return at::empty_strided(layout.sizes(), layout.strides(), options);
   const int64_t rounded = (bytes + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
   void* block = OutputCache::instance().take(rounded);
   return at::from_blob(
@@ -88,14 +87,19 @@ inline at::Tensor empty_cached_as(const at::Tensor& layout, const at::TensorOpti
       options);
 }
 
+// at::empty, from the cache when it is large (the meta tensor that gives the strides only then)
 inline at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options,
                                at::MemoryFormat format = at::MemoryFormat::Contiguous) {
-  return empty_cached_as(at::empty(sizes, options.device(at::kMeta), format), options);
+  if (c10::multiply_integers(sizes) * options.dtype().itemsize() < kCachedMinBytes) {
+    return at::empty(sizes, options, format);
+  }
+  return from_cache(at::empty(sizes, options.device(at::kMeta), format), options);
 }
 
 // like at::empty_like(t): the same strides when t is dense
 inline at::Tensor empty_like_cached(const at::Tensor& t) {
-  return empty_cached_as(at::empty_like(t, t.options().device(at::kMeta)), t.options());
+  if (t.numel() * t.element_size() < kCachedMinBytes) return at::empty_like(t);
+  return from_cache(at::empty_like(t, t.options().device(at::kMeta)), t.options());
 }
 
 }  // namespace segfast::cpu

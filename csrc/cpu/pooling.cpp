@@ -425,7 +425,7 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) acc[c] = 0;
   for_each_covering_window(h, w, ih, iw, [&](int64_t oh, int64_t ow, int64_t, int64_t) {
     const int64_t height_count = divisor.count(avg_window(oh, h.in, h.kernel, h.stride, h.pad));
-    const auto div = cpu::widen<acc_t>(divisor(height_count, width_counts[ow]));
+    const auto div = static_cast<acc_t>(divisor(height_count, width_counts[ow]));
     const scalar_t* g = grad_image + (oh * w.out + ow) * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) acc[c] += cpu::widen<acc_t>(g[c]) / div;

@@ -243,8 +243,8 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
               acc_t value = 0;
               if (cls[j] >= 0) {
                 const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-                value = focal_terms<acc_t>(log_pt, cpu::widen<acc_t>(a ? a[cls[j]] : 1.0),
-                                           cpu::widen<acc_t>(gamma)).loss;
+                value = focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
+                                           static_cast<acc_t>(gamma)).loss;
                 counted += 1;
               }
               if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = cpu::narrow<scalar_t>(value);
@@ -303,8 +303,8 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
             }
             const acc_t scale = reduction == Reduction::None ? gl[n * g.pixels + s0 + j] : reduced;
             const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-            coef[j] = scale * focal_terms<acc_t>(log_pt, cpu::widen<acc_t>(a ? a[cls[j]] : 1.0),
-                                                 cpu::widen<acc_t>(gamma)).a;
+            coef[j] = scale * focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
+                                                 static_cast<acc_t>(gamma)).a;
           }
           tile_focal_grad(t, lse_tile, cls, coef, out + (t.data - x0));
         });
