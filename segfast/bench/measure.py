@@ -170,15 +170,8 @@ class MachineLimits:
 
 def measure_limits(device: str) -> MachineLimits:
     def best_ms(fn, reps=5):
-        fn()
-        synchronize(device)
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        return best * 1e3
+        timed_call(fn, device)  # warm-up
+        return min(timed_call(fn, device) for _ in range(reps))
 
     source = torch.empty(2**26, device=device).fill_(1)  # 256 MiB: beyond any cache
     target = torch.empty_like(source).fill_(0)

@@ -17,17 +17,21 @@ SUITE = "ops"
 IGEMM = "segfast igemm"
 
 
+def _providers(settings: Settings, stock: Callable, ours: Callable) -> dict[str, Callable]:
+    """eager and segfast, and with settings.compile each under torch.compile(fullgraph=True)."""
+    if not settings.compile:
+        return {EAGER: stock, SEGFAST: ours}
+    return {EAGER: stock, COMPILE: torch.compile(stock, fullgraph=True), SEGFAST: ours,
+            SEGFAST_COMPILE: torch.compile(ours, fullgraph=True)}
+
+
 def _pair_cases(settings: Settings, name: str, shape: str, stock: Callable, ours: Callable, inputs: list[torch.Tensor],
                 wrt: list[torch.Tensor], grad: torch.Tensor | None, items: int, fwd_bytes: int, bwd_bytes: int,
                 extra: dict[str, Callable] | None = None) -> Iterator[Case]:
     """The forward and forward + backward cases of ``stock(*inputs)`` vs ``ours(*inputs)`` (and
     ``extra`` providers, e.g. another segfast mode): the gradient is taken with respect to ``wrt``,
     ``grad`` is the output's gradient (None for a scalar loss)."""
-    impls = {EAGER: stock, SEGFAST: ours}
-    if settings.compile:
-        impls = {EAGER: stock, COMPILE: torch.compile(stock, fullgraph=True), SEGFAST: ours,
-                 SEGFAST_COMPILE: torch.compile(ours, fullgraph=True)}
-    impls |= extra or {}
+    impls = _providers(settings, stock, ours) | (extra or {})
     yield Case(SUITE, name, shape, "fwd", {k: no_grad(lambda f=f: f(*inputs)) for k, f in impls.items()}, items,
                settings, bytes_moved=fwd_bytes)
     if not wrt:
@@ -110,10 +114,7 @@ def linear_act(settings: Settings) -> Iterator[Case]:
 
 def _module_cases(settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, params, items,
                   fwd_bytes) -> Iterator[Case]:
-    impls = {EAGER: stock, SEGFAST: ours}
-    if settings.compile:
-        impls = {EAGER: stock, COMPILE: torch.compile(stock, fullgraph=True), SEGFAST: ours,
-                 SEGFAST_COMPILE: torch.compile(ours, fullgraph=True)}
+    impls = _providers(settings, stock, ours)
     owner = {EAGER: stock, COMPILE: stock, SEGFAST: ours, SEGFAST_COMPILE: ours, IGEMM: ours}
     if settings.device == "cuda" and isinstance(ours, segfast.nn.Conv2dAct):
         impls[IGEMM] = _with_env("SEGFAST_CUDA_CONV", "igemm", ours)  # the opt-in implicit-GEMM path
