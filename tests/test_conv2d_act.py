@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import segfast
-from segfast.profiling import FreshOutputs
+from segfast.bench.profiling import FreshOutputs
 from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 
 ACTS = ACTIVATION_REFERENCES

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import segfast
-from segfast.profiling import FreshOutputs
+from segfast.bench.profiling import FreshOutputs
 from conftest import SavedBytes, assert_close_to_reference
 
 SHAPES = [(6, 5), (2, 5, 7, 3), (2, 4, 3, 2, 5), (5,)]  # (N, C), (N, C, H, W), 3-D volume, unbatched

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import segfast
 from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
-from segfast.profiling import FreshOutputs
+from segfast.bench.profiling import FreshOutputs
 
 ACTS = ACTIVATION_REFERENCES
 SHAPES = [(7,), (5, 7), (2, 3, 7), (0, 7), (300, 7)]  # unbatched, batch, extra dims, empty, > one row block

@@ -137,7 +137,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     resumed_wider = ["train", "--model", "unet", "--epochs", "2", "--max-steps", "1", "--batch-size", "2",
                      "--base-width", "8", "--depth", "2", "--quiet", "--resume", str(checkpoint)]
     assert main(resumed_wider) == 2
-    assert "is for another model (base_width=4)" in capsys.readouterr().err
+    assert "is for another model or run (base_width=4;" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--data", "folder", "--images-dir", str(tmp_path / "x"), "--masks-dir", str(tmp_path),

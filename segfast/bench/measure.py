@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from segfast.profiling import FreshOutputs
+from segfast.bench.profiling import FreshOutputs
 
 
 def timed_call(fn: Callable[[], object], device: str) -> float:

@@ -1,35 +1,7 @@
-"""``segfast bench``: run the benchmark suites, or compare two result files.
-
-    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                  [--layout nchw|channels_last] [--quick] [--reps N] [--no-compile] [--out DIR]
-    segfast bench compare A.json B.json
-"""
+"""``segfast bench``: run the benchmark suites, or compare two result files (parser: cli/main.py)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-
-from segfast.bench.cases import DTYPES, LAYOUTS
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="segfast vs stock PyTorch (eager, torch.compile): time and memory",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="*", metavar="compare A.json B.json",
-                   help="compare two result files instead of running")
-    p.add_argument("--suite", default="ops,models,augment", help="comma-separated: ops, models, augment")
-    p.add_argument("--only", default="", help="comma-separated families/models within the suites, e.g. "
-                   "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-                   "segmentation_losses, confusion_matrix; models: unet, fcn; augment: int64, uint8)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--layout", default="nchw", choices=list(LAYOUTS))
-    p.add_argument("--quick", action="store_true", help="small shapes, 5 reps: under 3 minutes on 2 CPU cores")
-    p.add_argument("--reps", type=int, help="timed calls per provider (default 15; 5 with --quick)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
-    p.add_argument("--no-charts", action="store_true", help="no PNG charts (they need matplotlib)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="where the JSON and charts go")
-    p.set_defaults(run=run)
 
 
 def run(args) -> int:

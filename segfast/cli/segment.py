@@ -18,12 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import segfast
 from segfast.augment import parse_augment
+from segfast.cli import checkpoint as checkpoints
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
 from segfast.metrics import SegmentationMetrics
 from segfast.models import FCN, UNet
 
-SEGMENTATION_MODELS = ("unet", "fcn8s", "fcn16s", "fcn32s")
-CHECKPOINT_KIND = "segfast-segmentation"
 
 
 def build_model(config: dict, backend: str) -> nn.Module:
@@ -78,11 +77,12 @@ def _optimizer(model: nn.Module, args):
 
 
 class Progress:
-    """A one-line progress bar on stderr: batches done, running loss, images per second."""
+    """A one-line progress bar on stderr: batches done, running mean loss, images per second. A resumed
+    epoch starts at ``done`` batches with the running mean ``loss`` it had."""
 
-    def __init__(self, total: int, prefix: str, enabled: bool):
+    def __init__(self, total: int, prefix: str, enabled: bool, done: int = 0, loss: float = 0.0):
         self.total, self.prefix, self.enabled = total, prefix, enabled and total > 0
-        self.start, self.images, self.loss, self.done = time.perf_counter(), 0, 0.0, 0
+        self.start, self.images, self.loss, self.done = time.perf_counter(), 0, loss, done
 
     def update(self, loss: float, images: int) -> None:
         self.done += 1
@@ -148,15 +148,6 @@ def _config_from(args) -> dict:
     return config
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a segfast checkpoint")
-    return checkpoint
-
-
 def _load_state(model: nn.Module, checkpoint: dict, path) -> None:
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -172,25 +163,16 @@ def run_train(args) -> int:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide among {world} processes")
     config = _config_from(args)
-    start_epoch, checkpoint = 1, None
+    resumed_from, checkpoint = None, None
     if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get("kind") != CHECKPOINT_KIND:
-            raise ValueError(f"{args.resume} is not a segmentation checkpoint")
-        mismatched = {k for k in ("model", "num_classes", "base_width", "depth", "norm", "in_channels")
-                      if checkpoint["config"].get(k) != config[k]}
-        if mismatched:
-            theirs = ", ".join(f"{k}={checkpoint['config'][k]}" for k in sorted(mismatched))
-            raise ValueError(f"--resume {args.resume} is for another model ({theirs}) than this run")
-        start_epoch = checkpoint["epoch"] + 1
+        resumed_from, checkpoint = checkpoints.load_for_resume(args.resume, config)
     torch.manual_seed(args.seed)
     train_set, val_set = datasets(config, "train"), datasets(config, "val")
     per_process = args.batch_size // world
-    shuffle = not args.no_shuffle
-    train_sampler = DistributedSampler(train_set, shuffle=shuffle, seed=args.seed) if world > 1 else None
-    train_loader = DataLoader(train_set, batch_size=per_process, sampler=train_sampler,
-                              shuffle=shuffle and train_sampler is None, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed))
+    order = checkpoints.EpochOrder(len(train_set), not args.no_shuffle, args.seed, rank, world)
+    # a generator of its own: the loader must not draw from the global RNG, which is saved as state
+    train_loader = DataLoader(train_set, batch_size=per_process, sampler=order, drop_last=True,
+                              generator=torch.Generator())
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // world), sampler=val_sampler)
     model = build_model(config, args.backend).to(device)
@@ -199,35 +181,56 @@ def run_train(args) -> int:
     optimizer = _optimizer(model, args)
     steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
     schedule = _schedule(optimizer, args.schedule, max(1, args.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    position = checkpoints.Position.resumed(checkpoint)
     if checkpoint is not None:
-        _load_state(model, checkpoint, args.resume)
+        _load_state(model, checkpoint, resumed_from)
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
     loss_fn = _loss(config, args.backend, device)
     augment = parse_augment(args.augment, config["ignore_index"]) if args.augment else None
-    augment_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     trained = DistributedDataParallel(model) if world > 1 else model
     step_model = torch.compile(trained) if args.compile else trained
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     main_process = rank == 0
+    saver = checkpoints.Checkpoints(args.out, args.keep) if main_process else None
+
+    def save(result: dict | None) -> None:
+        """Rank 0 writes; every rank waits for it, so a checkpoint is a cut all ranks have passed."""
+        if main_process:
+            improved = result is not None and (position.best is None or result["miou"] > position.best)
+            if improved:
+                position.best = result["miou"]
+            saver.save({"config": config, "backend": args.backend, "epoch": position.epoch,
+                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": torch.get_rng_state(), "val": result, "args": _recorded(args)},
+                       position, improved)
+        if world > 1:
+            dist.barrier()
+
     if main_process:
         print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}"
               f"{f', augment {args.augment}' if args.augment else ''}, loss {args.loss}) on "
               f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
               f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
-              f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads")
+              f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads"
+              + (f"; resuming from {resumed_from} at epoch {position.epoch}, step {position.step}"
+                 if resumed_from else ""))
     start, result = time.perf_counter(), {}
-    for epoch in range(start_epoch, args.epochs + 1):
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+    while position.epoch <= args.epochs:
+        order.set_epoch(position.epoch, skip=position.step * per_process)
         step_model.train()
-        progress = Progress(steps_per_epoch, f"epoch {epoch}", main_process and not args.quiet)
-        for step, (images, masks) in enumerate(train_loader):
-            if step == steps_per_epoch:
+        progress = Progress(steps_per_epoch, f"epoch {position.epoch}", main_process and not args.quiet,
+                            done=position.step, loss=position.epoch_loss)
+        for images, masks in train_loader:
+            if position.step == steps_per_epoch:
                 break
             images, masks = images.to(device), masks.to(device)
             if augment is not None:  # one pass over the batch, on the training device
-                images, masks, _ = augment(images, masks, augment_generator)
+                images, masks, _ = augment(images, masks, checkpoints.step_generator(args.seed, rank,
+                                                                                     position.global_step))
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
@@ -238,16 +241,19 @@ def run_train(args) -> int:
             scaler.update()
             schedule.step()
             progress.update(loss.item(), len(images))
+            position.step, position.global_step, position.epoch_loss = (position.step + 1, position.global_step + 1,
+                                                                        progress.loss)
+            if args.save_every and position.global_step % args.save_every == 0 and position.step < steps_per_epoch:
+                save(None)
         progress.close()
         result = evaluate(step_model, val_loader, config, device, args.amp, args.channels_last)
         if main_process:
-            print(f"epoch {epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
+            print(f"epoch {position.epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
                   f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)",
                   flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"kind": CHECKPOINT_KIND, "config": config, "backend": args.backend, "epoch": epoch,
-                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "val": result}, args.out)
+        position.epoch_done = True
+        save(result)
+        position = checkpoints.Position(epoch=position.epoch + 1, global_step=position.global_step, best=position.best)
     if main_process and result:
         print(f"val mIoU {result['miou']:.4f}; checkpoint: {args.out}")
     if world > 1:
@@ -255,9 +261,14 @@ def run_train(args) -> int:
     return 0
 
 
+def _recorded(args) -> dict:
+    """The command line's values, kept in the checkpoint for reference (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run"}
+
+
 def _model_from_checkpoint(path, backend=None, device="cpu"):
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("kind") != CHECKPOINT_KIND:
+    checkpoint = checkpoints.load(path)
+    if checkpoint["config"].get("task") != "segment":
         raise ValueError(f"{path} is not a segmentation checkpoint (use it with --task classify)")
     config = checkpoint["config"]
     model = build_model(config, backend or checkpoint["backend"]).to(device)
