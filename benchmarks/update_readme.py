@@ -4,6 +4,7 @@ the block matches these files).
 
     python benchmarks/update_readme.py
 """
+
 from __future__ import annotations
 
 import sys

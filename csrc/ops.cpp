@@ -11,49 +11,60 @@
 #include <string_view>
 #include <vector>
 
-#include <torch/library.h>
 #include <pybind11/pybind11.h>
+#include <torch/library.h>
 
 TORCH_LIBRARY(segfast, m) {
   // conv2d + bias + activation. Returns (output, saved): `saved` is the pre-activation when the
   // activation's derivative needs it (silu, gelu, leaky_relu with a negative slope), else empty.
-  m.def("conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, str activation, float negative_slope) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, str activation, float negative_slope) -> (Tensor, Tensor)");
   // Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in output_mask is empty.
-  m.def("conv2d_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
-        "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv2d_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
+      "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // linear + bias + activation on (*, in_features) input; (output, saved) as conv2d_act.
-  m.def("linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
-        "-> (Tensor, Tensor)");
-  m.def("linear_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, str activation, "
-        "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "linear_act_backward(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, str activation, "
+      "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // Max pooling. Returns (output, argmax): argmax holds torch's flat int64 indices when
   // return_indices, else the compact offset inside the window (uint8, int32 past 256 elements).
-  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
-        "int[2] dilation, bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor argmax, int[4] input_size, "
-        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
-  m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
-        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
-  m.def("avg_pool2d_backward(Tensor grad_output, int[4] input_size, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
-        "int? divisor_override) -> Tensor");
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor argmax, int[4] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def(
+      "avg_pool2d_backward(Tensor grad_output, int[4] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
+      "int? divisor_override) -> Tensor");
 
   // Per-pixel softmax cross-entropy on (N, C, S) logits, S = flattened spatial dims. `target` is
   // (N, S) class indices or (N, C, S) probabilities. Returns (loss, lse, total_weight): the
   // per-pixel log-sum-exp (float32, float64 for float64 logits) is all that backward needs.
-  m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, str reduction, "
-        "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
-  m.def("cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-        "Tensor lse, Tensor total_weight, str reduction, int ignore_index, "
-        "float label_smoothing) -> Tensor");
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, str reduction, "
+      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor total_weight, str reduction, int ignore_index, "
+      "float label_smoothing) -> Tensor");
   // The gradient-in-forward mode (reduction mean or sum): returns (loss, d loss / d input), so
   // that backward is one multiply and keeps neither the logits nor the log-sum-exp alive.
-  m.def("cross_entropy_with_grad(Tensor input, Tensor target, Tensor? weight, str reduction, "
-        "int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "cross_entropy_with_grad(Tensor input, Tensor target, Tensor? weight, str reduction, "
+      "int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
 
   // Segmentation metrics: the (num_classes, num_classes) int64 confusion matrix, [true, predicted],
   // of (N, C, S) logits (argmax over C, fused) or (N, S) predicted classes against (N, S) targets.
@@ -63,21 +74,25 @@ TORCH_LIBRARY(segfast, m) {
   // dice_sums: per (sample, class) over the non-ignored pixels, (3, N, C) float32 (float64 for
   // float64): sum p*y, sum p (p^2 if squared), sum y; the Dice formula itself is Python math on these.
   m.def("dice_sums(Tensor input, Tensor target, int ignore_index, bool squared) -> Tensor");
-  m.def("dice_sums_backward(Tensor grad_sums, Tensor input, Tensor target, int ignore_index, bool squared) "
-        "-> Tensor");
+  m.def(
+      "dice_sums_backward(Tensor grad_sums, Tensor input, Tensor target, int ignore_index, bool squared) "
+      "-> Tensor");
   // focal_loss: -alpha_t (1 - p_t)^gamma log p_t per pixel; returns (loss, lse, count) like
   // cross_entropy, count = the non-ignored pixels (the mean's divisor).
-  m.def("focal_loss(Tensor input, Tensor target, Tensor? alpha, float gamma, str reduction, int ignore_index) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("focal_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, float gamma, "
-        "Tensor lse, Tensor count, str reduction, int ignore_index) -> Tensor");
+  m.def(
+      "focal_loss(Tensor input, Tensor target, Tensor? alpha, float gamma, str reduction, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "focal_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, float gamma, "
+      "Tensor lse, Tensor count, str reduction, int ignore_index) -> Tensor");
 
   // Joint image + mask augmentation: per sample, the affine map theta (N, 2, 3), from output to
   // input coordinates normalised to [-1, 1] (F.affine_grid's convention, align_corners=False),
   // samples the (N, C, H, W) image bilinearly (zeros outside, as F.grid_sample) and the (N, H, W)
   // mask at the nearest pixel (ignore_index outside), into (out_h, out_w), in one pass.
-  m.def("affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
-        "-> (Tensor, Tensor)");
+  m.def(
+      "affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {
@@ -94,15 +109,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_with_grad(const at::Tensor& inp
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                       c10::string_view, int64_t, double)>();
-  static const auto backward = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("segfast::cross_entropy_backward", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const std::optional<at::Tensor>&, const at::Tensor&,
-                                                     const at::Tensor&, c10::string_view, int64_t, double)>();
+  static const auto backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("segfast::cross_entropy_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, double)>();
   auto [loss, lse, total_weight] = forward.call(input, target, weight, reduction, ignore_index, label_smoothing);
   const at::Tensor one = at::ones({}, loss.options());
-  at::Tensor grad = backward.call(one, input, target, weight, lse, total_weight, reduction, ignore_index,
-                                  label_smoothing);
+  at::Tensor grad =
+      backward.call(one, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing);
   return {loss, grad};
 }
 

@@ -5,6 +5,7 @@
 Rows are samples; columns: image, mask, augmented image, augmented mask (palette colours, white
 for ignore_index: pixels that came from outside the frame).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main(argv=None) -> int:
         tiles = [gray(images[i]), to_rgb(masks[i]), gray(aug_images[i]), to_rgb(aug_masks[i])]
         spacer = torch.full((64, 4, 3), 128, dtype=torch.uint8)
         rows.append(torch.cat([t for tile in tiles for t in (tile, spacer)][:-1], 1))
-    picture = torch.cat([t for row in rows for t in (row, torch.full((4, row.shape[1], 3), 128, dtype=torch.uint8))][:-1])
+    picture = torch.cat(
+        [t for row in rows for t in (row, torch.full((4, row.shape[1], 3), 128, dtype=torch.uint8))][:-1]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture.numpy()).resize((picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST).save(args.out)
     print(f"wrote {args.out} ({SPEC})")

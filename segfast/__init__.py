@@ -2,6 +2,7 @@
 
 ``segfast.ops`` mirrors ``torch.nn.functional``; ``segfast.nn`` mirrors ``torch.nn``.
 """
+
 import importlib.metadata as _metadata
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
@@ -18,13 +19,17 @@ def _check_torch_version() -> None:
             f"segfast was built against torch {_BUILT_FOR} but torch {torch.__version__} is installed; "
             f"its compiled ops only load in torch {'.'.join(built)}.x. Reinstall segfast in this environment "
             "(pip install --no-build-isolation --force-reinstall segfast, from source), or install the segfast "
-            f"wheel built for torch {'.'.join(running)}, or torch {'.'.join(built)}.")
+            f"wheel built for torch {'.'.join(running)}, or torch {'.'.join(built)}."
+        )
 
 
 _check_torch_version()
 
-from segfast import _C  # noqa: E402,F401  (registers torch.ops.segfast.*)
-from segfast import nn, ops  # noqa: E402
+from segfast import (  # noqa: E402
+    _C,  # noqa: E402,F401  (registers torch.ops.segfast.*)
+    nn,
+    ops,
+)
 from segfast._C import build_info  # noqa: E402
 from segfast.convert import ConversionReport, convert  # noqa: E402
 from segfast.deploy import fold_batchnorm  # noqa: E402

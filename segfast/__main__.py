@@ -1,4 +1,5 @@
 """``python -m segfast ...``: the ``segfast`` command (segfast/cli/main.py)."""
+
 import sys
 
 from segfast.cli.main import main

@@ -5,6 +5,7 @@ translation and the output (crop) size, and applies them to a batch of images (b
 masks (nearest, ``ignore_index`` outside the frame) with ``segfast.ops.affine_augment``: one pass,
 on the device the batch is on. ``AugmentCollate`` makes it a DataLoader ``collate_fn``.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,16 @@ class RandomAffine:
     ``generator``, so a seeded generator reproduces a run.
     """
 
-    def __init__(self, rotate: float = 0.0, flip: float = 0.0, vflip: float = 0.0, scale=(1.0, 1.0),
-                 translate: float = 0.0, crop=None, ignore_index: int = 255):
+    def __init__(
+        self,
+        rotate: float = 0.0,
+        flip: float = 0.0,
+        vflip: float = 0.0,
+        scale=(1.0, 1.0),
+        translate: float = 0.0,
+        crop=None,
+        ignore_index: int = 255,
+    ):
         if not 0 <= flip <= 1 or not 0 <= vflip <= 1:
             raise ValueError(f"RandomAffine: flip probabilities must be in [0, 1], got {flip}, {vflip}")
         if not (0 < scale[0] <= scale[1]) or not math.isfinite(scale[1]):
@@ -98,8 +107,9 @@ class RandomAffine:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None):
         params = self.sample(images.shape[0], images.shape[-2:], generator)
-        out_images, out_masks = affine_augment(images, masks, params.theta, self.crop or images.shape[-2:],
-                                               self.ignore_index)
+        out_images, out_masks = affine_augment(
+            images, masks, params.theta, self.crop or images.shape[-2:], self.ignore_index
+        )
         return out_images, out_masks, params
 
 

@@ -12,6 +12,7 @@ What is converted, each only where the result computes exactly what the original
 
 The report says what was converted and, for every Conv2d/Linear that was not, why.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,10 @@ class ConversionReport:
     traced: bool = False  # whether the torch.fx pass ran (and the result is a GraphModule)
 
     def __str__(self) -> str:
-        lines = [f"segfast.convert: {len(self.converted)} converted, {len(self.kept)} kept"
-                 + (" (torch.fx graph)" if self.traced else "")]
+        lines = [
+            f"segfast.convert: {len(self.converted)} converted, {len(self.kept)} kept"
+            + (" (torch.fx graph)" if self.traced else "")
+        ]
         lines += [f"  converted {entry}" for entry in self.converted]
         lines += [f"  kept      {entry}" for entry in self.kept]
         return "\n".join(lines)
@@ -58,8 +61,15 @@ def _activation_of_module(m: nn.Module) -> tuple[str, float] | None:
     return None
 
 
-_FUNCTIONAL_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
-                           F.sigmoid: "sigmoid", F.gelu: "gelu", F.leaky_relu: "leaky_relu"}
+_FUNCTIONAL_ACTIVATIONS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.silu: "silu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    F.gelu: "gelu",
+    F.leaky_relu: "leaky_relu",
+}
 _METHOD_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid"}
 
 
@@ -94,12 +104,30 @@ def _fused(layer: nn.Module, activation: str, negative_slope: float) -> nn.Modul
     """A Conv2dAct / LinearAct with ``layer``'s configuration, parameters and device/dtype."""
     p = layer.weight
     if isinstance(layer, nn.Conv2d):
-        fused = snn.Conv2dAct(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, layer.groups, layer.bias is not None, device=p.device, dtype=p.dtype,
-                              activation=activation, negative_slope=negative_slope)
+        fused = snn.Conv2dAct(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
     else:
-        fused = snn.LinearAct(layer.in_features, layer.out_features, layer.bias is not None, device=p.device,
-                              dtype=p.dtype, activation=activation, negative_slope=negative_slope)
+        fused = snn.LinearAct(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
     fused.load_state_dict(layer.state_dict())
     fused.train(layer.training)
     return fused
@@ -116,14 +144,30 @@ def _swap_simple_layers(model: nn.Module, report: ConversionReport) -> None:
             qualified = f"{parent_name}.{name}" if parent_name else name
             new = None
             if type(child) is nn.MaxPool2d:
-                new = snn.MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation,
-                                    child.return_indices, child.ceil_mode)
+                new = snn.MaxPool2d(
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.return_indices,
+                    child.ceil_mode,
+                )
             elif type(child) is nn.AvgPool2d:
-                new = snn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode,
-                                    child.count_include_pad, child.divisor_override)
+                new = snn.AvgPool2d(
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.ceil_mode,
+                    child.count_include_pad,
+                    child.divisor_override,
+                )
             elif type(child) is nn.CrossEntropyLoss:
-                new = snn.CrossEntropyLoss(child.weight, ignore_index=child.ignore_index, reduction=child.reduction,
-                                           label_smoothing=child.label_smoothing)
+                new = snn.CrossEntropyLoss(
+                    child.weight,
+                    ignore_index=child.ignore_index,
+                    reduction=child.reduction,
+                    label_smoothing=child.label_smoothing,
+                )
             if new is not None:
                 new.train(child.training)
                 setattr(parent, name, new)
@@ -145,8 +189,10 @@ def _fuse_in_sequentials(model: nn.Module, report: ConversionReport) -> None:
                 continue  # the fx pass (or the final sweep) reports it
             parent._modules[first] = _fused(layer, *activation)
             parent._modules[second] = nn.Identity()
-            report.converted.append(f"{qualified}: {_describe(layer)} + {_describe(act)} -> "
-                                    f"segfast.nn.{type(parent._modules[first]).__name__}({activation[0]!r})")
+            report.converted.append(
+                f"{qualified}: {_describe(layer)} + {_describe(act)} -> "
+                f"segfast.nn.{type(parent._modules[first]).__name__}({activation[0]!r})"
+            )
 
 
 class _Tracer(fx.Tracer):
@@ -183,8 +229,10 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
         act_node.replace_all_uses_with(node)
         gm.graph.erase_node(act_node)
         fused_any = True
-        report.converted.append(f"{node.target}: {_describe(layer)} + {act_name} -> "
-                                f"segfast.nn.{type(fused).__name__}({activation[0]!r}) [fx]")
+        report.converted.append(
+            f"{node.target}: {_describe(layer)} + {act_name} -> "
+            f"segfast.nn.{type(fused).__name__}({activation[0]!r}) [fx]"
+        )
     if not fused_any:
         return model
     gm.graph.lint()
@@ -221,4 +269,3 @@ def convert(model: nn.Module, inplace: bool = False, *, fx_trace: bool = True) -
         model = _fuse_in_graph(model, report)
     _report_unfused(model, report)
     return model, report
-

@@ -1,4 +1,5 @@
 """Inference deployment: fold eval-mode BatchNorm into the convolutions and fuse the activations."""
+
 from __future__ import annotations
 
 import copy
@@ -25,9 +26,20 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: tuple[str, float] |
             bias = bias + bn.bias.double()
         name, slope = activation or ("none", 0.01)
         w = conv.weight
-        fused = snn.Conv2dAct(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, True, device=w.device, dtype=w.dtype, activation=name,
-                              negative_slope=slope)
+        fused = snn.Conv2dAct(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            True,
+            device=w.device,
+            dtype=w.dtype,
+            activation=name,
+            negative_slope=slope,
+        )
         fused.weight.copy_(w.double() * scale.view(-1, 1, 1, 1))
         fused.bias.copy_(bias)
     return fused.eval()
@@ -35,8 +47,13 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: tuple[str, float] |
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     plain_conv = type(conv) is nn.Conv2d or (isinstance(conv, snn.Conv2dAct) and conv.activation == "none")
-    return (plain_conv and conv.padding_mode == "zeros" and type(bn) is nn.BatchNorm2d
-            and bn.running_mean is not None and bn.num_features == conv.out_channels)
+    return (
+        plain_conv
+        and conv.padding_mode == "zeros"
+        and type(bn) is nn.BatchNorm2d
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
 
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -52,8 +69,10 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm: model must be an nn.Module, got {type(model).__name__}")
     if model.training:
-        raise ValueError("fold_batchnorm: the model is in training mode; call model.eval() first "
-                         "(folding uses BatchNorm's running statistics)")
+        raise ValueError(
+            "fold_batchnorm: the model is in training mode; call model.eval() first "
+            "(folding uses BatchNorm's running statistics)"
+        )
     model = model if inplace else copy.deepcopy(model)
     for parent in list(model.modules()):
         slots = list(parent._modules)

@@ -1,4 +1,5 @@
 """Segmentation metrics from a confusion matrix computed by segfast's fused argmax + bincount op."""
+
 from __future__ import annotations
 
 import torch

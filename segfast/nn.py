@@ -1,4 +1,5 @@
 """Modules mirroring ``torch.nn``: same constructor arguments and state_dict keys, segfast ops inside."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,17 @@ from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is alre
 
 from segfast import ops
 
-__all__ = ["AvgPool2d", "Conv2dAct", "CrossEntropyLoss", "DiceCELoss", "DiceLoss", "FocalLoss", "L1Loss", "LinearAct",
-           "MaxPool2d"]
+__all__ = [
+    "AvgPool2d",
+    "Conv2dAct",
+    "CrossEntropyLoss",
+    "DiceCELoss",
+    "DiceLoss",
+    "FocalLoss",
+    "L1Loss",
+    "LinearAct",
+    "MaxPool2d",
+]
 
 
 class Conv2dAct(nn.Conv2d):
@@ -20,21 +30,44 @@ class Conv2dAct(nn.Conv2d):
     ``padding_mode="zeros"`` is supported.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 activation: str = "relu", negative_slope: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ):
         if padding_mode != "zeros":
             raise ValueError(f"Conv2dAct: only padding_mode='zeros' is supported, got {padding_mode!r}")
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"Conv2dAct: activation must be one of {', '.join(ops.ACTIVATIONS)}; got {activation!r}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         self.activation = activation
         self.negative_slope = negative_slope
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d_act(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              self.activation, self.negative_slope)
+        return ops.conv2d_act(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.activation,
+            self.negative_slope,
+        )
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
@@ -49,8 +82,16 @@ class LinearAct(nn.Linear):
     ways with ``nn.Linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 activation: str = "relu", negative_slope: float = 0.01):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ):
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"LinearAct: activation must be one of {', '.join(ops.ACTIVATIONS)}; got {activation!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -69,16 +110,30 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` on segfast's kernel (compact uint8 argmax saved for backward)."""
 
     def forward(self, input: torch.Tensor):
-        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        return ops.max_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
 
 
 class AvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` on segfast's kernel."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                              self.count_include_pad, self.divisor_override)
+        return ops.avg_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -93,21 +148,42 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.grad_in_forward = grad_in_forward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                 grad_in_forward=self.grad_in_forward)
+        return ops.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            grad_in_forward=self.grad_in_forward,
+        )
 
 
 class DiceLoss(nn.Module):
     """Soft Dice loss with the softmax fused in; arguments as :func:`segfast.ops.dice_loss`."""
 
-    def __init__(self, include_background: bool = True, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
-                 squared_pred: bool = False, ignore_index: int = -100, weight: torch.Tensor | None = None,
-                 batch: bool = False, reduction: str = "mean"):
+    def __init__(
+        self,
+        include_background: bool = True,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        squared_pred: bool = False,
+        ignore_index: int = -100,
+        weight: torch.Tensor | None = None,
+        batch: bool = False,
+        reduction: str = "mean",
+    ):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.options = dict(include_background=include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                            squared_pred=squared_pred, ignore_index=ignore_index, batch=batch, reduction=reduction)
+        self.options = dict(
+            include_background=include_background,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            squared_pred=squared_pred,
+            ignore_index=ignore_index,
+            batch=batch,
+            reduction=reduction,
+        )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ops.dice_loss(input, target, weight=self.weight, **self.options)
@@ -116,23 +192,32 @@ class DiceLoss(nn.Module):
 class FocalLoss(nn.Module):
     """Multi-class focal loss with the softmax fused in; arguments as :func:`segfast.ops.focal_loss`."""
 
-    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None, ignore_index: int = -100,
-                 reduction: str = "mean"):
+    def __init__(
+        self, gamma: float = 2.0, alpha: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"
+    ):
         super().__init__()
         self.register_buffer("alpha", alpha)
         self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return ops.focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
-                              reduction=self.reduction)
+        return ops.focal_loss(
+            input, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index, reduction=self.reduction
+        )
 
 
 class DiceCELoss(nn.Module):
     """``lambda_dice * DiceLoss + lambda_ce * CrossEntropyLoss`` on the same logits (MONAI's
     DiceCELoss), both segfast's fused ops; ``ignore_index`` and ``weight`` apply to both."""
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, ignore_index: int = -100,
-                 weight: torch.Tensor | None = None, label_smoothing: float = 0.0, **dice_options):
+    def __init__(
+        self,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        ignore_index: int = -100,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        **dice_options,
+    ):
         super().__init__()
         self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
         self.dice = DiceLoss(ignore_index=ignore_index, weight=weight, **dice_options)

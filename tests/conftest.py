@@ -1,5 +1,6 @@
 """Shared test helpers: tolerances in the flash-attention style (our error against a float64
 reference at most twice stock PyTorch's error in the same dtype, plus a small floor)."""
+
 from __future__ import annotations
 
 import torch

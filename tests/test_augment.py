@@ -1,10 +1,11 @@
 """affine_augment and RandomAffine against a float64 reference of the same affine sampling."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_to_reference
 
 import segfast
-from conftest import assert_close_to_reference
 from segfast.augment import AugmentCollate, RandomAffine, affine_theta, parse_augment
 
 
@@ -28,8 +29,9 @@ def _reference_mask(mask, theta, size, ignore_index):
     py = torch.round(((sy + 1) * h - 1) / 2).long()
     inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
     flat = mask.reshape(n, -1).gather(1, (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(n, -1))
-    return torch.where(inside, flat.reshape(n, out_h, out_w), torch.full_like(flat.reshape(n, out_h, out_w),
-                                                                           ignore_index))
+    return torch.where(
+        inside, flat.reshape(n, out_h, out_w), torch.full_like(flat.reshape(n, out_h, out_w), ignore_index)
+    )
 
 
 def _batch(n=4, c=3, h=23, w=31, seed=0):
@@ -100,35 +102,70 @@ def test_large_outputs_from_the_output_cache_are_ordinary_tensors():
     theta = RandomAffine(rotate=30, flip=0.5).sample(3, (640, 640), g).theta
     ours, ours_mask = segfast.ops.affine_augment(image, mask, theta)
     assert ours.nbytes >= 8 << 20 and ours_mask.nbytes >= 8 << 20
-    assert_close_to_reference(ours, _stock(image, theta, (640, 640)), _stock(image.double(), theta, (640, 640)),
-                              "image")
+    assert_close_to_reference(
+        ours, _stock(image, theta, (640, 640)), _stock(image.double(), theta, (640, 640)), "image"
+    )
     assert torch.equal(ours_mask, _reference_mask(mask, theta, (640, 640), 255))
     expected = ours.clone()
     shared = ours.share_memory_()
     assert shared.is_shared() and torch.equal(shared, expected)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(image, mask), batch_size=3, num_workers=1,
-                                         collate_fn=AugmentCollate(RandomAffine(rotate=10)))
-    (batch_images, batch_masks), = list(loader)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(image, mask),
+        batch_size=3,
+        num_workers=1,
+        collate_fn=AugmentCollate(RandomAffine(rotate=10)),
+    )
+    ((batch_images, batch_masks),) = list(loader)
     assert batch_images.shape == (3, 3, 640, 640) and batch_masks.shape == (3, 640, 640)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: segfast.ops.affine_augment(torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long),
-                                        torch.zeros(2, 2, 3)), ValueError, "mask must have shape"),
-    (lambda: segfast.ops.affine_augment(torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long),
-                                        torch.zeros(2, 3, 3)), ValueError, "theta must be"),
-    (lambda: segfast.ops.affine_augment(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8),
-                                        torch.zeros(1, 2, 3), ignore_index=-100), ValueError, "does not fit"),
-    (lambda: segfast.ops.affine_augment(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long),
-                                        torch.full((1, 2, 3), float("nan"))), ValueError, "NaN"),
-    (lambda: segfast.ops.affine_augment(torch.rand(1, 3, 4, 4, requires_grad=True),
-                                        torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 2, 3)),
-     ValueError, "not differentiable"),
-    (lambda: segfast.ops.affine_augment(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4), torch.zeros(1, 2, 3)),
-     TypeError, "mask dtype"),
-    (lambda: parse_augment("rotate=30,shear=4"), ValueError, "unknown key 'shear'"),
-    (lambda: RandomAffine(scale=(2, 1)), ValueError, "scale must be"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: segfast.ops.affine_augment(
+                torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long), torch.zeros(2, 2, 3)
+            ),
+            ValueError,
+            "mask must have shape",
+        ),
+        (
+            lambda: segfast.ops.affine_augment(
+                torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 3, 3)
+            ),
+            ValueError,
+            "theta must be",
+        ),
+        (
+            lambda: segfast.ops.affine_augment(
+                torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8), torch.zeros(1, 2, 3), ignore_index=-100
+            ),
+            ValueError,
+            "does not fit",
+        ),
+        (
+            lambda: segfast.ops.affine_augment(
+                torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 2, 3), float("nan"))
+            ),
+            ValueError,
+            "NaN",
+        ),
+        (
+            lambda: segfast.ops.affine_augment(
+                torch.rand(1, 3, 4, 4, requires_grad=True), torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 2, 3)
+            ),
+            ValueError,
+            "not differentiable",
+        ),
+        (
+            lambda: segfast.ops.affine_augment(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4), torch.zeros(1, 2, 3)),
+            TypeError,
+            "mask dtype",
+        ),
+        (lambda: parse_augment("rotate=30,shear=4"), ValueError, "unknown key 'shear'"),
+        (lambda: RandomAffine(scale=(2, 1)), ValueError, "scale must be"),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

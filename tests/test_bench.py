@@ -1,5 +1,6 @@
 """segfast bench: the runner on tiny settings, the report, the CLI's errors, and the README's
 generated block against the committed result files."""
+
 import json
 import subprocess
 import sys
@@ -20,15 +21,21 @@ import update_readme  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_rows():
     settings = bench.Settings(quick=True, compile=False)
-    return bench.run(["ops", "augment"], settings, reps=2, only={"ops": ["pooling"], "augment": ["uint8"]},
-                     progress=False)
+    return bench.run(
+        ["ops", "augment"], settings, reps=2, only={"ops": ["pooling"], "augment": ["uint8"]}, progress=False
+    )
 
 
 def test_run_times_every_provider_of_every_case(quick_rows):
     rows, env = quick_rows
     cases = {(r.name, r.step) for r in rows}
-    assert cases == {("max_pool2d 2x2", "fwd"), ("max_pool2d 2x2", "fwd+bwd"), ("avg_pool2d 2x2", "fwd"),
-                     ("avg_pool2d 2x2", "fwd+bwd"), ("affine_augment", "fwd")}
+    assert cases == {
+        ("max_pool2d 2x2", "fwd"),
+        ("max_pool2d 2x2", "fwd+bwd"),
+        ("avg_pool2d 2x2", "fwd"),
+        ("avg_pool2d 2x2", "fwd+bwd"),
+        ("affine_augment", "fwd"),
+    }
     for row in rows:
         assert row.median_ms > 0 and row.p25_ms <= row.median_ms <= row.p75_ms
         assert row.images_per_s == pytest.approx(row.items / row.median_ms * 1e3)
@@ -69,13 +76,16 @@ def test_report_table_json_compare_and_charts(quick_rows, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "--suite", "nope"], "--suite: expected some of ops, models, augment"),
-    (["bench", "--only", "resnet"], "--only: 'resnet' is in none of the suites"),
-    (["bench", "compare", "a.json"], "expected 'segfast bench compare A.json B.json'"),
-    (["bench", "compare", "missing-a.json", "missing-b.json"], "no result file missing-a.json"),
-    (["bench", "--reps", "0"], "--reps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--suite", "nope"], "--suite: expected some of ops, models, augment"),
+        (["bench", "--only", "resnet"], "--only: 'resnet' is in none of the suites"),
+        (["bench", "compare", "a.json"], "expected 'segfast bench compare A.json B.json'"),
+        (["bench", "compare", "missing-a.json", "missing-b.json"], "no result file missing-a.json"),
+        (["bench", "--reps", "0"], "--reps must be at least 1"),
+    ],
+)
 def test_cli_rejects_bad_arguments_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -83,9 +93,27 @@ def test_cli_rejects_bad_arguments_in_one_line(argv, message, capsys):
 
 def test_cli_writes_table_json_and_charts(tmp_path):
     pytest.importorskip("matplotlib")
-    out = subprocess.run([sys.executable, "-m", "segfast", "bench", "--quick", "--no-compile", "--suite", "ops",
-                          "--only", "confusion_matrix", "--reps", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segfast",
+            "bench",
+            "--quick",
+            "--no-compile",
+            "--suite",
+            "ops",
+            "--only",
+            "confusion_matrix",
+            "--reps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "| confusion_matrix |" in out
     stem = "bench-cpu-float32-nchw-quick"
     assert {p.name for p in tmp_path.iterdir()} == {f"{stem}.json", f"{stem}-speedup.png", f"{stem}-memory.png"}

@@ -39,8 +39,10 @@ def test_ops_are_registered_with_the_dispatcher():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}_backward", "CPU")
 
 
-@pytest.mark.skipif(os.environ.get("SEGFAST_EXPECT_CUDA") != "1" and not segfast.build_info()["cuda"],
-                    reason="CPU-only build (CI sets SEGFAST_EXPECT_CUDA=1 for its CUDA build)")
+@pytest.mark.skipif(
+    os.environ.get("SEGFAST_EXPECT_CUDA") != "1" and not segfast.build_info()["cuda"],
+    reason="CPU-only build (CI sets SEGFAST_EXPECT_CUDA=1 for its CUDA build)",
+)
 def test_cuda_kernels_are_registered_with_the_dispatcher():
     # without a GPU the CUDA kernels cannot run, but a CUDA build must have registered every one
     assert segfast.build_info()["cuda"], "expected a build with CUDA kernels (SEGFAST_EXPECT_CUDA=1)"
@@ -51,9 +53,11 @@ def test_cuda_kernels_are_registered_with_the_dispatcher():
 
 def test_mismatched_torch_gives_a_clear_import_error():
     # fake the recorded build version; the real _C is never loaded
-    code = ("import sys, types; fake = types.ModuleType('segfast._build_info'); fake.TORCH_VERSION = '2.9.1+cpu'; "
-            "sys.modules['segfast._build_info'] = fake\n"
-            "try:\n    import segfast\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys, types; fake = types.ModuleType('segfast._build_info'); fake.TORCH_VERSION = '2.9.1+cpu'; "
+        "sys.modules['segfast._build_info'] = fake\n"
+        "try:\n    import segfast\nexcept ImportError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"built against torch 2.9.1+cpu but torch {torch.__version__} is installed" in out
     assert "Reinstall segfast" in out
@@ -62,6 +66,7 @@ def test_mismatched_torch_gives_a_clear_import_error():
 def test_package_version_names_the_torch_and_kernels_it_was_built_for():
     # tools/wheel_metadata.py: the local label a wheel (or this editable install) carries, and its torch pin
     import importlib.metadata
+
     major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     flavour = "cu" + torch.version.cuda.replace(".", "") if segfast.build_info()["cuda"] else "cpu"
     assert segfast.__version__ == importlib.metadata.version("segfast")

@@ -1,5 +1,6 @@
 """Checkpoints of ``segfast train``: atomic writes, clear errors for bad files, and a run killed with
 SIGKILL at several points and resumed that ends with the weights of the run never interrupted."""
+
 import os
 import shutil
 import signal
@@ -14,17 +15,44 @@ from segfast.cli import checkpoint as checkpoints
 from segfast.cli.main import main
 
 # the command of issue 19, with a small U-Net: 4 epochs of 12 steps, augmentation on
-SEGMENT = ["train", "--model", "unet", "--data", "digits", "--epochs", "4", "--max-steps", "12", "--base-width", "8",
-           "--depth", "2", "--batch-size", "8", "--augment", "rotate=20,flip=0.5", "--seed", "3", "--quiet"]
+SEGMENT = [
+    "train",
+    "--model",
+    "unet",
+    "--data",
+    "digits",
+    "--epochs",
+    "4",
+    "--max-steps",
+    "12",
+    "--base-width",
+    "8",
+    "--depth",
+    "2",
+    "--batch-size",
+    "8",
+    "--augment",
+    "rotate=20,flip=0.5",
+    "--seed",
+    "3",
+    "--quiet",
+]
 CLASSIFY = ["train", "--task", "classify", "--epochs", "2", "--max-steps", "9", "--batch-size", "16", "--seed", "5"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _start(args, env=ENV, torchrun=False) -> subprocess.Popen:
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                                   if torchrun else [])
-    return subprocess.Popen(launcher + ["-m", "segfast", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = [sys.executable] + (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
+    )
+    return subprocess.Popen(
+        launcher + ["-m", "segfast", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _run(args, **kwargs) -> str:

@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 
 import segfast
 from segfast.bench.profiling import FreshOutputs
-from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 
 ACTS = ACTIVATION_REFERENCES
 
@@ -81,9 +81,12 @@ def test_few_input_channels_without_input_grad(kernel, padding, activation, dtyp
     if activation in ("relu", "leaky_relu"):
         margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
         grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
-    for name, a, s_, r in zip(("weight", "bias"), torch.autograd.grad(ours, (w, b), grad.to(dtype)),
-                              torch.autograd.grad(theirs, (w, b), grad.to(dtype)),
-                              torch.autograd.grad(ref, (w64, b64), grad)):
+    for name, a, s_, r in zip(
+        ("weight", "bias"),
+        torch.autograd.grad(ours, (w, b), grad.to(dtype)),
+        torch.autograd.grad(theirs, (w, b), grad.to(dtype)),
+        torch.autograd.grad(ref, (w64, b64), grad),
+    ):
         assert_close_to_reference(a, s_, r, f"grad {name}")
 
 
@@ -136,8 +139,12 @@ def test_gradcheck(activation):
     (x, w, b), _ = _tensors((1, 2, 5, 6), (3, 2, 3, 2), torch.float64)
     # keep pre-activations away from relu's kink, where finite differences are meaningless
     assert torch.autograd.gradcheck(
-        lambda x, w, b: segfast.ops.conv2d_act(x, w, b, stride=(1, 2), padding=1, activation=activation,
-                                               negative_slope=0.2), (x, w, b), atol=1e-6)
+        lambda x, w, b: segfast.ops.conv2d_act(
+            x, w, b, stride=(1, 2), padding=1, activation=activation, negative_slope=0.2
+        ),
+        (x, w, b),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("in_channels, groups", [(3, 1), (8, 1), (8, 2)])  # direct kernel, oneDNN, grouped
@@ -155,8 +162,17 @@ def test_empty_batch_returns_empty_like_torch():
     assert segfast.ops.conv2d_act(x, w).shape == F.conv2d(x, w).shape == (0, 4, 6, 6)
 
 
-@pytest.mark.parametrize("activation, saved", [("relu", "output"), ("leaky_relu", "output"), ("sigmoid", "output"),
-                                               ("silu", "preact"), ("gelu", "preact"), ("none", None)])
+@pytest.mark.parametrize(
+    "activation, saved",
+    [
+        ("relu", "output"),
+        ("leaky_relu", "output"),
+        ("sigmoid", "output"),
+        ("silu", "preact"),
+        ("gelu", "preact"),
+        ("none", None),
+    ],
+)
 def test_saves_one_activation_sized_tensor(activation, saved):
     _, (x, w, b) = _tensors((2, 4, 16, 16), (8, 4, 3, 3), torch.float32)
     with SavedBytes(exclude=[x, w, b]) as counter:
@@ -185,12 +201,15 @@ def test_opcheck(activation, layout):
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
     torch.library.opcheck(torch.ops.segfast.conv2d_act.default, (x, w, b, [1, 2], [1, 1], [1, 1], 1, activation, 0.01))
-    torch.library.opcheck(torch.ops.segfast.conv2d_act.default, (x, w, None, [1, 1], [0, 0], [2, 1], 1, activation, 0.01))
+    torch.library.opcheck(
+        torch.ops.segfast.conv2d_act.default, (x, w, None, [1, 1], [0, 0], [2, 1], 1, activation, 0.01)
+    )
 
 
 def test_torch_compile_fullgraph():
-    model = torch.nn.Sequential(segfast.nn.Conv2dAct(3, 8, 3, padding=1), segfast.nn.Conv2dAct(8, 4, 3, padding="same",
-                                                                                               activation="silu"))
+    model = torch.nn.Sequential(
+        segfast.nn.Conv2dAct(3, 8, 3, padding=1), segfast.nn.Conv2dAct(8, 4, 3, padding="same", activation="silu")
+    )
     x = torch.randn(2, 3, 12, 12)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
@@ -214,35 +233,84 @@ def test_module_state_dict_loads_both_ways():
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: segfast.ops.conv2d_act(torch.randn(3, 3), torch.randn(4, 3, 3, 3)), ValueError, "input must be 3-D or 4-D"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)), ValueError, "weight must be 4-D"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3, dtype=torch.float64)),
-         TypeError, "weight dtype torch.float64 differs from input"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 5, 8, 8), torch.randn(4, 3, 3, 3)), ValueError,
-         "input has 5 channels"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 4, 8, 8), torch.randn(3, 2, 3, 3), groups=2), ValueError,
-         "not divisible by groups"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)),
-         ValueError, "bias must have shape"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=0), ValueError,
-         "stride must be >= 1"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1), ValueError,
-         "padding must be >= 0"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding="same", stride=2),
-         ValueError, "needs stride 1"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)), ValueError,
-         "exceeds the padded input"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), activation="tanh"),
-         ValueError, "activation must be one of"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), negative_slope=float("nan")),
-         ValueError, "negative_slope must be a finite float"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half()), TypeError,
-         "input dtype must be one of"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 0, 8, 8), torch.randn(4, 0, 3, 3)), ValueError,
-         "non-empty channel"),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(3, 3), torch.randn(4, 3, 3, 3)),
+            ValueError,
+            "input must be 3-D or 4-D",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)),
+            ValueError,
+            "weight must be 4-D",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3, dtype=torch.float64)),
+            TypeError,
+            "weight dtype torch.float64 differs from input",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 5, 8, 8), torch.randn(4, 3, 3, 3)),
+            ValueError,
+            "input has 5 channels",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 4, 8, 8), torch.randn(3, 2, 3, 3), groups=2),
+            ValueError,
+            "not divisible by groups",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)),
+            ValueError,
+            "bias must have shape",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=0),
+            ValueError,
+            "stride must be >= 1",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1),
+            ValueError,
+            "padding must be >= 0",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding="same", stride=2),
+            ValueError,
+            "needs stride 1",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)),
+            ValueError,
+            "exceeds the padded input",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), activation="tanh"),
+            ValueError,
+            "activation must be one of",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(
+                torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), negative_slope=float("nan")
+            ),
+            ValueError,
+            "negative_slope must be a finite float",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half()),
+            TypeError,
+            "input dtype must be one of",
+        ),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 0, 8, 8), torch.randn(4, 0, 3, 3)),
+            ValueError,
+            "non-empty channel",
+        ),
         (lambda: segfast.nn.Conv2dAct(3, 4, 3, padding_mode="reflect"), ValueError, "padding_mode"),
-        (lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(0, 3, 3, 3)), ValueError,
-         "weight must have output channels"),
+        (
+            lambda: segfast.ops.conv2d_act(torch.randn(1, 3, 8, 8), torch.randn(0, 3, 3, 3)),
+            ValueError,
+            "weight must have output channels",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):

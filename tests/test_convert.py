@@ -1,4 +1,5 @@
 """segfast.convert: the converted model computes what the original did, and says what it changed."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,22 +15,32 @@ def _same_outputs_and_grads(original, converted, x):
     out_a, out_b = original(a), converted(b)
     torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(out_a)
-    torch.testing.assert_close(torch.autograd.grad(out_b, b, grad)[0], torch.autograd.grad(out_a, a, grad)[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(out_b, b, grad)[0], torch.autograd.grad(out_a, a, grad)[0], rtol=1e-5, atol=1e-6
+    )
     params_a, params_b = dict(original.named_parameters()), dict(converted.named_parameters())
     assert params_a.keys() == params_b.keys()
 
 
 def _sequential_net():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(8, 8, 3, padding="same"), nn.LeakyReLU(0.2),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding="same"),
+        nn.LeakyReLU(0.2),
         nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 1), nn.GELU(approximate="tanh"),  # approximate gelu: not fused
-        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.SiLU(),  # reflect padding: not fused
-        nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),  # BatchNorm in between: not fused
+        nn.Conv2d(8, 8, 1),
+        nn.GELU(approximate="tanh"),  # approximate gelu: not fused
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.SiLU(),  # reflect padding: not fused
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),  # BatchNorm in between: not fused
         nn.AvgPool2d(2, ceil_mode=True),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.Sigmoid(), nn.Linear(16, 5),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.Sigmoid(),
+        nn.Linear(16, 5),
     )
 
 
@@ -83,8 +94,9 @@ def test_simple_cnn_torch_backend_converts_to_the_segfast_layers():
     torch.manual_seed(0)
     model = SimpleCNN(backend="torch")
     converted, report = segfast.convert(model)
-    fused = {name for name, m in converted.named_modules() if isinstance(m, (segfast.nn.Conv2dAct,
-                                                                            segfast.nn.LinearAct))}
+    fused = {
+        name for name, m in converted.named_modules() if isinstance(m, (segfast.nn.Conv2dAct, segfast.nn.LinearAct))
+    }
     assert fused == {"conv1", "conv2", "fc1"}
     assert isinstance(converted.pool, segfast.nn.MaxPool2d)
     assert any(entry.startswith("fc2: Linear") for entry in report.kept)
@@ -120,8 +132,7 @@ def test_loss_and_inplace():
         def __init__(self):
             super().__init__()
             self.features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
-            self.loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=1,
-                                            label_smoothing=0.1)
+            self.loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=1, label_smoothing=0.1)
 
         def forward(self, x, target):
             return self.loss(self.features(x), target)
@@ -131,8 +142,13 @@ def test_loss_and_inplace():
     assert converted is model and isinstance(model.loss, segfast.nn.CrossEntropyLoss)
     assert model.loss.ignore_index == 1 and model.loss.label_smoothing == 0.1
     x, target = torch.randn(2, 1, 5, 5), torch.randint(0, 3, (2, 5, 5))
-    reference = F.cross_entropy(F.relu(F.conv2d(x, model.features[0].weight, model.features[0].bias, padding=1)),
-                                target, weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=1, label_smoothing=0.1)
+    reference = F.cross_entropy(
+        F.relu(F.conv2d(x, model.features[0].weight, model.features[0].bias, padding=1)),
+        target,
+        weight=torch.tensor([1.0, 2.0, 0.5]),
+        ignore_index=1,
+        label_smoothing=0.1,
+    )
     torch.testing.assert_close(model(x, target), reference)
 
 
@@ -143,8 +159,9 @@ def test_convert_rejects_non_modules():
 
 @pytest.mark.parametrize("factory", ["fcn_resnet50", "maskrcnn_resnet50_fpn"])
 def test_torchvision_models_when_installed(factory):
-    models = pytest.importorskip("torchvision.models.segmentation" if factory.startswith("fcn")
-                                 else "torchvision.models.detection")
+    models = pytest.importorskip(
+        "torchvision.models.segmentation" if factory.startswith("fcn") else "torchvision.models.detection"
+    )
     torch.manual_seed(0)
     model = getattr(models, factory)(weights=None, weights_backbone=None).eval()
     if factory.startswith("mask"):

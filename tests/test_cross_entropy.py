@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SavedBytes, assert_close_to_reference
 
 import segfast
 from segfast.bench.profiling import FreshOutputs
-from conftest import SavedBytes, assert_close_to_reference
 
 SHAPES = [(6, 5), (2, 5, 7, 3), (2, 4, 3, 2, 5), (5,)]  # (N, C), (N, C, H, W), 3-D volume, unbatched
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -23,8 +23,7 @@ def _case(shape, classes_first=True, target_dtype=torch.int64, ignore_index=-100
 
 
 def _compare(shape, dtype, kwargs, target_dtype=torch.int64, layout=None):
-    logits64, target, weight64 = _case(shape, target_dtype=target_dtype,
-                                       ignore_index=kwargs.get("ignore_index", -100))
+    logits64, target, weight64 = _case(shape, target_dtype=target_dtype, ignore_index=kwargs.get("ignore_index", -100))
     if layout is not None:
         logits64 = logits64.to(memory_format=layout)
     kwargs = dict(kwargs)
@@ -54,8 +53,11 @@ def _compare(shape, dtype, kwargs, target_dtype=torch.int64, layout=None):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_class_index_targets_match_torch(shape, label_smoothing, weighted, ignore_index, reduction, dtype):
-    _compare(shape, dtype, dict(reduction=reduction, ignore_index=ignore_index, weighted=weighted,
-                                label_smoothing=label_smoothing))
+    _compare(
+        shape,
+        dtype,
+        dict(reduction=reduction, ignore_index=ignore_index, weighted=weighted, label_smoothing=label_smoothing),
+    )
 
 
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
@@ -64,8 +66,7 @@ def test_narrow_integer_targets(target_dtype):
 
 
 def test_channels_last_logits_are_read_in_place():
-    grad = _compare((2, 6, 5, 7), torch.float32, dict(weighted=True, label_smoothing=0.1),
-                    layout=torch.channels_last)
+    grad = _compare((2, 6, 5, 7), torch.float32, dict(weighted=True, label_smoothing=0.1), layout=torch.channels_last)
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -88,17 +89,23 @@ def test_probability_targets_match_torch(shape, weighted, reduction, dtype):
     ref = F.cross_entropy(ref_in, probs_ref, weight=weight, **kwargs)
     assert_close_to_reference(ours, stock, ref, "loss")
     grad = torch.randn_like(ref)
-    for name, a, s, r in zip(("logits", "target"), torch.autograd.grad(ours, (low, probs), grad.to(dtype)),
-                             torch.autograd.grad(stock, (low, probs), grad.to(dtype)),
-                             torch.autograd.grad(ref, (ref_in, probs_ref), grad)):
+    for name, a, s, r in zip(
+        ("logits", "target"),
+        torch.autograd.grad(ours, (low, probs), grad.to(dtype)),
+        torch.autograd.grad(stock, (low, probs), grad.to(dtype)),
+        torch.autograd.grad(ref, (ref_in, probs_ref), grad),
+    ):
         assert_close_to_reference(a, s, r, f"grad {name}")
 
 
 @pytest.mark.parametrize("view", ["gapped", "expanded", "transposed"])
 def test_non_dense_logits(view):
     base = torch.randn(6, 10, 3, dtype=torch.float64, requires_grad=True)
-    logits = {"gapped": lambda: base[:, ::2], "expanded": lambda: base[:1, :5].expand(6, 5, 3),
-              "transposed": lambda: base[:, :5].transpose(0, 2)}[view]()
+    logits = {
+        "gapped": lambda: base[:, ::2],
+        "expanded": lambda: base[:1, :5].expand(6, 5, 3),
+        "transposed": lambda: base[:, :5].transpose(0, 2),
+    }[view]()
     target = torch.randint(0, 5, logits.shape[:1] + logits.shape[2:])
     probs = torch.rand(logits.shape, dtype=torch.float64).softmax(1)
     for tgt in (target, probs):
@@ -195,7 +202,11 @@ def test_gradcheck():
     weight = torch.rand(4, dtype=torch.float64) + 0.5
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda x: segfast.ops.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.2), (logits,))
+            lambda x, reduction=reduction: segfast.ops.cross_entropy(
+                x, target, weight, reduction=reduction, label_smoothing=0.2
+            ),
+            (logits,),
+        )
     probs = torch.rand(2, 4, 3, 3, dtype=torch.float64).softmax(1).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, p: segfast.ops.cross_entropy(x, p, weight), (logits, probs))
 
@@ -218,8 +229,9 @@ def test_torch_compile_fullgraph():
     target = torch.randint(0, 7, (2, 8, 8))
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(logits, target), step(logits, target))
-    torch.testing.assert_close(torch.autograd.grad(compiled(logits, target), logits)[0],
-                               torch.autograd.grad(step(logits, target), logits)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(logits, target), logits)[0], torch.autograd.grad(step(logits, target), logits)[0]
+    )
 
 
 def test_module_and_legacy_arguments():
@@ -228,40 +240,82 @@ def test_module_and_legacy_arguments():
     ours = segfast.nn.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.1)
     stock = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.1)
     torch.testing.assert_close(ours(logits, target), stock(logits, target))
-    torch.testing.assert_close(segfast.ops.cross_entropy(logits, target, size_average=False),
-                               F.cross_entropy(logits, target, reduction="sum"))
+    torch.testing.assert_close(
+        segfast.ops.cross_entropy(logits, target, size_average=False), F.cross_entropy(logits, target, reduction="sum")
+    )
     torch.testing.assert_close(segfast.nn.L1Loss()(logits, logits + 1), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3, 4), torch.tensor([[0, 1, 3, 0], [0, 0, 0, 0]])),
-         IndexError, "target class 3 .* outside \\[0, 3\\)"),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3, 4), torch.tensor([[0, 1, 3, 0], [0, 0, 0, 0]])),
+            IndexError,
+            "target class 3 .* outside \\[0, 3\\)",
+        ),
         (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, -1])), IndexError, "target class -1"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.int64)), ValueError,
-         "target must have shape \\(2, 4\\)"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int16)), TypeError,
-         "target dtype must be one of"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 4)), ValueError,
-         "probability target must have input's shape"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 3), ignore_index=1), ValueError,
-         "ignore_index=1 is not supported"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 3, dtype=torch.float64)), TypeError,
-         "target dtype torch.float64 differs"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), weight=torch.rand(4)),
-         ValueError, "weight must have shape \\(3,\\)"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), reduction="avg"),
-         ValueError, "reduction must be one of"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), label_smoothing=1.5),
-         ValueError, "label_smoothing must be a finite float in \\[0.0, 1.0\\]"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3).half(), torch.zeros(2, dtype=torch.int64)), TypeError,
-         "input dtype must be one of"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 0), torch.zeros(2, dtype=torch.int64)), ValueError,
-         "no classes"),
-        (lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64),
-                                           weight=torch.rand(3, requires_grad=True)), RuntimeError,
-         "weight must not require grad"),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.int64)),
+            ValueError,
+            "target must have shape \\(2, 4\\)",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int16)),
+            TypeError,
+            "target dtype must be one of",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 4)),
+            ValueError,
+            "probability target must have input's shape",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 3), ignore_index=1),
+            ValueError,
+            "ignore_index=1 is not supported",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.rand(2, 3, dtype=torch.float64)),
+            TypeError,
+            "target dtype torch.float64 differs",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(
+                torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), weight=torch.rand(4)
+            ),
+            ValueError,
+            "weight must have shape \\(3,\\)",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), reduction="avg"),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(
+                torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), label_smoothing=1.5
+            ),
+            ValueError,
+            "label_smoothing must be a finite float in \\[0.0, 1.0\\]",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 3).half(), torch.zeros(2, dtype=torch.int64)),
+            TypeError,
+            "input dtype must be one of",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(torch.randn(2, 0), torch.zeros(2, dtype=torch.int64)),
+            ValueError,
+            "no classes",
+        ),
+        (
+            lambda: segfast.ops.cross_entropy(
+                torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), weight=torch.rand(3, requires_grad=True)
+            ),
+            RuntimeError,
+            "weight must not require grad",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):
@@ -315,5 +369,6 @@ def test_grad_in_forward_opcheck_and_compile():
     torch.library.opcheck(torch.ops.segfast.cross_entropy_with_grad.default, (logits, target, None, "mean", -100, 0.0))
     loss_fn = segfast.nn.CrossEntropyLoss(grad_in_forward=True)
     compiled = torch.compile(lambda x: loss_fn(x, target), fullgraph=True)
-    torch.testing.assert_close(torch.autograd.grad(compiled(logits), logits)[0],
-                               torch.autograd.grad(loss_fn(logits, target), logits)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(logits), logits)[0], torch.autograd.grad(loss_fn(logits, target), logits)[0]
+    )

@@ -3,14 +3,15 @@
 float32 and float64 to tight tolerances, float16/bfloat16 with the rule "our error <= 2x stock's
 error in the same dtype, both against a float64 reference"; gradients; opcheck and
 torch.compile(fullgraph=True) on CUDA tensors; bitwise-deterministic cross-entropy."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ACTIVATION_REFERENCES, assert_close_to_reference, every_window_reaches_the_input
 
 import segfast
-from conftest import ACTIVATION_REFERENCES, assert_close_to_reference, every_window_reaches_the_input
 
 pytestmark = [
     pytest.mark.cuda,
@@ -49,7 +50,9 @@ def _check_three_ways(ours_fn, stock_fn, inputs64, dtype, what, seed=1):
     assert_close_to_reference(ours, stock, reference, f"{what} output")
     grad = _randn(*reference.shape, seed=seed).to("cuda")
     for name, g_ours, g_stock, g_ref in zip(
-        ("input", "weight", "bias"), _grads(ours, low, grad.to(dtype)), _grads(stock, low, grad.to(dtype)),
+        ("input", "weight", "bias"),
+        _grads(ours, low, grad.to(dtype)),
+        _grads(stock, low, grad.to(dtype)),
         _grads(reference, ref, grad),
     ):
         assert_close_to_reference(g_ours, g_stock, g_ref, f"{what} grad {name}")
@@ -77,9 +80,13 @@ def test_conv2d_act_matches_stock(dtype, layout, activation, geometry, bias):
     b = _randn(6, seed=3) if bias else None
     slope = 0.1
     act = ACTIVATION_REFERENCES[activation]
-    ours = _check_three_ways(lambda x, w, b: segfast.ops.conv2d_act(x, w, b, activation=activation,
-                                                                    negative_slope=slope, **kw),
-                             lambda x, w, b: act(F.conv2d(x, w, b, **kw), slope), [x, w, b], dtype, "conv2d_act")
+    ours = _check_three_ways(
+        lambda x, w, b: segfast.ops.conv2d_act(x, w, b, activation=activation, negative_slope=slope, **kw),
+        lambda x, w, b: act(F.conv2d(x, w, b, **kw), slope),
+        [x, w, b],
+        dtype,
+        "conv2d_act",
+    )
     assert ours.is_contiguous(memory_format=layout)
 
 
@@ -94,20 +101,30 @@ def test_conv2d_act_igemm_matches_stock(monkeypatch, dtype, kernel, padding, act
     w = _randn(c_out, c_in, kernel, kernel, seed=2, scale=0.1).to(memory_format=torch.channels_last)
     b = _randn(c_out, seed=3)
     act = ACTIVATION_REFERENCES[activation]
-    _check_three_ways(lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=padding, activation=activation),
-                      lambda x, w, b: act(F.conv2d(x, w, b, padding=padding), 0.01), [x, w, b], dtype, "igemm")
+    _check_three_ways(
+        lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=padding, activation=activation),
+        lambda x, w, b: act(F.conv2d(x, w, b, padding=padding), 0.01),
+        [x, w, b],
+        dtype,
+        "igemm",
+    )
 
 
 # ------------------------------------------------------------------------------------ linear_act
+
 
 @pytest.mark.parametrize("dtype", LOW, ids=_id)
 @pytest.mark.parametrize("activation", list(ACTIVATION_REFERENCES))
 @pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5), (5,)])
 def test_linear_act_matches_stock(dtype, activation, shape):
     act = ACTIVATION_REFERENCES[activation]
-    _check_three_ways(lambda x, w, b: segfast.ops.linear_act(x, w, b, activation=activation, negative_slope=0.2),
-                      lambda x, w, b: act(F.linear(x, w, b), 0.2),
-                      [_randn(*shape), _randn(9, 5, seed=2), _randn(9, seed=3)], dtype, "linear_act")
+    _check_three_ways(
+        lambda x, w, b: segfast.ops.linear_act(x, w, b, activation=activation, negative_slope=0.2),
+        lambda x, w, b: act(F.linear(x, w, b), 0.2),
+        [_randn(*shape), _randn(9, 5, seed=2), _randn(9, seed=3)],
+        dtype,
+        "linear_act",
+    )
 
 
 # --------------------------------------------------------------------------------------- pooling
@@ -138,8 +155,12 @@ def test_max_pool2d_matches_stock_bitwise(dtype, layout, geometry, dilation):
     grad = torch.randn_like(stock)
     (g_ours,) = torch.autograd.grad(segfast.ops.max_pool2d(a, **kw), a, grad)
     (g_stock,) = torch.autograd.grad(stock, b, grad)
-    torch.testing.assert_close(g_ours.float(), g_stock.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
-                               atol=1e-2 if dtype != torch.float32 else 1e-6)
+    torch.testing.assert_close(
+        g_ours.float(),
+        g_stock.float(),
+        rtol=1e-2 if dtype != torch.float32 else 1e-6,
+        atol=1e-2 if dtype != torch.float32 else 1e-6,
+    )
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=_id)
@@ -149,8 +170,13 @@ def test_max_pool2d_matches_stock_bitwise(dtype, layout, geometry, dilation):
 @pytest.mark.parametrize("divisor_override", [None, 3])
 def test_avg_pool2d_matches_stock(dtype, layout, geometry, count_include_pad, divisor_override):
     kw = dict(POOL_GEOMETRIES[geometry], count_include_pad=count_include_pad, divisor_override=divisor_override)
-    _check_three_ways(lambda x: segfast.ops.avg_pool2d(x, **kw), lambda x: F.avg_pool2d(x, **kw),
-                      [_randn(2, 5, 12, 11, layout=layout)], dtype, "avg_pool2d")
+    _check_three_ways(
+        lambda x: segfast.ops.avg_pool2d(x, **kw),
+        lambda x: F.avg_pool2d(x, **kw),
+        [_randn(2, 5, 12, 11, layout=layout)],
+        dtype,
+        "avg_pool2d",
+    )
 
 
 @pytest.mark.parametrize("size", [1, 2, 5])
@@ -165,6 +191,7 @@ def test_max_pool2d_windows_of_padding_only(size):
 
 
 # --------------------------------------------------------------------------------- cross_entropy
+
 
 def _ce_case(shape, seed=0, ignore_index=-100):
     g = torch.Generator().manual_seed(seed)
@@ -196,8 +223,13 @@ def test_cross_entropy_matches_stock(dtype, reduction, weighted, label_smoothing
 def test_cross_entropy_probability_targets(dtype):
     logits, _, _ = _ce_case((2, 5, 6, 7))
     prob = torch.softmax(_randn(2, 5, 6, 7, seed=4), 1).cuda()
-    _check_three_ways(lambda x: segfast.ops.cross_entropy(x, prob.to(x.dtype), label_smoothing=0.2),
-                      lambda x: F.cross_entropy(x, prob.to(x.dtype), label_smoothing=0.2), [logits], dtype, "prob")
+    _check_three_ways(
+        lambda x: segfast.ops.cross_entropy(x, prob.to(x.dtype), label_smoothing=0.2),
+        lambda x: F.cross_entropy(x, prob.to(x.dtype), label_smoothing=0.2),
+        [logits],
+        dtype,
+        "prob",
+    )
 
 
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
@@ -246,6 +278,7 @@ def test_cross_entropy_bad_class_index_raises():
 
 # ------------------------------------------------------------------------- registration checks
 
+
 def _opcheck_cases():
     x = torch.randn(2, 4, 6, 5, device="cuda", requires_grad=True)
     w = torch.randn(3, 4, 3, 3, device="cuda", requires_grad=True)
@@ -254,8 +287,16 @@ def _opcheck_cases():
     target = torch.randint(0, 4, (2, 30), device="cuda")
     return [
         (torch.ops.segfast.conv2d_act.default, (x, w, b, [1, 1], [1, 1], [1, 1], 1, "silu", 0.01)),
-        (torch.ops.segfast.linear_act.default, (torch.randn(5, 4, device="cuda", requires_grad=True),
-                                                w[:, :, 0, 0].detach().requires_grad_(), b, "gelu", 0.01)),
+        (
+            torch.ops.segfast.linear_act.default,
+            (
+                torch.randn(5, 4, device="cuda", requires_grad=True),
+                w[:, :, 0, 0].detach().requires_grad_(),
+                b,
+                "gelu",
+                0.01,
+            ),
+        ),
         (torch.ops.segfast.max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], False, False)),
         (torch.ops.segfast.avg_pool2d.default, (x, [3, 3], [2, 2], [1, 1], True, False, None)),
         (torch.ops.segfast.cross_entropy.default, (logits, target, None, "mean", -100, 0.1)),
@@ -273,8 +314,9 @@ def test_gradcheck_float64_on_cuda():
     w = torch.randn(3, 2, 3, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, device="cuda", dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 3, (1, 5, 4), device="cuda")
-    assert torch.autograd.gradcheck(lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation="gelu"),
-                                    (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation="gelu"), (x, w, b)
+    )
     assert torch.autograd.gradcheck(lambda x: segfast.ops.avg_pool2d(x, 2, 1, 1, ceil_mode=True), (x,))
     assert torch.autograd.gradcheck(lambda x: segfast.ops.cross_entropy(x[:, :3], target, label_smoothing=0.1), (x,))
 
@@ -291,6 +333,7 @@ def test_compile_fullgraph_on_cuda():
 
 
 # ------------------------------------------------------------------------------ confusion_matrix
+
 
 @pytest.mark.parametrize("dtype", LOW, ids=_id)
 @pytest.mark.parametrize("classes", [5, 100])  # shared-memory and global-memory counters
@@ -311,16 +354,21 @@ def test_confusion_matrix_bad_class_raises():
 
 # ------------------------------------------------------------------- segmentation losses, augment
 
+
 @pytest.mark.parametrize("dtype", LOW, ids=_id)
 @pytest.mark.parametrize("loss", ["dice", "focal"])
 def test_segmentation_losses_match_cpu_float64(dtype, loss):
     from test_segmentation_losses import reference_dice, reference_focal
 
     logits, target, weight = _ce_case((2, 6, 17, 9))
-    fn = {"dice": lambda x, t: segfast.ops.dice_loss(x, t, squared_pred=True, weight=weight.to(x), batch=True),
-          "focal": lambda x, t: segfast.ops.focal_loss(x, t, gamma=2.0, alpha=weight.to(x))}[loss]
-    ref = {"dice": lambda x, t: reference_dice(x, t, squared_pred=True, weight=weight.to(x), batch=True),
-           "focal": lambda x, t: reference_focal(x, t, gamma=2.0, alpha=weight.to(x))}[loss]
+    fn = {
+        "dice": lambda x, t: segfast.ops.dice_loss(x, t, squared_pred=True, weight=weight.to(x), batch=True),
+        "focal": lambda x, t: segfast.ops.focal_loss(x, t, gamma=2.0, alpha=weight.to(x)),
+    }[loss]
+    ref = {
+        "dice": lambda x, t: reference_dice(x, t, squared_pred=True, weight=weight.to(x), batch=True),
+        "focal": lambda x, t: reference_focal(x, t, gamma=2.0, alpha=weight.to(x)),
+    }[loss]
     t = target.cuda()
     _check_three_ways(lambda x: fn(x, t), lambda x: ref(x, t), [logits], dtype, loss)
 
@@ -344,5 +392,9 @@ def test_affine_augment_matches_cpu(dtype):
     cpu_image, cpu_mask = segfast.ops.affine_augment(image.float(), mask, theta, (31, 23))
     gpu_image, gpu_mask = segfast.ops.affine_augment(image.cuda(), mask.cuda(), theta, (31, 23))
     assert torch.equal(gpu_mask.cpu(), cpu_mask)  # float64 coordinates, no FMA: the same nearest pixel
-    torch.testing.assert_close(gpu_image.cpu().float(), cpu_image, rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                               atol=1e-2 if dtype != torch.float32 else 1e-6)
+    torch.testing.assert_close(
+        gpu_image.cpu().float(),
+        cpu_image,
+        rtol=1e-2 if dtype != torch.float32 else 1e-5,
+        atol=1e-2 if dtype != torch.float32 else 1e-6,
+    )

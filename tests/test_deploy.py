@@ -1,4 +1,5 @@
 """fold_batchnorm and torch.export of segfast models."""
+
 import pytest
 import torch
 from torch import nn
@@ -18,13 +19,22 @@ def _randomise_batchnorm(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: UNet(3, 5, base_width=8, depth=2),
-    lambda: UNet(3, 5, base_width=8, depth=2, backend="torch", activation="silu"),
-    lambda: FCN(3, 5, "16s", base_width=4, norm="batch"),
-    lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
-                          nn.Conv2d(6, 6, 3, bias=False), nn.BatchNorm2d(6), nn.MaxPool2d(2)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: UNet(3, 5, base_width=8, depth=2),
+        lambda: UNet(3, 5, base_width=8, depth=2, backend="torch", activation="silu"),
+        lambda: FCN(3, 5, "16s", base_width=4, norm="batch"),
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(6, 6, 3, bias=False),
+            nn.BatchNorm2d(6),
+            nn.MaxPool2d(2),
+        ),
+    ],
+)
 def test_folded_model_equals_the_original_in_eval(make):
     torch.manual_seed(0)
     model = _randomise_batchnorm(make())
@@ -57,8 +67,29 @@ def test_export_command_and_predict_from_the_program(tmp_path, capsys):
     from segfast.data import DigitsSegmentation
 
     checkpoint, program = tmp_path / "unet.pt", tmp_path / "unet.pt2"
-    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
-                 "--base-width", "4", "--depth", "2", "--quiet", "--out", str(checkpoint)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "unet",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--base-width",
+                "4",
+                "--depth",
+                "2",
+                "--quiet",
+                "--out",
+                str(checkpoint),
+            ]
+        )
+        == 0
+    )
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(program)]) == 0
     difference = float(capsys.readouterr().out.rsplit(":", 1)[1])
     assert difference < 1e-4

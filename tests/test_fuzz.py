@@ -5,6 +5,7 @@ message; segfast may refuse only what it documents as unsupported, and may accep
 documented supersets of torch (int32/uint8 class targets). `make fuzz` runs
 SEGFAST_FUZZ_EXAMPLES=1000 random cases per op; the test suite runs a fixed-seed slice.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,24 +15,33 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ACTIVATION_REFERENCES, every_window_reaches_the_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import segfast
-from conftest import ACTIVATION_REFERENCES, every_window_reaches_the_input
-from segfast.ops.pooling import _output_size
 
 EXAMPLES = int(os.environ.get("SEGFAST_FUZZ_EXAMPLES", "60"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="SEGFAST_FUZZ_EXAMPLES" not in os.environ,
-                    suppress_health_check=list(HealthCheck), database=None)
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize="SEGFAST_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 # cases tried / invalid (torch raised) / refused by segfast, per op; printed by `make fuzz`
 STATS: Counter = Counter()
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 6e-2}
 # what segfast refuses although torch accepts it, as documented in the README
-UNSUPPORTED = ("dtype must be one of", "mean over an empty batch", "segfast build has no", "only padding_mode",
-               "input has no classes")
+UNSUPPORTED = (
+    "dtype must be one of",
+    "mean over an empty batch",
+    "segfast build has no",
+    "only padding_mode",
+    "input has no classes",
+)
 
 
 def _run(fn):
@@ -66,10 +76,20 @@ VALID = st.sampled_from([True, True, True, False])  # 3 in 4 cases have argument
 
 
 # argument checks segfast applies even where torch skips its own because a tensor is empty
-CHECKED_ON_EMPTY = ("must be >= 1", "must be >= 0", "must be a positive int", "non-empty channel",
-                    "input has no classes", "label_smoothing must be", "at most half of kernel_size",
-                    "exceeds the padded input", "too small for kernel_size", "not divisible by groups",
-                    "channels but weight", "differs from")
+CHECKED_ON_EMPTY = (
+    "must be >= 1",
+    "must be >= 0",
+    "must be a positive int",
+    "non-empty channel",
+    "input has no classes",
+    "label_smoothing must be",
+    "at most half of kernel_size",
+    "exceeds the padded input",
+    "too small for kernel_size",
+    "not divisible by groups",
+    "channels but weight",
+    "differs from",
+)
 
 
 def _assert_matches(op, a, b, tol):
@@ -89,8 +109,9 @@ def _compare(op, ours_fn, stock_fn, wrt, refusal_ok=(), compare_grads=True):
         STATS[f"{op}: invalid for torch"] += 1
     if our_error is not None:
         STATS[f"{op}: refused by segfast"] += 1
-        assert isinstance(our_error, (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError)), \
+        assert isinstance(our_error, (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError)), (
             f"{op}: unexpected exception type {type(our_error).__name__}: {our_error}"
+        )
         assert len(str(our_error)) > 15, f"{op}: unclear error message {our_error!r}"
         if their_error is None:
             allowed = UNSUPPORTED + refusal_ok
@@ -126,8 +147,13 @@ def _shape(draw, ranks, max_size=7):
 
 
 def _pair_or_bad(draw, low, high):
-    return draw(st.one_of(st.integers(low, high), st.tuples(st.integers(low, high), st.integers(low, high)),
-                          st.sampled_from([(1, 2, 3), "x", 1.5])))
+    return draw(
+        st.one_of(
+            st.integers(low, high),
+            st.tuples(st.integers(low, high), st.integers(low, high)),
+            st.sampled_from([(1, 2, 3), "x", 1.5]),
+        )
+    )
 
 
 def _dtype(draw, valid):
@@ -145,8 +171,12 @@ def _pool_case(draw, valid):
         padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
         dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         span = [dilation[d] * (kernel[d] - 1) + 1 - 2 * padding[d] for d in range(2)]
-        shape = (draw(st.integers(0, 3)), draw(st.integers(1, 5)), draw(st.integers(max(1, span[0]), 12)),
-                 draw(st.integers(max(1, span[1]), 12)))[draw(st.sampled_from([0, 0, 0, 1])):]
+        shape = (
+            draw(st.integers(0, 3)),
+            draw(st.integers(1, 5)),
+            draw(st.integers(max(1, span[0]), 12)),
+            draw(st.integers(max(1, span[1]), 12)),
+        )[draw(st.sampled_from([0, 0, 0, 1])) :]
     else:
         kernel = _pair_or_bad(draw, -1, 10)
         stride = draw(st.one_of(st.none(), st.integers(-1, 4), st.just([])))
@@ -161,24 +191,31 @@ def _pool_case(draw, valid):
 def test_fuzz_max_pool2d(data):
     x, kernel, stride, padding, dilation, ceil = _pool_case(data.draw, data.draw(VALID))
     indices = data.draw(st.booleans())
-    _compare("max_pool2d",
-             lambda: segfast.ops.max_pool2d(x, kernel, stride, padding, dilation, ceil, indices),
-             lambda: F.max_pool2d(x, kernel, stride, padding, dilation, ceil, indices), [x],
-             compare_grads=_windows_reach_input(x, kernel, stride, padding, dilation))
+    _compare(
+        "max_pool2d",
+        lambda: segfast.ops.max_pool2d(x, kernel, stride, padding, dilation, ceil, indices),
+        lambda: F.max_pool2d(x, kernel, stride, padding, dilation, ceil, indices),
+        [x],
+        compare_grads=_windows_reach_input(x, kernel, stride, padding, dilation),
+    )
 
 
 def _windows_reach_input(x, kernel, stride, padding, dilation):
     """See conftest.every_window_reaches_the_input: torch's backward is unsafe otherwise."""
     try:
-        kernel, padding, dilation = (segfast.ops._common.pair("", n, v) for n, v in
-                                     (("k", kernel), ("p", padding), ("d", dilation)))
+        kernel, padding, dilation = (
+            segfast.ops._common.pair("", n, v) for n, v in (("k", kernel), ("p", padding), ("d", dilation))
+        )
         stride = kernel if stride is None or stride == [] else segfast.ops._common.pair("", "s", stride)
     except (TypeError, ValueError):
         return True  # invalid arguments: both refuse before any backward
     if x.dim() not in (3, 4) or min(kernel + stride + dilation) < 1 or min(padding) < 0:
         return True
-    return all(every_window_reaches_the_input(size, kernel[d], stride[d], padding[d], dilation[d], ceil)
-               for d, size in enumerate(x.shape[-2:]) for ceil in (False, True))
+    return all(
+        every_window_reaches_the_input(size, kernel[d], stride[d], padding[d], dilation[d], ceil)
+        for d, size in enumerate(x.shape[-2:])
+        for ceil in (False, True)
+    )
 
 
 @SETTINGS
@@ -188,9 +225,12 @@ def test_fuzz_avg_pool2d(data):
     x, kernel, stride, padding, _, ceil = _pool_case(data.draw, valid)
     count_pad = data.draw(st.booleans())
     divisor = data.draw(st.sampled_from([None, None, 1, 5] + ([] if valid else [0, -2])))
-    _compare("avg_pool2d",
-             lambda: segfast.ops.avg_pool2d(x, kernel, stride, padding, ceil, count_pad, divisor),
-             lambda: F.avg_pool2d(x, kernel, stride, padding, ceil, count_pad, divisor), [x])
+    _compare(
+        "avg_pool2d",
+        lambda: segfast.ops.avg_pool2d(x, kernel, stride, padding, ceil, count_pad, divisor),
+        lambda: F.avg_pool2d(x, kernel, stride, padding, ceil, count_pad, divisor),
+        [x],
+    )
 
 
 ACTIVATIONS = ACTIVATION_REFERENCES
@@ -199,14 +239,19 @@ ACTIVATIONS = ACTIVATION_REFERENCES
 def _bias(draw, valid, size, dtype):
     """None or a bias of `size` (sometimes one too long when invalid)."""
     size = draw(st.sampled_from([None, size] + ([] if valid else [size + 1])))
-    return None if size is None else torch.randn(size, dtype=torch.float64).to(dtype).requires_grad_(
-        dtype.is_floating_point)
+    return (
+        None
+        if size is None
+        else torch.randn(size, dtype=torch.float64).to(dtype).requires_grad_(dtype.is_floating_point)
+    )
 
 
 def _activation(draw, valid):
     """(activation name, negative_slope); an unknown name when invalid."""
-    return (draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"]))),
-            draw(st.sampled_from([0.01, 0.2, -0.5, 0.0])))
+    return (
+        draw(st.sampled_from(list(ACTIVATIONS) + ([] if valid else ["tanh"]))),
+        draw(st.sampled_from([0.01, 0.2, -0.5, 0.0])),
+    )
 
 
 @SETTINGS
@@ -220,25 +265,30 @@ def test_fuzz_conv2d_act(data):
     cout = draw(st.integers(1 if valid else 0, 4)) * groups + (0 if valid else draw(st.sampled_from([0, 1])))
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     dilation = draw(st.integers(1 if valid else 0, 3))
-    spatial = (draw(st.integers(dilation * (kernel[0] - 1) + 1 if valid else 0, 11)),
-               draw(st.integers(dilation * (kernel[1] - 1) + 1 if valid else 0, 11)))
+    spatial = (
+        draw(st.integers(dilation * (kernel[0] - 1) + 1 if valid else 0, 11)),
+        draw(st.integers(dilation * (kernel[1] - 1) + 1 if valid else 0, 11)),
+    )
     rank = 4 if valid else draw(st.sampled_from([4, 3, 2, 5]))
-    shape = ((draw(st.integers(0, 3)), cin) + spatial)[4 - rank:] if rank <= 4 else (1, 1, cin) + spatial
+    shape = ((draw(st.integers(0, 3)), cin) + spatial)[4 - rank :] if rank <= 4 else (1, 1, cin) + spatial
     if valid and draw(st.booleans()):
         shape = shape[1:]  # unbatched
     w_dtype = dtype if valid else draw(st.sampled_from([dtype, dtype, torch.float64]))
     w_in = cin // max(groups, 1) + (0 if valid else draw(st.sampled_from([0, 0, 1])))
     weight = _tensor(draw, (cout, w_in) + kernel, w_dtype, draw(LAYOUTS), False).requires_grad_(
-        w_dtype.is_floating_point)
+        w_dtype.is_floating_point
+    )
     # No NaN/inf here: where a NaN lands in a convolution's output depends on the algorithm
     # oneDNN picks (blocked and Winograd kernels smear it over a tile, seen with torch 2.13), so
     # stock and segfast legitimately differ; tests/test_conv2d_act.py checks the receptive field.
     x = _tensor(draw, shape, dtype, draw(LAYOUTS), False).requires_grad_(
-        dtype.is_floating_point and draw(st.booleans()))
+        dtype.is_floating_point and draw(st.booleans())
+    )
     bias = _bias(draw, valid, cout, dtype)
     stride = draw(st.one_of(st.integers(1 if valid else 0, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    padding = draw(st.one_of(st.integers(0 if valid else -1, 3),
-                             st.sampled_from(["valid", "same"] + ([] if valid else ["full"]))))
+    padding = draw(
+        st.one_of(st.integers(0 if valid else -1, 3), st.sampled_from(["valid", "same"] + ([] if valid else ["full"])))
+    )
     if padding == "same" and valid:
         stride = 1
     activation, slope = _activation(draw, valid)
@@ -246,9 +296,13 @@ def test_fuzz_conv2d_act(data):
     def stock():
         return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups), slope)
 
-    _compare("conv2d_act",
-             lambda: segfast.ops.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation, slope),
-             stock, [x, weight, bias], refusal_ok=("activation must be one of",))
+    _compare(
+        "conv2d_act",
+        lambda: segfast.ops.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation, slope),
+        stock,
+        [x, weight, bias],
+        refusal_ok=("activation must be one of",),
+    )
 
 
 @SETTINGS
@@ -262,16 +316,22 @@ def test_fuzz_linear_act(data):
     if not valid:
         shape = draw(st.sampled_from([shape, (), shape[:-1] + (features + 1,)]))
     x = _tensor(draw, shape, dtype, draw(LAYOUTS), draw(st.booleans())).requires_grad_(
-        dtype.is_floating_point and draw(st.booleans()))
+        dtype.is_floating_point and draw(st.booleans())
+    )
     out_features = draw(st.integers(1 if valid else 0, 5))
     w_dtype = dtype if valid else draw(st.sampled_from([dtype, torch.float64]))
     weight = _tensor(draw, (out_features, features), w_dtype, draw(LAYOUTS), False).requires_grad_(
-        w_dtype.is_floating_point)
+        w_dtype.is_floating_point
+    )
     bias = _bias(draw, valid, out_features, dtype)
     activation, slope = _activation(draw, valid)
-    _compare("linear_act", lambda: segfast.ops.linear_act(x, weight, bias, activation, slope),
-             lambda: ACTIVATIONS[activation](F.linear(x, weight, bias), slope), [x, weight, bias],
-             refusal_ok=("activation must be one of",))
+    _compare(
+        "linear_act",
+        lambda: segfast.ops.linear_act(x, weight, bias, activation, slope),
+        lambda: ACTIVATIONS[activation](F.linear(x, weight, bias), slope),
+        [x, weight, bias],
+        refusal_ok=("activation must be one of",),
+    )
 
 
 @SETTINGS
@@ -309,15 +369,20 @@ def test_fuzz_cross_entropy(data):
     # torch takes int64 (and uint8) class indices; segfast also takes int32
     narrow = not target.is_floating_point() and target.dtype in (torch.int32, torch.uint8)
     stock_target = target.long() if narrow else target
-    _compare("cross_entropy",
-             lambda: segfast.ops.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
-                                               label_smoothing=smoothing),
-             lambda: F.cross_entropy(x, stock_target, weight, ignore_index=ignore_index, reduction=reduction,
-                                     label_smoothing=smoothing),
-             # torch treats a negative or NaN label_smoothing as 0 and promotes a float64 weight
-             # with probability targets; segfast refuses both (README)
-             # torch takes a (1,) class target for (C,) input with some arguments only: segfast asks for ()
-             [x], refusal_ok=("label_smoothing must be", "weight dtype", "target must have shape () for input ("))
+    _compare(
+        "cross_entropy",
+        lambda: segfast.ops.cross_entropy(
+            x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing
+        ),
+        lambda: F.cross_entropy(
+            x, stock_target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing
+        ),
+        # torch treats a negative or NaN label_smoothing as 0 and promotes a float64 weight
+        # with probability targets; segfast refuses both (README)
+        # torch takes a (1,) class target for (C,) input with some arguments only: segfast asks for ()
+        [x],
+        refusal_ok=("label_smoothing must be", "weight dtype", "target must have shape () for input ("),
+    )
 
 
 def test_fuzz_summary_is_recorded():

@@ -2,6 +2,7 @@
 
 Needs about 12 GB of free memory; runs in `make fuzz` (SEGFAST_LARGE=1), skipped otherwise.
 """
+
 import os
 
 import pytest
@@ -49,9 +50,12 @@ def test_cross_entropy_beyond_int32():
     target = torch.randint(0, classes, (1, ELEMENTS // classes), dtype=torch.uint8)
     loss = segfast.ops.cross_entropy(logits, target, reduction="none")
     tail = slice(-4096, None)
-    torch.testing.assert_close(loss[:, tail].float(), F.cross_entropy(logits[:, :, tail].float(),
-                                                                      target[:, tail].long(), reduction="none"),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        loss[:, tail].float(),
+        F.cross_entropy(logits[:, :, tail].float(), target[:, tail].long(), reduction="none"),
+        rtol=2e-2,
+        atol=2e-2,
+    )
     (g,) = torch.autograd.grad(segfast.ops.cross_entropy(logits, target, reduction="sum"), logits)
     logits_tail = logits[:, :, tail].detach().float().requires_grad_()
     (g_ref,) = torch.autograd.grad(F.cross_entropy(logits_tail, target[:, tail].long(), reduction="sum"), logits_tail)

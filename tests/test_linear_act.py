@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 
 import segfast
-from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
 from segfast.bench.profiling import FreshOutputs
 
 ACTS = ACTIVATION_REFERENCES
@@ -12,9 +12,11 @@ SHAPES = [(7,), (5, 7), (2, 3, 7), (0, 7), (300, 7)]  # unbatched, batch, extra 
 
 def _tensors(input_shape, out_features, dtype, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ref = [torch.randn(input_shape, generator=g, dtype=torch.float64),
-           torch.randn(out_features, input_shape[-1], generator=g, dtype=torch.float64) / input_shape[-1] ** 0.5,
-           torch.randn(out_features, generator=g, dtype=torch.float64) if bias else None]
+    ref = [
+        torch.randn(input_shape, generator=g, dtype=torch.float64),
+        torch.randn(out_features, input_shape[-1], generator=g, dtype=torch.float64) / input_shape[-1] ** 0.5,
+        torch.randn(out_features, generator=g, dtype=torch.float64) if bias else None,
+    ]
     low = [None if t is None else t.to(dtype).requires_grad_() for t in ref]
     return [None if t is None else t.requires_grad_() for t in ref], low
 
@@ -38,8 +40,12 @@ def test_matches_torch_forward_and_backward(bias, shape, activation, dtype):
         grad = grad * (F.linear(x64, w64, b64).abs() > margin)
     wrt = [t for t in (x, w, b) if t is not None]
     wrt64 = [t for t in (x64, w64, b64) if t is not None]
-    for name, a, s, r in zip(("input", "weight", "bias"), torch.autograd.grad(ours, wrt, grad.to(dtype)),
-                             torch.autograd.grad(theirs, wrt, grad.to(dtype)), torch.autograd.grad(ref, wrt64, grad)):
+    for name, a, s, r in zip(
+        ("input", "weight", "bias"),
+        torch.autograd.grad(ours, wrt, grad.to(dtype)),
+        torch.autograd.grad(theirs, wrt, grad.to(dtype)),
+        torch.autograd.grad(ref, wrt64, grad),
+    ):
         assert_close_to_reference(a, s, r, f"grad {name}")
 
 
@@ -105,8 +111,9 @@ def test_torch_compile_fullgraph_and_module_state_dict():
     torch.testing.assert_close(ours(x), F.gelu(stock(x)))
     compiled = torch.compile(ours, fullgraph=True)
     torch.testing.assert_close(compiled(x), ours(x))
-    torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), ours.weight)[0],
-                               torch.autograd.grad(ours(x).sum(), ours.weight)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(x).sum(), ours.weight)[0], torch.autograd.grad(ours(x).sum(), ours.weight)[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,13 +121,22 @@ def test_torch_compile_fullgraph_and_module_state_dict():
     [
         (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 5)), ValueError, "input has 3 features"),
         (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3, 1)), ValueError, "weight must be 2-D"),
-        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5)), ValueError,
-         "bias must have shape"),
-        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3).double()), TypeError,
-         "weight dtype torch.float64 differs"),
+        (
+            lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5)),
+            ValueError,
+            "bias must have shape",
+        ),
+        (
+            lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3).double()),
+            TypeError,
+            "weight dtype torch.float64 differs",
+        ),
         (lambda: segfast.ops.linear_act(torch.tensor(1.0), torch.randn(4, 1)), ValueError, "at least one dimension"),
-        (lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), activation="tanh"), ValueError,
-         "activation must be one of"),
+        (
+            lambda: segfast.ops.linear_act(torch.randn(2, 3), torch.randn(4, 3), activation="tanh"),
+            ValueError,
+            "activation must be one of",
+        ),
         (lambda: segfast.ops.linear_act(torch.randn(2, 3).half(), torch.randn(4, 3).half()), TypeError, "dtype"),
     ],
 )

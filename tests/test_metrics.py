@@ -1,4 +1,5 @@
 """confusion_matrix (fused argmax + bincount) and the metrics built on it."""
+
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from segfast.metrics import SegmentationMetrics
 def _reference(pred, target, classes, ignore_index):
     keep = target != ignore_index
     return torch.bincount(target[keep].long() * classes + pred[keep].long(), minlength=classes * classes).view(
-        classes, classes)
+        classes, classes
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -1,4 +1,5 @@
 """Large CPU outputs (>= 8 MiB) come from segfast's cache of freed blocks (csrc/cpu/output_cache.h)."""
+
 import os
 import subprocess
 import sys
@@ -22,8 +23,9 @@ def test_a_freed_large_output_is_reused_and_values_do_not_carry_over():
     del first
     second = _gradient(logits * 2, target)  # another result into the reused block
     assert second.data_ptr() == address
-    torch.testing.assert_close(second, torch.autograd.grad(torch.nn.functional.cross_entropy(logits * 2, target),
-                                                           logits)[0])
+    torch.testing.assert_close(
+        second, torch.autograd.grad(torch.nn.functional.cross_entropy(logits * 2, target), logits)[0]
+    )
     assert not torch.equal(second, expected)
 
 
@@ -36,14 +38,17 @@ def test_cached_storage_shrinks_but_does_not_grow():
 
 
 def test_cache_can_be_turned_off():
-    code = ("import torch, segfast\n"
-            "x = torch.randn(2, 21, 256, 256, requires_grad=True); t = torch.randint(0, 21, (2, 256, 256))\n"
-            "for scale in (1, 2):\n"
-            "    g = torch.autograd.grad(segfast.ops.cross_entropy(x * scale, t), x)[0]\n"
-            "    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(x * scale, t), x)[0]\n"
-            "    torch.testing.assert_close(g, ref)\n"
-            "    del g\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, SEGFAST_CPU_CACHE_MB="0"),
-                         capture_output=True, text=True)
+    code = (
+        "import torch, segfast\n"
+        "x = torch.randn(2, 21, 256, 256, requires_grad=True); t = torch.randint(0, 21, (2, 256, 256))\n"
+        "for scale in (1, 2):\n"
+        "    g = torch.autograd.grad(segfast.ops.cross_entropy(x * scale, t), x)[0]\n"
+        "    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(x * scale, t), x)[0]\n"
+        "    torch.testing.assert_close(g, ref)\n"
+        "    del g\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, SEGFAST_CPU_CACHE_MB="0"), capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

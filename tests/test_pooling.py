@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SavedBytes, assert_close_to_reference, every_window_reaches_the_input
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import segfast
-from conftest import SavedBytes, assert_close_to_reference, every_window_reaches_the_input
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
@@ -46,8 +46,12 @@ def test_max_pool2d_matches_torch_exactly(args, layout):
 
 
 @settings(max_examples=200, deadline=None)
-@given(args=pool_args(with_dilation=False), layout=st.sampled_from(LAYOUTS), count_include_pad=st.booleans(),
-       divisor=st.sampled_from([None, 1, 3, -2]))
+@given(
+    args=pool_args(with_dilation=False),
+    layout=st.sampled_from(LAYOUTS),
+    count_include_pad=st.booleans(),
+    divisor=st.sampled_from([None, 1, 3, -2]),
+)
 def test_avg_pool2d_matches_torch(args, layout, count_include_pad, divisor):
     shape, k, s, p, _, ceil = args
     x = _input(shape, layout)
@@ -81,16 +85,24 @@ def test_low_precision_within_twice_stock_error(op, layout, dtype):
 @pytest.mark.parametrize("view", ["contiguous", "channels_last", "transposed"])
 def test_output_layout_and_fake_follow_torch(shape, view):
     x = torch.randn(shape)
-    x = {"contiguous": x, "channels_last": x.to(memory_format=torch.channels_last),
-         "transposed": x.transpose(2, 3).contiguous().transpose(2, 3)}[view].requires_grad_()
+    x = {
+        "contiguous": x,
+        "channels_last": x.to(memory_format=torch.channels_last),
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }[view].requires_grad_()
     k = (min(2, shape[2]), min(2, shape[3]))
-    for ours, stock in ((segfast.ops.max_pool2d(x, k, 1), F.max_pool2d(x, k, 1)),
-                        (segfast.ops.avg_pool2d(x, k, 1), F.avg_pool2d(x, k, 1))):
+    for ours, stock in (
+        (segfast.ops.max_pool2d(x, k, 1), F.max_pool2d(x, k, 1)),
+        (segfast.ops.avg_pool2d(x, k, 1), F.avg_pool2d(x, k, 1)),
+    ):
         torch.testing.assert_close(ours, stock)
         if ours.numel() > 1:
             assert ours.stride() == stock.stride()
-    torch.library.opcheck(torch.ops.segfast.max_pool2d.default, (x, list(k), [1, 1], [0, 0], [1, 1], False, False),
-                          test_utils=("test_faketensor",))
+    torch.library.opcheck(
+        torch.ops.segfast.max_pool2d.default,
+        (x, list(k), [1, 1], [0, 0], [1, 1], False, False),
+        test_utils=("test_faketensor",),
+    )
 
 
 def test_max_pool2d_nan_propagates_like_torch():
@@ -162,8 +174,9 @@ def test_gradcheck(op):
 def test_opcheck(layout):
     x = torch.randn(2, 3, 9, 8).to(memory_format=layout).requires_grad_()
     for return_indices in (False, True):
-        torch.library.opcheck(torch.ops.segfast.max_pool2d.default,
-                              (x, [3, 2], [2, 1], [1, 0], [1, 2], True, return_indices))
+        torch.library.opcheck(
+            torch.ops.segfast.max_pool2d.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], True, return_indices)
+        )
     torch.library.opcheck(torch.ops.segfast.avg_pool2d.default, (x, [3, 2], [2, 1], [1, 0], True, False, None))
     torch.library.opcheck(torch.ops.segfast.avg_pool2d.default, (x, [2, 2], [2, 2], [0, 0], False, True, 3))
 

@@ -1,4 +1,5 @@
 """U-Net / FCN, the digits and folder data sets, and the segmentation workflow of the CLI."""
+
 import os
 import subprocess
 import sys
@@ -14,13 +15,17 @@ from segfast.models import FCN, UNet
 TINY = ["--base-width", "4", "--depth", "2", "--quiet"]
 
 
-@pytest.mark.parametrize("make", [
-    lambda backend: UNet(3, 5, base_width=4, depth=3, backend=backend),
-    lambda backend: UNet(3, 5, base_width=4, depth=2, norm="none", upsample="bilinear", activation="silu",
-                         backend=backend),
-    lambda backend: FCN(3, 5, "8s", base_width=4, backend=backend),
-    lambda backend: FCN(3, 5, "32s", base_width=4, norm="batch", convs_per_stage=(1, 1, 1, 1, 1), backend=backend),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda backend: UNet(3, 5, base_width=4, depth=3, backend=backend),
+        lambda backend: UNet(
+            3, 5, base_width=4, depth=2, norm="none", upsample="bilinear", activation="silu", backend=backend
+        ),
+        lambda backend: FCN(3, 5, "8s", base_width=4, backend=backend),
+        lambda backend: FCN(3, 5, "32s", base_width=4, norm="batch", convs_per_stage=(1, 1, 1, 1, 1), backend=backend),
+    ],
+)
 def test_backends_share_names_and_outputs(make):
     torch.manual_seed(0)
     ours, stock = make("segfast"), make("torch")
@@ -58,7 +63,7 @@ def test_convergence_parity_between_backends():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         curve = []
         for step in range(24):
-            images, masks = data.tensors[0][step % 8 * 8:][:8], data.tensors[1][step % 8 * 8:][:8]
+            images, masks = data.tensors[0][step % 8 * 8 :][:8], data.tensors[1][step % 8 * 8 :][:8]
             optimizer.zero_grad()
             loss = loss_fn(model(images), masks)
             loss.backward()
@@ -110,8 +115,19 @@ def test_folder_dataset_and_its_errors(tmp_path):
 
 def test_train_eval_predict_resume(tmp_path, capsys):
     checkpoint = tmp_path / "unet.pt"
-    args = ["train", "--model", "unet", "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--out",
-            str(checkpoint)] + TINY
+    args = [
+        "train",
+        "--model",
+        "unet",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        str(checkpoint),
+    ] + TINY
     assert main(args) == 0
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] == 1 and 0 <= saved["val"]["miou"] <= 1
@@ -131,31 +147,118 @@ def test_train_eval_predict_resume(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     checkpoint = tmp_path / "unet.pt"
-    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "1", "--batch-size", "2", "--out",
-                 str(checkpoint)] + TINY) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "unet",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--out",
+                str(checkpoint),
+            ]
+            + TINY
+        )
+        == 0
+    )
     capsys.readouterr()
-    resumed_wider = ["train", "--model", "unet", "--epochs", "2", "--max-steps", "1", "--batch-size", "2",
-                     "--base-width", "8", "--depth", "2", "--quiet", "--resume", str(checkpoint)]
+    resumed_wider = [
+        "train",
+        "--model",
+        "unet",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--base-width",
+        "8",
+        "--depth",
+        "2",
+        "--quiet",
+        "--resume",
+        str(checkpoint),
+    ]
     assert main(resumed_wider) == 2
     assert "is for another model or run (base_width=4;" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["train", "--data", "folder", "--images-dir", str(tmp_path / "x"), "--masks-dir", str(tmp_path),
-                 "--num-classes", "3", "--epochs", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "folder",
+                "--images-dir",
+                str(tmp_path / "x"),
+                "--masks-dir",
+                str(tmp_path),
+                "--num-classes",
+                "3",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "is not a directory" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) reaches the weights one process reaches on the same
     global batches (norm none: BatchNorm statistics are per process under DDP on CPU)."""
-    common = ["-m", "segfast", "train", "--model", "unet", "--norm", "none", "--epochs", "1", "--max-steps", "3",
-              "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "none", "--no-shuffle",
-              "--base-width", "4", "--depth", "2", "--quiet"]
+    common = [
+        "-m",
+        "segfast",
+        "train",
+        "--model",
+        "unet",
+        "--norm",
+        "none",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "none",
+        "--no-shuffle",
+        "--base-width",
+        "4",
+        "--depth",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, *common, "--out", str(one)], check=True, env=env, capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(two)], env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *common,
+            "--out",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for name, value in a["state_dict"].items():
@@ -165,18 +268,64 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 def test_train_flags_amp_channels_last_sgd_poly(tmp_path):
     checkpoint = tmp_path / "fcn.pt"
-    assert main(["train", "--model", "fcn8s", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
-                 "--optimizer", "sgd", "--nesterov", "--weight-decay", "1e-4", "--schedule", "poly", "--amp", "bf16",
-                 "--channels-last", "--class-weights", *["1"] * 11, "--out", str(checkpoint)] + TINY) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "fcn8s",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--optimizer",
+                "sgd",
+                "--nesterov",
+                "--weight-decay",
+                "1e-4",
+                "--schedule",
+                "poly",
+                "--amp",
+                "bf16",
+                "--channels-last",
+                "--class-weights",
+                *["1"] * 11,
+                "--out",
+                str(checkpoint),
+            ]
+            + TINY
+        )
+        == 0
+    )
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["config"]["model"] == "fcn8s" and saved["optimizer"]["param_groups"][0]["nesterov"]
 
 
 def test_train_with_augmentation(tmp_path, capsys):
     checkpoint = tmp_path / "aug.pt"
-    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
-                 "--augment", "rotate=30,flip=0.5,scale=0.7:1.4,translate=0.1,crop=40", "--out", str(checkpoint)]
-                + TINY) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "unet",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--augment",
+                "rotate=30,flip=0.5,scale=0.7:1.4,translate=0.1,crop=40",
+                "--out",
+                str(checkpoint),
+            ]
+            + TINY
+        )
+        == 0
+    )
     assert "augment rotate=30" in capsys.readouterr().out
     assert torch.load(checkpoint, weights_only=True)["config"]["augment"].startswith("rotate=30")
     assert main(["train", "--model", "unet", "--epochs", "1", "--augment", "spin=3", "--out", str(checkpoint)]) == 2
@@ -186,6 +335,25 @@ def test_train_with_augmentation(tmp_path, capsys):
 @pytest.mark.parametrize("loss", ["dice", "focal", "dice-ce"])
 def test_train_with_each_loss(tmp_path, loss):
     checkpoint = tmp_path / f"{loss}.pt"
-    assert main(["train", "--model", "unet", "--epochs", "1", "--max-steps", "2", "--batch-size", "2",
-                 "--loss", loss, "--out", str(checkpoint)] + TINY) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "unet",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--loss",
+                loss,
+                "--out",
+                str(checkpoint),
+            ]
+            + TINY
+        )
+        == 0
+    )
     assert torch.load(checkpoint, weights_only=True)["config"]["loss"] == loss

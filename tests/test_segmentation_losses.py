@@ -1,16 +1,27 @@
 """Dice, focal and Dice+CE losses against straightforward PyTorch references in float64."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SavedBytes, assert_close_to_reference
 
 import segfast
-from conftest import SavedBytes, assert_close_to_reference
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-def reference_dice(x, t, ignore_index=-100, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
-                   squared_pred=False, weight=None, batch=False, reduction="mean"):
+def reference_dice(
+    x,
+    t,
+    ignore_index=-100,
+    include_background=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    squared_pred=False,
+    weight=None,
+    batch=False,
+    reduction="mean",
+):
     """MONAI's DiceLoss(softmax=True, to_onehot_y=True) with ignored pixels left out, in plain torch."""
     valid = (t != ignore_index).unsqueeze(1).to(x.dtype)
     p = torch.softmax(x, 1) * valid
@@ -49,15 +60,25 @@ def _compare(ours_fn, ref_fn, x64, dtype):
     ours, stock, reference = ours_fn(low), ref_fn(low), ref_fn(ref)
     assert_close_to_reference(ours, stock, reference, "loss")
     grad = torch.randn_like(reference)
-    assert_close_to_reference(torch.autograd.grad(ours, low, grad.to(dtype))[0],
-                              torch.autograd.grad(stock, low, grad.to(dtype))[0],
-                              torch.autograd.grad(reference, ref, grad)[0], "grad")
+    assert_close_to_reference(
+        torch.autograd.grad(ours, low, grad.to(dtype))[0],
+        torch.autograd.grad(stock, low, grad.to(dtype))[0],
+        torch.autograd.grad(reference, ref, grad)[0],
+        "grad",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [{}, dict(include_background=False), dict(squared_pred=True, batch=True),
-                                     dict(weighted=True, smooth_nr=0.0, smooth_dr=1e-3)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(include_background=False),
+        dict(squared_pred=True, batch=True),
+        dict(weighted=True, smooth_nr=0.0, smooth_dr=1e-3),
+    ],
+)
 @pytest.mark.parametrize("ignore_index", [-100, 2])
 def test_dice_matches_reference(dtype, reduction, options, ignore_index):
     x, t, w = _case(ignore_index=ignore_index)
@@ -66,8 +87,9 @@ def test_dice_matches_reference(dtype, reduction, options, ignore_index):
         options["weight"] = w
 
     def with_weight(fn):
-        return lambda z: fn(z, t, **{k: (v.to(z.dtype) if isinstance(v, torch.Tensor) else v)
-                                     for k, v in options.items()})
+        return lambda z: fn(
+            z, t, **{k: (v.to(z.dtype) if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+        )
 
     _compare(with_weight(segfast.ops.dice_loss), with_weight(reference_dice), x, dtype)
 
@@ -116,8 +138,7 @@ def test_gradcheck_opcheck_compile():
     loss_fn = segfast.nn.DiceCELoss()
     compiled = torch.compile(lambda z: loss_fn(z, t), fullgraph=True)
     xf = x.detach().float().requires_grad_()
-    torch.testing.assert_close(torch.autograd.grad(compiled(xf), xf)[0],
-                               torch.autograd.grad(loss_fn(xf, t), xf)[0])
+    torch.testing.assert_close(torch.autograd.grad(compiled(xf), xf)[0], torch.autograd.grad(loss_fn(xf, t), xf)[0])
 
 
 def test_saved_state_is_small():
@@ -131,18 +152,35 @@ def test_saved_state_is_small():
     assert focal.total <= 4 * 2 * 16 * 16 + 64  # one float per pixel
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.full((2, 4), 3)), IndexError, "target class 3"),
-    (lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)), ValueError,
-     "target must have shape"),
-    (lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), gamma=-1),
-     ValueError, "gamma"),
-    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), weight=torch.ones(2)),
-     ValueError, "weight must have shape"),
-    (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.zeros(2, 4)), TypeError, "target dtype"),
-    (lambda: segfast.ops.dice_loss(torch.randn(0, 3, 4), torch.zeros(0, 4, dtype=torch.long)), ValueError,
-     "empty batch"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.full((2, 4), 3)), IndexError, "target class 3"),
+        (
+            lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long)),
+            ValueError,
+            "target must have shape",
+        ),
+        (
+            lambda: segfast.ops.focal_loss(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), gamma=-1),
+            ValueError,
+            "gamma",
+        ),
+        (
+            lambda: segfast.ops.dice_loss(
+                torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), weight=torch.ones(2)
+            ),
+            ValueError,
+            "weight must have shape",
+        ),
+        (lambda: segfast.ops.dice_loss(torch.randn(2, 3, 4), torch.zeros(2, 4)), TypeError, "target dtype"),
+        (
+            lambda: segfast.ops.dice_loss(torch.randn(0, 3, 4), torch.zeros(0, 4, dtype=torch.long)),
+            ValueError,
+            "empty batch",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

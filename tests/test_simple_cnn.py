@@ -13,8 +13,10 @@ def test_backends_share_parameters_and_agree():
     stock.load_state_dict(ours.state_dict())
     x = torch.randn(8, 1, 28, 28)
     torch.testing.assert_close(ours(x), stock(x), rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(ours(x).logsumexp(1).sum(), list(ours.parameters())),
-                    torch.autograd.grad(stock(x).logsumexp(1).sum(), list(stock.parameters()))):
+    for a, b in zip(
+        torch.autograd.grad(ours(x).logsumexp(1).sum(), list(ours.parameters())),
+        torch.autograd.grad(stock(x).logsumexp(1).sum(), list(stock.parameters())),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -38,8 +40,24 @@ def test_digits_split_is_deterministic_and_disjoint():
 
 def test_train_and_eval_commands(tmp_path, capsys):
     checkpoint = tmp_path / "cnn.pt"
-    assert main(["train", "--task", "classify", "--model", "simple-cnn", "--data", "digits", "--epochs", "4",
-                 "--out", str(checkpoint)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "classify",
+                "--model",
+                "simple-cnn",
+                "--data",
+                "digits",
+                "--epochs",
+                "4",
+                "--out",
+                str(checkpoint),
+            ]
+        )
+        == 0
+    )
     trained = torch.load(checkpoint, weights_only=True)
     assert trained["test_accuracy"] > 0.9  # 4 epochs; the default 30 reach ~98%
     capsys.readouterr()
@@ -47,11 +65,14 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert f"test accuracy {100 * trained['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: SimpleCNN(backend="jax"), "backend must be one of"),
-    (lambda: SimpleCNN(image_size=8), "image_size must be at least 10"),
-    (lambda: DigitsClassification("validation"), "split must be one of"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: SimpleCNN(backend="jax"), "backend must be one of"),
+        (lambda: SimpleCNN(image_size=8), "image_size must be at least 10"),
+        (lambda: DigitsClassification("validation"), "split must be one of"),
+    ],
+)
 def test_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()

@@ -1,5 +1,6 @@
 """The ops from several Python threads at once give what they give serially, and pooling and
 cross-entropy are bitwise deterministic whatever the thread count."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,7 +25,9 @@ def _workloads():
 
     return {
         "max_pool2d": lambda: grads(lambda t: segfast.ops.max_pool2d(t, 3, 2, 1), x),
-        "max_pool2d NHWC": lambda: grads(lambda t: segfast.ops.max_pool2d(t, 2), x.to(memory_format=torch.channels_last)),
+        "max_pool2d NHWC": lambda: grads(
+            lambda t: segfast.ops.max_pool2d(t, 2), x.to(memory_format=torch.channels_last)
+        ),
         "avg_pool2d": lambda: grads(lambda t: segfast.ops.avg_pool2d(t, 3, 2, 1, True, False), x),
         "cross_entropy": lambda: grads(lambda t: segfast.ops.cross_entropy(t, target, label_smoothing=0.1), logits),
         "conv2d_act": lambda: grads(lambda t, w: segfast.ops.conv2d_act(t, w, padding=1, activation="silu"), x, weight),
@@ -44,8 +47,9 @@ def test_concurrent_calls_match_serial(name):
     for result in results:
         for a, b in zip(result, serial):
             # oneDNN (the general conv path) may pick another blocking under load: tolerance there
-            torch.testing.assert_close(a, b, rtol=0 if "conv" not in name else 1e-5,
-                                       atol=0 if "conv" not in name else 1e-5)
+            torch.testing.assert_close(
+                a, b, rtol=0 if "conv" not in name else 1e-5, atol=0 if "conv" not in name else 1e-5
+            )
 
 
 @pytest.mark.parametrize("name", ["max_pool2d", "max_pool2d NHWC", "avg_pool2d", "cross_entropy", "conv2d_act direct"])

@@ -13,6 +13,7 @@
    site-packages through a .pth file and gets the wheel alone; then tools/wheel_smoke.py in it,
    from outside the source tree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,25 @@ import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # sonames that torch's wheel (and, for CUDA builds, its nvidia-* dependencies) already provide
-EXCLUDED_LIBRARIES = ["libc10.so", "libc10_cuda.so", "libtorch*.so", "libgomp.so.1", "libcudart.so.*",
-                      "libcuda.so.*", "libcublas*.so.*", "libcudnn*.so.*", "libnvrtc*.so.*"]
-ALLOWED_IN_WHEEL = ["segfast/", "segfast/*/", "segfast/*.py", "segfast/*/*.py", "segfast/_C.*.so", "segfast-*.dist-info/*"]
+EXCLUDED_LIBRARIES = [
+    "libc10.so",
+    "libc10_cuda.so",
+    "libtorch*.so",
+    "libgomp.so.1",
+    "libcudart.so.*",
+    "libcuda.so.*",
+    "libcublas*.so.*",
+    "libcudnn*.so.*",
+    "libnvrtc*.so.*",
+]
+ALLOWED_IN_WHEEL = [
+    "segfast/",
+    "segfast/*/",
+    "segfast/*.py",
+    "segfast/*/*.py",
+    "segfast/_C.*.so",
+    "segfast-*.dist-info/*",
+]
 
 
 def run(*command: str | os.PathLike, **kwargs) -> subprocess.CompletedProcess:
@@ -42,15 +59,31 @@ def venv_python(venv: pathlib.Path) -> pathlib.Path:
 
 
 def torch_of(python: pathlib.Path) -> tuple[str, str | None]:
-    out = run(python, "-c", "import torch; print(torch.__version__); print(torch.version.cuda)",
-              capture_output=True, text=True).stdout.split()
+    out = run(
+        python,
+        "-c",
+        "import torch; print(torch.__version__); print(torch.version.cuda)",
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return out[0], None if out[1] == "None" else out[1]
 
 
 def build(venv: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     env = dict(os.environ, SKBUILD_BUILD_DIR=str(ROOT / "build" / f"wheel-{venv.name}"))
-    run(venv_python(venv), "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", work / "raw", ROOT,
-        env=env)
+    run(
+        venv_python(venv),
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-build-isolation",
+        "--no-deps",
+        "-w",
+        work / "raw",
+        ROOT,
+        env=env,
+    )
     (raw,) = (work / "raw").glob("segfast-*.whl")
     return raw
 
@@ -87,8 +120,13 @@ def install_and_smoke_test(venv: pathlib.Path, wheel: pathlib.Path, work: pathli
         run(*pip, f"torch=={torch_version.split('+')[0]}", "numpy")
         run(*pip, wheel)  # resolves the wheel's torch pin against what is installed
     else:
-        site = run(venv_python(venv), "-c", "import torch, pathlib; print(pathlib.Path(torch.__file__).parent.parent)",
-                   capture_output=True, text=True).stdout.strip()
+        site = run(
+            venv_python(venv),
+            "-c",
+            "import torch, pathlib; print(pathlib.Path(torch.__file__).parent.parent)",
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         (fresh_site,) = (fresh / "lib").glob("python*/site-packages")
         (fresh_site / "borrowed_torch.pth").write_text(site + "\n")  # torch, not the venv's segfast .pth hooks
         run(*pip, "--no-deps", wheel)

@@ -7,11 +7,13 @@ interpreter (segfast builds with ``--no-build-isolation``). Without torch (an sd
 isolated metadata step) the plain version and the supported range are given; the build itself
 then stops in CMake.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_TORCH = "torch>=2.11,<2.15"
 

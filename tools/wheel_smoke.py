@@ -2,6 +2,7 @@
 installed into. Checks that the metadata matches the running torch and the build, and runs every op
 once (forward and backward) against stock PyTorch on CPU. With a CUDA build and no GPU, the CUDA
 kernels are checked as registered only. Exits non-zero on the first failure."""
+
 import importlib.metadata
 import pathlib
 
@@ -11,8 +12,17 @@ import torch.nn.functional as F
 import segfast
 from segfast import ops
 
-OPS = ["conv2d_act", "linear_act", "max_pool2d", "avg_pool2d", "cross_entropy", "confusion_matrix",
-       "dice_sums", "focal_loss", "affine_augment"]
+OPS = [
+    "conv2d_act",
+    "linear_act",
+    "max_pool2d",
+    "avg_pool2d",
+    "cross_entropy",
+    "confusion_matrix",
+    "dice_sums",
+    "focal_loss",
+    "affine_augment",
+]
 
 
 def check_metadata() -> None:
@@ -31,7 +41,9 @@ def check_ops_on_cpu() -> None:
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     b = torch.randn(6, dtype=torch.float64)
-    torch.testing.assert_close(ops.conv2d_act(x, w, b, padding=1, activation="relu"), F.relu(F.conv2d(x, w, b, padding=1)))
+    torch.testing.assert_close(
+        ops.conv2d_act(x, w, b, padding=1, activation="relu"), F.relu(F.conv2d(x, w, b, padding=1))
+    )
     rows = torch.randn(5, 4, dtype=torch.float64)
     lin_w = torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(ops.linear_act(rows, lin_w, None, activation="silu"), F.silu(F.linear(rows, lin_w)))
@@ -59,8 +71,10 @@ def check_cuda_registration() -> None:
         return
     missing = [name for name in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"segfast::{name}", "CUDA")]
     assert not missing, f"CUDA kernels not registered: {missing}"
-    print(f"CUDA kernels registered for {len(OPS)} ops (archs {segfast.build_info()['cuda_archs']})"
-          + ("" if torch.cuda.is_available() else "; no GPU here, not run"))
+    print(
+        f"CUDA kernels registered for {len(OPS)} ops (archs {segfast.build_info()['cuda_archs']})"
+        + ("" if torch.cuda.is_available() else "; no GPU here, not run")
+    )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "silu") return Activation::SiLU;
   if (name == "gelu") return Activation::GELU;
   if (name == "sigmoid") return Activation::Sigmoid;
-  TORCH_CHECK_VALUE(false, "activation: expected one of none, relu, leaky_relu, silu, gelu, sigmoid; got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(false, "activation: expected one of none, relu, leaky_relu, silu, gelu, sigmoid; got '", name, "'");
 }
 
 // Backward needs one activation-sized tensor: the output y where the derivative is a function of
 // y (relu, leaky_relu with slope >= 0, sigmoid), else the pre-activation z.
 inline bool derivative_from_output(Activation act, double negative_slope) {
-  return act == Activation::ReLU || act == Activation::Sigmoid ||
-         (act == Activation::LeakyReLU && negative_slope >= 0);
+  return act == Activation::ReLU || act == Activation::Sigmoid || (act == Activation::LeakyReLU && negative_slope >= 0);
 }
 
 template <Activation A, typename T>
@@ -71,12 +69,18 @@ SEGFAST_HOST_DEVICE T activation_derivative(T s, T negative_slope) {
 template <typename F>
 decltype(auto) dispatch_activation(Activation act, F&& f) {
   switch (act) {
-    case Activation::None: return f(std::integral_constant<Activation, Activation::None>{});
-    case Activation::ReLU: return f(std::integral_constant<Activation, Activation::ReLU>{});
-    case Activation::LeakyReLU: return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
-    case Activation::SiLU: return f(std::integral_constant<Activation, Activation::SiLU>{});
-    case Activation::GELU: return f(std::integral_constant<Activation, Activation::GELU>{});
-    case Activation::Sigmoid: return f(std::integral_constant<Activation, Activation::Sigmoid>{});
+    case Activation::None:
+      return f(std::integral_constant<Activation, Activation::None>{});
+    case Activation::ReLU:
+      return f(std::integral_constant<Activation, Activation::ReLU>{});
+    case Activation::LeakyReLU:
+      return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
+    case Activation::SiLU:
+      return f(std::integral_constant<Activation, Activation::SiLU>{});
+    case Activation::GELU:
+      return f(std::integral_constant<Activation, Activation::GELU>{});
+    case Activation::Sigmoid:
+      return f(std::integral_constant<Activation, Activation::Sigmoid>{});
   }
   TORCH_CHECK(false, "unreachable activation");
 }

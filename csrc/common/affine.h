@@ -72,8 +72,8 @@ struct BilinearTaps {
 };
 
 template <typename acc_t>
-SEGFAST_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(double x, double y, int64_t in_w, int64_t in_h,
-                                                      int64_t stride_y, int64_t stride_x) {
+SEGFAST_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(double x, double y, int64_t in_w, int64_t in_h, int64_t stride_y,
+                                                      int64_t stride_x) {
   const double fx = floor(x), fy = floor(y);
   const auto x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
   const auto ax = static_cast<acc_t>(x - fx), ay = static_cast<acc_t>(y - fy);

@@ -7,8 +7,7 @@
 
 namespace segfast {
 
-inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
+inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(input.dim() == 4, "conv2d_act kernel: expected 4-D input, got ", input.dim(), "-D");
   TORCH_CHECK_VALUE(weight.dim() == 4, "conv2d_act kernel: expected 4-D weight, got ", weight.dim(), "-D");
   TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "conv2d_act: input dtype ", input.scalar_type(),

@@ -4,8 +4,8 @@
 
 namespace segfast {
 
-inline void check_augment_args(const at::Tensor& image, const at::Tensor& mask, const at::Tensor& theta,
-                               int64_t out_h, int64_t out_w) {
+inline void check_augment_args(const at::Tensor& image, const at::Tensor& mask, const at::Tensor& theta, int64_t out_h,
+                               int64_t out_w) {
   TORCH_CHECK_VALUE(image.dim() == 4, "affine_augment: image must be (N, C, H, W), got ", image.sizes());
   TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == image.size(0) && mask.size(1) == image.size(2) &&
                         mask.size(2) == image.size(3),

@@ -11,10 +11,14 @@ namespace segfast {
 template <typename F>
 void dispatch_class_index(c10::ScalarType type, const char* what, F&& f) {
   switch (type) {
-    case c10::kLong: return f(int64_t{});
-    case c10::kInt: return f(int32_t{});
-    case c10::kByte: return f(uint8_t{});
-    default: TORCH_CHECK_VALUE(false, what, " must be int64, int32 or uint8, got ", type);
+    case c10::kLong:
+      return f(int64_t{});
+    case c10::kInt:
+      return f(int32_t{});
+    case c10::kByte:
+      return f(uint8_t{});
+    default:
+      TORCH_CHECK_VALUE(false, what, " must be int64, int32 or uint8, got ", type);
   }
 }
 

@@ -12,12 +12,14 @@ inline at::MemoryFormat memory_format(const at::Tensor& t) {
 
 // Kernels that read a tensor in place through its strides, and give their output the same strides
 // (empty_like), need it dense: an expanded or gapped view is copied first.
-inline at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+inline at::Tensor dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
 
 // The memory format F.conv2d gives its output: channels_last when input or weight is.
 inline at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
-  const bool channels_last = memory_format(input) == at::MemoryFormat::ChannelsLast ||
-                             memory_format(weight) == at::MemoryFormat::ChannelsLast;
+  const bool channels_last =
+      memory_format(input) == at::MemoryFormat::ChannelsLast || memory_format(weight) == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 

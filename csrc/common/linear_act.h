@@ -30,10 +30,9 @@ inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "linear_act: input dtype ", input.scalar_type(),
                     " and weight dtype ", weight.scalar_type(), " differ");
   if (bias && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                          bias->scalar_type() == input.scalar_type(),
-                      "linear_act: bias must be (", weight.size(0), ",) of the input's dtype, got ", bias->sizes(),
-                      " ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type(),
+                      "linear_act: bias must be (", weight.size(0), ",) of the input's dtype, got ", bias->sizes(), " ",
+                      bias->scalar_type());
   }
 }
 

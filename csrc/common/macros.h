@@ -13,8 +13,7 @@
 // Hot CPU loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so
 // one binary vectorises on the machine it runs on without requiring AVX2 to import.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define SEGFAST_CPU_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SEGFAST_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SEGFAST_CPU_MULTIVERSION
 #endif

@@ -5,7 +5,6 @@
 
 #include <ATen/core/Tensor.h>
 
-
 #include "common/macros.h"
 
 namespace segfast {

@@ -14,8 +14,8 @@ namespace segfast {
 
 // torch's pooling_output_shape: with ceil_mode the last window must start inside the input or
 // the left padding.
-SEGFAST_HOST_DEVICE int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
-                                             int64_t dilation, bool ceil_mode) {
+SEGFAST_HOST_DEVICE int64_t pool_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                                             bool ceil_mode) {
   const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
   // floor division (span may be negative)
   int64_t out = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;
@@ -61,8 +61,7 @@ struct AvgWindow {
   int64_t begin, end, padded_count;
 };
 
-SEGFAST_HOST_DEVICE AvgWindow avg_window(int64_t o, int64_t in, int64_t kernel, int64_t stride,
-                                         int64_t pad) {
+SEGFAST_HOST_DEVICE AvgWindow avg_window(int64_t o, int64_t in, int64_t kernel, int64_t stride, int64_t pad) {
   const int64_t start = o * stride - pad;
   const int64_t stop = std::min(start + kernel, in + pad);
   return {std::max<int64_t>(start, 0), std::min(stop, in), stop - start};
@@ -103,9 +102,8 @@ inline Pool2d make_pool(c10::IntArrayRef size, bool channels_last, c10::IntArray
   return {size[0], size[1], axis(0), axis(1), channels_last};
 }
 
-inline Pool2d make_avg_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel,
-                            c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
-                            std::optional<int64_t> divisor_override) {
+inline Pool2d make_avg_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, bool ceil_mode, std::optional<int64_t> divisor_override) {
   TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, "divisor_override must be non-zero");
   const int64_t no_dilation[2] = {1, 1};
   return make_pool(size, channels_last, kernel, stride, padding, no_dilation, ceil_mode);

@@ -21,8 +21,8 @@ SEGFAST_CPU_MULTIVERSION void activation_range(const scalar_t* z, scalar_t* out,
 
 // Rows [r0, r1): grad_z and the partial column sums of this block.
 template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t* saved, scalar_t* grad_z,
-                                            int64_t cols, int64_t r0, int64_t r1, at::opmath_type<scalar_t> slope,
+SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t* saved, scalar_t* grad_z, int64_t cols,
+                                            int64_t r0, int64_t r1, at::opmath_type<scalar_t> slope,
                                             at::opmath_type<scalar_t>* column_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < cols; ++c) column_sums[c] = 0;
@@ -30,7 +30,8 @@ SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t
     const int64_t at = r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-      const acc_t g = cpu::widen<acc_t>(grad[at + c]) * activation_derivative<A>(cpu::widen<acc_t>(saved[at + c]), slope);
+      const acc_t g =
+          cpu::widen<acc_t>(grad[at + c]) * activation_derivative<A>(cpu::widen<acc_t>(saved[at + c]), slope);
       grad_z[at + c] = cpu::narrow<scalar_t>(g);
       column_sums[c] += g;
     }
@@ -67,10 +68,10 @@ at::Tensor activation_backward_rows(const at::Tensor& grad, const at::Tensor& sa
     dispatch_activation(act, [&](auto a) {
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          backward_rows<decltype(a)::value, scalar_t>(
-              grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
-              cols, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), static_cast<acc_t>(negative_slope),
-              partial.data() + b * cols);
+          backward_rows<decltype(a)::value, scalar_t>(grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
+                                                      grad_z.mutable_data_ptr<scalar_t>(), cols, b * kRowBlock,
+                                                      std::min(rows, (b + 1) * kRowBlock),
+                                                      static_cast<acc_t>(negative_slope), partial.data() + b * cols);
         }
       });
     });

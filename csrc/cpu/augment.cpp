@@ -100,11 +100,9 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
 template <typename scalar_t, typename acc_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* out, int64_t out_stride, int64_t width,
                                              const RowTaps<acc_t, index_t>& r) {
-  const index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(),
-                *o3 = r.offset[3].data();
+  const index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
   const acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
-  const index_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(),
-                *i3 = r.inside[3].data();
+  const index_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
 #pragma omp simd
   for (int64_t ox = 0; ox < width; ++ox) {
     const acc_t v0 = cpu::widen<acc_t>(plane[o0[ox]]), v1 = cpu::widen<acc_t>(plane[o1[ox]]);
@@ -143,25 +141,25 @@ std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor&
       mask_t* om = out_mask.mutable_data_ptr<mask_t>();
       const auto ignore = static_cast<mask_t>(ignore_index);
       // int32 offsets when every plane offset (image and mask) fits
-      const int64_t extent = std::max((in_h - 1) * st.image_y + (in_w - 1) * st.image_x,
-                                      (in_h - 1) * st.mask_y + (in_w - 1) * st.mask_x);
+      const int64_t extent =
+          std::max((in_h - 1) * st.image_y + (in_w - 1) * st.image_x, (in_h - 1) * st.mask_y + (in_w - 1) * st.mask_x);
       auto run = [&](auto index) {
         using index_t = decltype(index);
         at::parallel_for(0, batch * out_h, 4, [&](int64_t begin, int64_t end) {
-        RowTaps<acc_t, index_t> taps(out_w);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t n = row / out_h, oy = row % out_h;
-          const double* tn = t + 6 * n;
-          const AffineSample sample{tn[0],         tn[1],         tn[2],          tn[3],         tn[4], tn[5],
-                                    double(in_h), double(in_w), double(out_h), double(out_w)};
-          row_taps(sample, oy, st, taps);
-          for (int64_t c = 0; c < channels; ++c) {
-            gather_channel(in + n * image.stride(0) + c * image.stride(1),
-                           o + n * out.stride(0) + c * out.stride(1) + oy * out.stride(2), out.stride(3), out_w,
-                           taps);
+          RowTaps<acc_t, index_t> taps(out_w);
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t n = row / out_h, oy = row % out_h;
+            const double* tn = t + 6 * n;
+            const AffineSample sample{tn[0], tn[1],        tn[2],        tn[3],         tn[4],
+                                      tn[5], double(in_h), double(in_w), double(out_h), double(out_w)};
+            row_taps(sample, oy, st, taps);
+            for (int64_t c = 0; c < channels; ++c) {
+              gather_channel(in + n * image.stride(0) + c * image.stride(1),
+                             o + n * out.stride(0) + c * out.stride(1) + oy * out.stride(2), out.stride(3), out_w,
+                             taps);
+            }
+            gather_mask(m + n * mask.stride(0), om + (n * out_h + oy) * out_w, out_w, taps.mask_offset.data(), ignore);
           }
-          gather_mask(m + n * mask.stride(0), om + (n * out_h + oy) * out_w, out_w, taps.mask_offset.data(), ignore);
-        }
         });
       };
       if (extent < (int64_t{1} << 31) - 1) {
@@ -176,6 +174,8 @@ std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CPU, m) { m.impl("affine_augment", &affine_augment_cpu); }
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("affine_augment", &affine_augment_cpu);
+}
 
 }  // namespace segfast

@@ -33,7 +33,9 @@ using at::Tensor;
 // Pixels per tile of the backward pass: long contiguous runs when every view is NCHW, else a
 // tile of every channel that stays in L2. Fixed by the layouts (not by the thread count), so the
 // bias-gradient sum always adds in the same order.
-int64_t tile_pixels(bool nchw) { return nchw ? 4096 : 256; }
+int64_t tile_pixels(bool nchw) {
+  return nchw ? 4096 : 256;
+}
 
 // The format of the backward convolution. oneDNN (float32/bfloat16) computes the weight gradient
 // of a layer with few input channels much faster channels_last; converting such an input is cheap
@@ -64,10 +66,14 @@ struct PlaneView {
     TORCH_INTERNAL_ASSERT(t.stride(2) == t.size(3) * t.stride(3) || t.size(2) == 1);
     return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(3)};
   }
-  T* at(int64_t n, int64_t c, int64_t p) const { return data + n * batch_stride + c * channel_stride + p * pixel_stride; }
+  T* at(int64_t n, int64_t c, int64_t p) const {
+    return data + n * batch_stride + c * channel_stride + p * pixel_stride;
+  }
 };
 
-int64_t tile_count(int64_t batch, int64_t pixels, int64_t tile) { return batch * ((pixels + tile - 1) / tile); }
+int64_t tile_count(int64_t batch, int64_t pixels, int64_t tile) {
+  return batch * ((pixels + tile - 1) / tile);
+}
 
 // Calls f(n, p0, p1, tile_index) over pixel tiles of `tile` pixels of every image, in parallel.
 template <typename F>
@@ -140,9 +146,12 @@ SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_o
 template <typename F>
 void dispatch_pass_layout(PassLayout layout, F&& f) {
   switch (layout) {
-    case PassLayout::NCHW: return f(std::integral_constant<PassLayout, PassLayout::NCHW>{});
-    case PassLayout::NCHWToNHWC: return f(std::integral_constant<PassLayout, PassLayout::NCHWToNHWC>{});
-    case PassLayout::Strided: return f(std::integral_constant<PassLayout, PassLayout::Strided>{});
+    case PassLayout::NCHW:
+      return f(std::integral_constant<PassLayout, PassLayout::NCHW>{});
+    case PassLayout::NCHWToNHWC:
+      return f(std::integral_constant<PassLayout, PassLayout::NCHWToNHWC>{});
+    case PassLayout::Strided:
+      return f(std::integral_constant<PassLayout, PassLayout::Strided>{});
   }
 }
 
@@ -154,8 +163,8 @@ bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef s
 }
 
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                                          IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                          int64_t groups, c10::string_view activation, double negative_slope) {
+                                          IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                          c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
@@ -235,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
     const auto gv = PlaneView<const scalar_t>::of(g), sv = PlaneView<const scalar_t>::of(s);
     const auto zv = PlaneView<scalar_t>::of(grad_z);
     const bool nchw_in = gv.nchw() && sv.nchw();
-    const PassLayout layout = nchw_in && zv.nchw()                 ? PassLayout::NCHW
+    const PassLayout layout = nchw_in && zv.nchw()                ? PassLayout::NCHW
                               : nchw_in && zv.channel_stride == 1 ? PassLayout::NCHWToNHWC
                                                                   : PassLayout::Strided;
     const int64_t tile = tile_pixels(layout == PassLayout::NCHW), tiles = tile_count(batch, pixels, tile);

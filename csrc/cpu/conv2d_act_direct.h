@@ -20,30 +20,38 @@ namespace segfast::direct {
 
 constexpr int64_t kMaxInputChannels = 4;
 constexpr int64_t kMaxKernel = 7;
-constexpr int64_t kBlock = 64;      // output pixels accumulated together
-constexpr int64_t kTaskRows = 4;    // output rows per backward task: fixes the gradient sum order
+constexpr int64_t kBlock = 64;    // output pixels accumulated together
+constexpr int64_t kTaskRows = 4;  // output rows per backward task: fixes the gradient sum order
 
 struct Geometry {
   int64_t batch, in_channels, out_channels, in_h, in_w, out_h, out_w, kernel_h, kernel_w, pad_h, pad_w;
 
-  int64_t input_rows() const { return in_channels * kernel_h; }         // rows one output row reads
-  int64_t row_width() const { return in_w + 2 * pad_w + kBlock; }       // + slack for the last block
+  int64_t input_rows() const { return in_channels * kernel_h; }    // rows one output row reads
+  int64_t row_width() const { return in_w + 2 * pad_w + kBlock; }  // + slack for the last block
   int64_t weights() const { return out_channels * input_rows() * kernel_w; }
 };
 
 // For NCHW callers (the output is NCHW); checked by the caller.
 inline bool eligible(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef dilation, int64_t groups) {
-  return input.is_contiguous() && groups == 1 &&
-         input.size(1) <= kMaxInputChannels && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
-         dilation[1] == 1 && weight.size(2) <= kMaxKernel && weight.size(3) <= kMaxKernel;
+  return input.is_contiguous() && groups == 1 && input.size(1) <= kMaxInputChannels && stride[0] == 1 &&
+         stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 && weight.size(2) <= kMaxKernel &&
+         weight.size(3) <= kMaxKernel;
 }
 
 inline Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
-  return {input.size(0), input.size(1), weight.size(0), input.size(2), input.size(3),
-          input.size(2) + 2 * padding[0] - kh + 1, input.size(3) + 2 * padding[1] - kw + 1,
-          kh, kw, padding[0], padding[1]};
+  return {input.size(0),
+          input.size(1),
+          weight.size(0),
+          input.size(2),
+          input.size(3),
+          input.size(2) + 2 * padding[0] - kh + 1,
+          input.size(3) + 2 * padding[1] - kw + 1,
+          kh,
+          kw,
+          padding[0],
+          padding[1]};
 }
 
 // rows[(ci * kernel_h + r) * row_width + pad_w + iw] = x[ci][oh - pad_h + r][iw], zeros around.

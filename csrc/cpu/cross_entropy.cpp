@@ -1,6 +1,6 @@
 // Per-pixel softmax cross-entropy on CPU, straight on (N, C, S) logits of any strides, tile by
-// tile (cpu/softmax_tile.h). Backward recomputes softmax from the saved per-pixel log-sum-exp. Sums over pixels go through per-tile partials added in a fixed order, so
-// results do not depend on the thread count.
+// tile (cpu/softmax_tile.h). Backward recomputes softmax from the saved per-pixel log-sum-exp. Sums over pixels go
+// through per-tile partials added in a fixed order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,8 +40,8 @@ using cpu::tile_logsumexp;
 template <typename scalar_t, bool kUnit, bool kProb>
 SEGFAST_CPU_MULTIVERSION void tile_weighted_sums(const Tile<scalar_t, kUnit> t, const scalar_t* prob,
                                                  const at::opmath_type<scalar_t>* weight,
-                                                 at::opmath_type<scalar_t> smoothing,
-                                                 at::opmath_type<scalar_t>* dot, at::opmath_type<scalar_t>* mass) {
+                                                 at::opmath_type<scalar_t> smoothing, at::opmath_type<scalar_t>* dot,
+                                                 at::opmath_type<scalar_t>* mass) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
   const acc_t keep = acc_t(1) - smoothing, spread = smoothing / static_cast<acc_t>(t.classes);
@@ -86,7 +86,7 @@ SEGFAST_CPU_MULTIVERSION void tile_grad(const Tile<scalar_t, kUnit> t, const sca
 // Class weights (none: every class weighs 1) and label smoothing, in the accumulation type.
 template <typename acc_t>
 struct LossTerms {
-  std::vector<acc_t> weight;  // empty when no weight was given
+  std::vector<acc_t> weight;              // empty when no weight was given
   acc_t weight_total, smoothing, spread;  // spread = smoothing / classes
 
   LossTerms(const std::optional<Tensor>& w, int64_t classes, double label_smoothing)
@@ -110,8 +110,8 @@ void check_inputs(const Tensor& input, const Tensor& target, bool prob) {
   TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
   if (prob) {
     TORCH_CHECK_VALUE(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
-                      "cross_entropy: probability target must match input ", input.sizes(), " ",
-                      input.scalar_type(), ", got ", target.sizes(), " ", target.scalar_type());
+                      "cross_entropy: probability target must match input ", input.sizes(), " ", input.scalar_type(),
+                      ", got ", target.sizes(), " ", target.scalar_type());
   } else {
     TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2),
                       "cross_entropy: class-index target must be (N, S) = (", input.size(0), ", ", input.size(2),
@@ -143,11 +143,17 @@ Problem prepare(const Tensor& input_, const Tensor& target_, c10::string_view re
 template <typename F>
 void dispatch_target(const Tensor& target, F&& f) {
   switch (target.scalar_type()) {
-    case at::kLong: return f(int64_t{});
-    case at::kInt: return f(int32_t{});
-    case at::kByte: return f(uint8_t{});
-    default: TORCH_CHECK_VALUE(false, "cross_entropy: target must be int64, int32 or uint8 class indices, or "
-                                      "probabilities of the input's dtype; got ", target.scalar_type());
+    case at::kLong:
+      return f(int64_t{});
+    case at::kInt:
+      return f(int32_t{});
+    case at::kByte:
+      return f(uint8_t{});
+    default:
+      TORCH_CHECK_VALUE(false,
+                        "cross_entropy: target must be int64, int32 or uint8 class indices, or "
+                        "probabilities of the input's dtype; got ",
+                        target.scalar_type());
   }
 }
 
@@ -156,8 +162,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const
                                                      int64_t ignore_index, double label_smoothing) {
   const auto [input, target, prob, reduction, g] = prepare(input_, target_, reduction_);
   Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(at::toOpMathType(input.scalar_type())));
-  Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options())
-                                             : at::empty({}, input.options());
+  Tensor loss =
+      reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options()) : at::empty({}, input.options());
   std::vector<double> tile_loss(g.tiles()), tile_weight(g.tiles());
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
@@ -232,9 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cpu(const Tensor& input_, const
 }
 
 Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_, const Tensor& target_,
-                                  const std::optional<Tensor>& weight, const Tensor& lse_,
-                                  const Tensor& total_weight, c10::string_view reduction_, int64_t ignore_index,
-                                  double label_smoothing) {
+                                  const std::optional<Tensor>& weight, const Tensor& lse_, const Tensor& total_weight,
+                                  c10::string_view reduction_, int64_t ignore_index, double label_smoothing) {
   const auto [input, target, prob, reduction, g] = prepare(input_, target_, reduction_);
   const Tensor lse = lse_.contiguous();
   const Tensor grad_pixels = reduction == Reduction::None ? grad_loss.to(lse.scalar_type()).contiguous()
@@ -277,8 +282,8 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& input_,
           for (int64_t j = 0; j < pixels; ++j) {
             cls[j] = static_cast<int64_t>(tgt[j * target.stride(1)]);
             const bool ignored = cls[j] == ignore_index;
-            TORCH_CHECK_INDEX(ignored || (cls[j] >= 0 && cls[j] < g.classes), "cross_entropy: target class ",
-                              cls[j], " is outside [0, ", g.classes, ")");
+            TORCH_CHECK_INDEX(ignored || (cls[j] >= 0 && cls[j] < g.classes), "cross_entropy: target class ", cls[j],
+                              " is outside [0, ", g.classes, ")");
             const acc_t wt = ignored ? acc_t(0) : terms.of(cls[j]);
             mass[j] = (1 - eps) * wt + spread * terms.weight_total;
             if (ignored) scale[j] = 0;  // also when the mean's total weight is 0 (torch gives 0, not NaN)

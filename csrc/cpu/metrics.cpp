@@ -115,7 +115,8 @@ Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t n
     const int64_t s0 = input.stride(0), s1 = input.stride(1);
     matrix = count_pairs(target, batch, pixels, num_classes, ignore_index,
                          [&](int64_t n, int64_t first, int64_t count, int64_t* pred) {
-                           for (int64_t j = 0; j < count; ++j) pred[j] = static_cast<int64_t>(p[n * s0 + (first + j) * s1]);
+                           for (int64_t j = 0; j < count; ++j)
+                             pred[j] = static_cast<int64_t>(p[n * s0 + (first + j) * s1]);
                          });
   });
   return matrix;
@@ -123,6 +124,8 @@ Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t n
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CPU, m) { m.impl("confusion_matrix", &confusion_matrix_cpu); }
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("confusion_matrix", &confusion_matrix_cpu);
+}
 
 }  // namespace segfast

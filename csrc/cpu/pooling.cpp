@@ -77,9 +77,8 @@ SEGFAST_CPU_MULTIVERSION void max_pool_row_nchw(const scalar_t* plane, scalar_t*
 // One channels_last output pixel (all channels); `best` and `tap` are scratch of `channels` elements.
 template <typename scalar_t, typename index_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_pixel_nhwc(const scalar_t* image, scalar_t* out, index_t* argmax,
-                                                  const PoolAxis& h, const PoolAxis& w, int64_t channels,
-                                                  int64_t oh, int64_t ow, at::opmath_type<scalar_t>* best,
-                                                  int32_t* tap) {
+                                                  const PoolAxis& h, const PoolAxis& w, int64_t channels, int64_t oh,
+                                                  int64_t ow, at::opmath_type<scalar_t>* best, int32_t* tap) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
   const int64_t kw0 = w.first_tap(ow), kw1 = w.last_tap(ow);
@@ -124,8 +123,8 @@ void max_pool_forward(const Tensor& input, Tensor& out, Tensor& argmax, const Po
       std::vector<int32_t> tap(p.channels);
       for (int64_t pixel = begin; pixel < end; ++pixel) {
         const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
-        max_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, a + pixel * p.channels,
-                            p.h, p.w, p.channels, oh, ow, best.data(), tap.data());
+        max_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, a + pixel * p.channels, p.h, p.w,
+                            p.channels, oh, ow, best.data(), tap.data());
       }
     });
   }
@@ -355,8 +354,8 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
   for (int64_t c = 0; c < channels; ++c) out[c] = cpu::narrow<scalar_t>(divide(acc[c], div));
 }
 
-Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
-                      bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
+Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
+                      bool count_include_pad, std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
@@ -433,8 +432,8 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
-Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel,
-                               IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel, IntArrayRef stride,
+                               IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(grad_out_);
   const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -452,14 +451,14 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
     if (!cl) {
       parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in + p.w.out, [&](int64_t row, acc_t* acc) {
         const int64_t plane = row / p.h.in, ih = row % p.h.in;
-        avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih,
-                                   divisor, width_counts.data(), acc);
+        avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih, divisor,
+                                   width_counts.data(), acc);
       });
     } else {
       parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
         const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
-        avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels,
-                                     ih, iw, divisor, width_counts.data(), acc);
+        avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels, ih,
+                                     iw, divisor, width_counts.data(), acc);
       });
     }
   });

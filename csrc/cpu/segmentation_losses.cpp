@@ -150,7 +150,8 @@ void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_
   const Geometry g = cpu::geometry_of(input);
   const int64_t classes = g.classes;
   std::vector<acc_t> partial(g.tiles() * 3 * classes, acc_t(0));
-  for_each_softmax_tile<scalar_t, target_t>(input, target, ignore_index, "dice_loss",
+  for_each_softmax_tile<scalar_t, target_t>(
+      input, target, ignore_index, "dice_loss",
       [&](int64_t, int64_t, int64_t tile, const auto& t, const acc_t* lse, const int64_t* cls) {
         acc_t* inter = partial.data() + tile * 3 * classes;
         acc_t *pred = inter + classes, *truth = pred + classes;
@@ -166,7 +167,8 @@ void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t tile = n * per_image; tile < (n + 1) * per_image; ++tile) {
       for (int64_t k = 0; k < 3; ++k) {
-        for (int64_t c = 0; c < classes; ++c) out[(k * g.batch + n) * classes + c] += partial[(tile * 3 + k) * classes + c];
+        for (int64_t c = 0; c < classes; ++c)
+          out[(k * g.batch + n) * classes + c] += partial[(tile * 3 + k) * classes + c];
       }
     }
   }
@@ -186,13 +188,14 @@ Tensor dice_sums_cpu(const Tensor& input_, const Tensor& target, int64_t ignore_
 }
 
 template <typename scalar_t, typename target_t>
-void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, const Tensor& target,
-                               int64_t ignore_index, bool squared, Tensor& grad) {
+void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, const Tensor& target, int64_t ignore_index,
+                               bool squared, Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry g = cpu::geometry_of(input);
   const acc_t* gs = grad_sums.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-  for_each_softmax_tile<scalar_t, target_t>(input, target, ignore_index, "dice_loss",
+  for_each_softmax_tile<scalar_t, target_t>(
+      input, target, ignore_index, "dice_loss",
       [&](int64_t n, int64_t, int64_t, const auto& t, const acc_t* lse, const int64_t* cls) {
         const acc_t *g_inter = gs + n * g.classes, *g_pred = gs + (g.batch + n) * g.classes;
         tile_dice_grad(t, lse, cls, g_pred, g_inter, squared, out + (t.data - input.const_data_ptr<scalar_t>()));
@@ -210,8 +213,7 @@ Tensor dice_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_, co
   Tensor grad = cpu::empty_like_cached(input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
     dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      dice_sums_backward_kernel<scalar_t, decltype(target_type)>(grad_sums, input, target, ignore_index, squared,
-                                                                  grad);
+      dice_sums_backward_kernel<scalar_t, decltype(target_type)>(grad_sums, input, target, ignore_index, squared, grad);
     });
   });
   return grad;
@@ -235,7 +237,8 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
       const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
       acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
       scalar_t* loss_p = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-      for_each_softmax_tile<scalar_t, decltype(target_type)>(input, target, ignore_index, "focal_loss",
+      for_each_softmax_tile<scalar_t, decltype(target_type)>(
+          input, target, ignore_index, "focal_loss",
           [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int64_t* cls) {
             double sum = 0, counted = 0;
             for (int64_t j = 0; j < t.pixels; ++j) {
@@ -243,8 +246,8 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
               acc_t value = 0;
               if (cls[j] >= 0) {
                 const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-                value = focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
-                                           static_cast<acc_t>(gamma)).loss;
+                value =
+                    focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0), static_cast<acc_t>(gamma)).loss;
                 counted += 1;
               }
               if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = cpu::narrow<scalar_t>(value);
@@ -303,8 +306,8 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
             }
             const acc_t scale = reduction == Reduction::None ? gl[n * g.pixels + s0 + j] : reduced;
             const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-            coef[j] = scale * focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0),
-                                                 static_cast<acc_t>(gamma)).a;
+            coef[j] = scale *
+                      focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0), static_cast<acc_t>(gamma)).a;
           }
           tile_focal_grad(t, lse_tile, cls, coef, out + (t.data - x0));
         });

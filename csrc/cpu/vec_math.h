@@ -65,6 +65,8 @@ inline float exp_vec(float x) {
 }
 
 // float64 is the gradcheck dtype: accuracy over speed.
-inline double exp_vec(double x) { return std::exp(x); }
+inline double exp_vec(double x) {
+  return std::exp(x);
+}
 
 }  // namespace segfast::cpu

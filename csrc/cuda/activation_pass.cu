@@ -14,8 +14,8 @@ namespace {
 using at::Tensor;
 
 template <Activation A, typename scalar_t>
-__global__ void bias_activation_kernel(scalar_t* z, const scalar_t* bias, scalar_t* out, int64_t n,
-                                       int64_t channels, int64_t inner, at::opmath_type<scalar_t> slope) {
+__global__ void bias_activation_kernel(scalar_t* z, const scalar_t* bias, scalar_t* out, int64_t n, int64_t channels,
+                                       int64_t inner, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, n) {
     acc_t v = static_cast<acc_t>(z[i]);
@@ -31,8 +31,7 @@ __global__ void bias_activation_kernel(scalar_t* z, const scalar_t* bias, scalar
 template <Activation A, typename scalar_t>
 __global__ void activation_backward_planes_kernel(const scalar_t* grad, const scalar_t* saved, scalar_t* grad_z,
                                                   int64_t channels, int64_t inner, int64_t chunks,
-                                                  at::opmath_type<scalar_t> slope,
-                                                  at::opmath_type<scalar_t>* partial) {
+                                                  at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int64_t chunk_len = (inner + chunks - 1) / chunks;

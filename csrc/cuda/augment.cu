@@ -22,16 +22,16 @@ struct Strides4 {
 };
 
 template <typename scalar_t, typename mask_t>
-__global__ void affine_augment_kernel(const scalar_t* image, const mask_t* mask, const double* theta,
-                                      scalar_t* out, mask_t* out_mask, int64_t batch, int64_t channels,
-                                      int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, Strides4 is,
-                                      Strides4 os, Strides4 ms, mask_t ignore) {
+__global__ void affine_augment_kernel(const scalar_t* image, const mask_t* mask, const double* theta, scalar_t* out,
+                                      mask_t* out_mask, int64_t batch, int64_t channels, int64_t in_h, int64_t in_w,
+                                      int64_t out_h, int64_t out_w, Strides4 is, Strides4 os, Strides4 ms,
+                                      mask_t ignore) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, batch * out_h * out_w) {
     const int64_t n = i / (out_h * out_w), oy = i / out_w % out_h, ox = i % out_w;
     const double* t = theta + 6 * n;
-    const AffineSample sample{t[0], t[1], t[2], t[3], t[4], t[5], double(in_h), double(in_w), double(out_h),
-                              double(out_w)};
+    const AffineSample sample{t[0], t[1],         t[2],         t[3],          t[4],
+                              t[5], double(in_h), double(in_w), double(out_h), double(out_w)};
     double x, y;
     sample.source(static_cast<double>(ox), static_cast<double>(oy), x, y);
     const auto taps = bilinear_taps<acc_t>(x, y, in_w, in_h, is.s2, is.s3);
@@ -74,6 +74,8 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) { m.impl("affine_augment", &affine_augment_cuda); }
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+  m.impl("affine_augment", &affine_augment_cuda);
+}
 
 }  // namespace segfast

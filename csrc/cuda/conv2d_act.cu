@@ -31,10 +31,9 @@ int64_t channel_inner(const Tensor& t, MemoryFormat format) {
   return format == MemoryFormat::ChannelsLast ? 1 : t.size(2) * t.size(3);
 }
 
-std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& weight,
-                                           const std::optional<Tensor>& bias, IntArrayRef stride,
-                                           IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                                           c10::string_view activation, double negative_slope) {
+std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                                           IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                           int64_t groups, c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
@@ -71,8 +70,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cuda(const Tensor& grad_o
   Tensor grad_z = g, grad_bias;
   if (act != Activation::None) {
     const Tensor s = saved.contiguous(format);
-    TORCH_CHECK_VALUE(s.sizes() == g.sizes(), "conv2d_act_backward: saved ", s.sizes(), " and grad_output ",
-                      g.sizes(), " differ");
+    TORCH_CHECK_VALUE(s.sizes() == g.sizes(), "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(),
+                      " differ");
     grad_z = at::empty_like(g);
     grad_bias = cuda::activation_backward(g, s, grad_z, out_channels, channel_inner(g, format), act, negative_slope);
   }

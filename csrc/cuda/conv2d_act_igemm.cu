@@ -39,7 +39,7 @@ struct TensorCoreType<c10::BFloat16> {
 };
 
 constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kThreadsPerBlock = 128;
-constexpr int kSkew = 8;  // row padding of the shared tiles: fewer bank conflicts, rows stay 16-byte aligned
+constexpr int kSkew = 8;    // row padding of the shared tiles: fewer bank conflicts, rows stay 16-byte aligned
 constexpr int kVector = 8;  // 16-bit elements per 16-byte load
 
 struct Shape {
@@ -52,8 +52,8 @@ struct Shape {
 template <Activation A, typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     igemm_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
-                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, scalar_t* __restrict__ preact,
-                 Shape s, float slope) {
+                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, scalar_t* __restrict__ preact, Shape s,
+                 float slope) {
   namespace wmma = nvcuda::wmma;
   using T = typename TensorCoreType<scalar_t>::type;
   __shared__ __align__(32) T a_tile[kTileM][kTileK + kSkew];  // (pixel, k)
@@ -114,7 +114,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-bool aligned(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+bool aligned(const Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
 
 // Shapes where a GPU benchmark showed this kernel faster than cuDNN, each row with its
 // measurement. Empty until a GPU session has run benchmarks/gpu_session.sh: no shape is chosen by
@@ -135,10 +137,10 @@ bool eligible(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
               at::IntArrayRef dilation, int64_t groups, at::MemoryFormat format) {
   const auto dtype = input.scalar_type();
   const int64_t k = weight.size(2);
-  return (dtype == at::kHalf || dtype == at::kBFloat16) && format == at::MemoryFormat::ChannelsLast &&
-         groups == 1 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 &&
-         (k == 1 || k == 3) && weight.size(3) == k && padding[0] <= k / 2 && padding[1] <= k / 2 &&
-         input.size(1) % kTileK == 0 && input.size(2) + 2 * padding[0] >= k && input.size(3) + 2 * padding[1] >= k;
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && format == at::MemoryFormat::ChannelsLast && groups == 1 &&
+         stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 && (k == 1 || k == 3) &&
+         weight.size(3) == k && padding[0] <= k / 2 && padding[1] <= k / 2 && input.size(1) % kTileK == 0 &&
+         input.size(2) + 2 * padding[0] >= k && input.size(3) + 2 * padding[1] >= k;
 }
 
 bool chosen(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -164,10 +166,17 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input_, const Tensor& weight_, 
   const Tensor weight = dense_aligned(weight_);  // (C_out, kH, kW, C_in) in memory
   const bool has_bias = bias && bias->defined();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
-  const Shape s{input.size(0),  input.size(2),  input.size(3),  input.size(1),
+  const Shape s{input.size(0),
+                input.size(2),
+                input.size(3),
+                input.size(1),
                 input.size(2) + 2 * padding[0] - weight.size(2) + 1,
                 input.size(3) + 2 * padding[1] - weight.size(3) + 1,
-                weight.size(0), weight.size(2), weight.size(3), padding[0], padding[1]};
+                weight.size(0),
+                weight.size(2),
+                weight.size(3),
+                padding[0],
+                padding[1]};
   const auto options = input.options().memory_format(at::MemoryFormat::ChannelsLast);
   Tensor out = at::empty({s.batch, s.out_c, s.out_h, s.out_w}, options);
   Tensor preact = keep_preact ? at::empty({s.batch, s.out_c, s.out_h, s.out_w}, options) : Tensor();

@@ -34,8 +34,8 @@ using at::Tensor;
 template <typename acc_t>
 struct Problem {
   int64_t batch, classes, pixels;
-  int64_t batch_stride, class_stride, pixel_stride;        // logits (and probability targets)
-  int64_t target_batch_stride, target_pixel_stride;        // class-index targets
+  int64_t batch_stride, class_stride, pixel_stride;  // logits (and probability targets)
+  int64_t target_batch_stride, target_pixel_stride;  // class-index targets
   int64_t ignore_index;
   acc_t smoothing;
 
@@ -87,8 +87,8 @@ template <typename scalar_t, typename target_t, bool kProb>
 __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
                                      const at::opmath_type<scalar_t>* weight, Problem<at::opmath_type<scalar_t>> p,
                                      at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
-                                     at::opmath_type<scalar_t>* partial_loss,
-                                     at::opmath_type<scalar_t>* partial_weight, unsigned long long* bad_pixel) {
+                                     at::opmath_type<scalar_t>* partial_loss, at::opmath_type<scalar_t>* partial_weight,
+                                     unsigned long long* bad_pixel) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t loss = 0, pixel_weight = 0;
@@ -103,8 +103,8 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
       const int64_t cls = static_cast<int64_t>(target[p.target_offset(i)]);
       const bool valid = cls >= 0 && cls < p.classes;
       if (cls != p.ignore_index && !valid) cuda::flag_bad_pixel(bad_pixel, i);
-      const PixelSums<acc_t> s = pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p,
-                                                   p.smoothing != 0);
+      const PixelSums<acc_t> s =
+          pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p, p.smoothing != 0);
       lse_out[i] = s.lse;
       if (cls != p.ignore_index && valid) {
         const acc_t wt = class_weight(weight, cls), eps = p.smoothing;
@@ -193,8 +193,8 @@ Inputs prepare(const Tensor& input, const Tensor& target, const std::optional<Te
   }
   Tensor w;
   if (weight && weight->defined()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == input.size(1), "weight: expected shape (",
-                      input.size(1), ",), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == input.size(1), "weight: expected shape (", input.size(1),
+                      ",), got ", weight->sizes());
     w = weight->to(at::toOpMathType(input.scalar_type())).contiguous();
   }
   return {logits, t, w, prob};
@@ -204,8 +204,15 @@ template <typename acc_t>
 Problem<acc_t> problem_of(const Inputs& in, int64_t ignore_index, double label_smoothing) {
   const Tensor& x = in.logits;
   const bool index_target = !in.prob;
-  return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2),
-          index_target ? in.target.stride(0) : 0, index_target ? in.target.stride(1) : 0, ignore_index,
+  return {x.size(0),
+          x.size(1),
+          x.size(2),
+          x.stride(0),
+          x.stride(1),
+          x.stride(2),
+          index_target ? in.target.stride(0) : 0,
+          index_target ? in.target.stride(1) : 0,
+          ignore_index,
           static_cast<acc_t>(label_smoothing)};
 }
 
@@ -213,20 +220,24 @@ Problem<acc_t> problem_of(const Inputs& in, int64_t ignore_index, double label_s
 template <typename scalar_t, typename F>
 void dispatch_target(const Inputs& in, F&& f) {
   switch (in.target.scalar_type()) {
-    case at::kLong: return f(int64_t{}, std::false_type{});
-    case at::kInt: return f(int32_t{}, std::false_type{});
-    case at::kByte: return f(uint8_t{}, std::false_type{});
+    case at::kLong:
+      return f(int64_t{}, std::false_type{});
+    case at::kInt:
+      return f(int32_t{}, std::false_type{});
+    case at::kByte:
+      return f(uint8_t{}, std::false_type{});
     default:
-      TORCH_CHECK_VALUE(in.prob, "cross_entropy: target must be int64, int32 or uint8 class indices, or "
-                                 "probabilities of the input's dtype; got ", in.target.scalar_type());
+      TORCH_CHECK_VALUE(in.prob,
+                        "cross_entropy: target must be int64, int32 or uint8 class indices, or "
+                        "probabilities of the input's dtype; got ",
+                        in.target.scalar_type());
       return f(scalar_t{}, std::true_type{});
   }
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const Tensor& target_,
-                                                      const std::optional<Tensor>& weight,
-                                                      c10::string_view reduction_, int64_t ignore_index,
-                                                      double label_smoothing) {
+                                                      const std::optional<Tensor>& weight, c10::string_view reduction_,
+                                                      int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
   const Inputs in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
@@ -250,8 +261,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
             in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
             kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
             loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
-            partial_p == nullptr ? nullptr : partial_p + blocks,
-            bad_pixel.flag());
+            partial_p == nullptr ? nullptr : partial_p + blocks, bad_pixel.flag());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

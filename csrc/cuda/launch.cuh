@@ -11,7 +11,9 @@ namespace segfast::cuda {
 
 constexpr int kThreads = 256;
 
-inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline cudaStream_t stream() {
+  return c10::cuda::getCurrentCUDAStream();
+}
 
 // Blocks for a grid-stride loop over n elements: enough to fill the GPU, never more than needed.
 inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
@@ -20,7 +22,7 @@ inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
 }
 
 // Grid-stride loop index, 64-bit so that tensors past 2^31 elements work.
-#define SEGFAST_CUDA_KERNEL_LOOP(i, n)                                                                \
+#define SEGFAST_CUDA_KERNEL_LOOP(i, n)                                                   \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 

@@ -119,6 +119,8 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) { m.impl("confusion_matrix", &confusion_matrix_cuda); }
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+  m.impl("confusion_matrix", &confusion_matrix_cuda);
+}
 
 }  // namespace segfast

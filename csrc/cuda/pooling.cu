@@ -44,14 +44,20 @@ struct Layout {
   }
 };
 
-SEGFAST_HOST_DEVICE Layout input_layout(const Pool2d& p) { return {p.channels, p.h.in, p.w.in, p.channels_last}; }
-SEGFAST_HOST_DEVICE Layout output_layout(const Pool2d& p) { return {p.channels, p.h.out, p.w.out, p.channels_last}; }
+SEGFAST_HOST_DEVICE Layout input_layout(const Pool2d& p) {
+  return {p.channels, p.h.in, p.w.in, p.channels_last};
+}
+SEGFAST_HOST_DEVICE Layout output_layout(const Pool2d& p) {
+  return {p.channels, p.h.out, p.w.out, p.channels_last};
+}
 
 at::MemoryFormat format_of(const Pool2d& p) {
   return p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-bool is_channels_last(const Tensor& t) { return memory_format(t) == at::MemoryFormat::ChannelsLast; }
+bool is_channels_last(const Tensor& t) {
+  return memory_format(t) == at::MemoryFormat::ChannelsLast;
+}
 
 Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) {
   return at::empty({p.batch, p.channels, p.h.out, p.w.out}, input.options().dtype(dtype), format_of(p));
@@ -105,8 +111,8 @@ __global__ void max_pool_kernel(const scalar_t* in, scalar_t* out, index_t* argm
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void max_pool_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in,
-                                         Pool2d p, int64_t count) {
+__global__ void max_pool_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in, Pool2d p,
+                                         int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout il = input_layout(p), ol = output_layout(p);
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
@@ -219,8 +225,8 @@ __global__ void avg_pool_backward_kernel(const scalar_t* grad_out, scalar_t* gra
 Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                        bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Pool2d p = make_avg_pool(input_.sizes(), is_channels_last(input_), kernel, stride, padding, ceil_mode,
-                                 divisor_override);
+  const Pool2d p =
+      make_avg_pool(input_.sizes(), is_channels_last(input_), kernel, stride, padding, ceil_mode, divisor_override);
   const Tensor input = input_.contiguous(format_of(p));
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   Tensor out = empty_pooled(input, p, input.scalar_type());
@@ -234,12 +240,12 @@ Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef str
   return out;
 }
 
-Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel,
-                                IntArrayRef stride, IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel, IntArrayRef stride,
+                                IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                 std::optional<int64_t> divisor_override) {
   const c10::cuda::CUDAGuard guard(grad_out_.device());
-  const Pool2d p = make_avg_pool(input_size, is_channels_last(grad_out_), kernel, stride, padding, ceil_mode,
-                                 divisor_override);
+  const Pool2d p =
+      make_avg_pool(input_size, is_channels_last(grad_out_), kernel, stride, padding, ceil_mode, divisor_override);
   const Tensor grad_out = grad_out_.contiguous(format_of(p));
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};

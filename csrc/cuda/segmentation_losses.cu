@@ -43,10 +43,9 @@ struct Geometry {
 };
 
 Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
-  return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2), t.stride(0), t.stride(1),
-          ignore_index};
+  return {x.size(0),   x.size(1),   x.size(2),   x.stride(0), x.stride(1),
+          x.stride(2), t.stride(0), t.stride(1), ignore_index};
 }
-
 
 // ----------------------------------------------------------------------------------------- Dice
 
@@ -178,8 +177,8 @@ Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, c
 
 template <typename scalar_t, typename target_t>
 __global__ void focal_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma, Geometry g,
-                             at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
-                             at::opmath_type<scalar_t>* partial, unsigned long long* bad) {
+                             at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out, at::opmath_type<scalar_t>* partial,
+                             unsigned long long* bad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t loss = 0, counted = 0;
@@ -217,10 +216,11 @@ __global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, cons
     const int64_t cls = g.class_at(t, n, s, nullptr);
     acc_t scale = cls < 0 ? acc_t(0) : (per_pixel ? grad_loss[i] : grad_loss[0]);
     if (mean_divisor != nullptr) scale /= *mean_divisor;
-    const acc_t a = cls < 0 ? acc_t(0)
-                            : focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse[i],
-                                                 static_cast<acc_t>(alpha != nullptr ? alpha[cls] : 1.0),
-                                                 static_cast<acc_t>(gamma)).a;
+    const acc_t a =
+        cls < 0 ? acc_t(0)
+                : focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse[i],
+                                     static_cast<acc_t>(alpha != nullptr ? alpha[cls] : 1.0), static_cast<acc_t>(gamma))
+                      .a;
     for (int64_t c = 0; c < g.classes; ++c) {
       const acc_t p = exp(static_cast<acc_t>(x[at + c * g.class_stride]) - lse[i]);
       grad[at + c * g.class_stride] = static_cast<scalar_t>(scale * a * ((c == cls ? acc_t(1) : acc_t(0)) - p));

@@ -5,6 +5,7 @@ for augmentation, time and memory, side by side in one run.
 >>> rows, env = bench.run(["ops"], bench.Settings(quick=True), reps=5)
 >>> print(bench.report.markdown(rows))
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,8 +18,14 @@ from torch.utils.flop_counter import flop_registry
 
 from segfast.bench import augment, models, ops, report
 from segfast.bench.cases import Case, Settings
-from segfast.bench.measure import (MachineLimits, environment, measure_limits, peak_memory_bytes, time_side_by_side,
-                                   timed_call)
+from segfast.bench.measure import (
+    MachineLimits,
+    environment,
+    measure_limits,
+    peak_memory_bytes,
+    time_side_by_side,
+    timed_call,
+)
 
 SUITES = {"ops": ops, "models": models, "augment": augment}
 __all__ = ["SUITES", "Row", "Settings", "report", "run"]
@@ -27,6 +34,7 @@ __all__ = ["SUITES", "Row", "Settings", "report", "run"]
 @dataclass
 class Row:
     """One provider on one case: every number a result file keeps."""
+
     suite: str
     name: str
     shape: str
@@ -70,8 +78,9 @@ class Progress:
             return
         filled = int(30 * self.done / max(self.total, 1))
         elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.0f} s  "
-                         f"{self.label[:60]:<60}")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.0f} s  {self.label[:60]:<60}"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -116,8 +125,9 @@ def _flops(case: Case, fn) -> float:
     return float(counter.total)
 
 
-def run(suites: list[str], settings: Settings, reps: int, only: dict[str, list[str]] | None = None,
-        progress: bool = True) -> tuple[list[Row], dict]:
+def run(
+    suites: list[str], settings: Settings, reps: int, only: dict[str, list[str]] | None = None, progress: bool = True
+) -> tuple[list[Row], dict]:
     """Runs the named suites and returns one Row per (case, provider) and the environment (with the
     machine's measured bandwidth and GEMM rate, from which each row's floor is computed)."""
     torch._dynamo.config.recompile_limit = 64  # one compiled stock function serves several shapes and modes
@@ -138,10 +148,29 @@ def run(suites: list[str], settings: Settings, reps: int, only: dict[str, list[s
         note = "; ".join(filter(None, [case.note, *notes]))
         for name, timing in timings.items():
             saved = case.saved_bytes[name]() if name in case.saved_bytes else None
-            rows.append(Row(case.suite, case.name, case.shape, case.step, settings.dtype, settings.layout,
-                            settings.device, name, case.baseline, case.items, timing.median_ms, timing.p25_ms,
-                            timing.p75_ms, first_call_ms[name], case.items / timing.median_ms * 1e3, floor, saved,
-                            peak_memory_bytes(providers[name], settings.device), note))
+            rows.append(
+                Row(
+                    case.suite,
+                    case.name,
+                    case.shape,
+                    case.step,
+                    settings.dtype,
+                    settings.layout,
+                    settings.device,
+                    name,
+                    case.baseline,
+                    case.items,
+                    timing.median_ms,
+                    timing.p25_ms,
+                    timing.p75_ms,
+                    first_call_ms[name],
+                    case.items / timing.median_ms * 1e3,
+                    floor,
+                    saved,
+                    peak_memory_bytes(providers[name], settings.device),
+                    note,
+                )
+            )
     bar.close()
     env = environment(settings.device) | {"settings": asdict(settings), "reps": reps, "limits": asdict(limits)}
     return rows, env

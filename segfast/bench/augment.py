@@ -1,6 +1,7 @@
 """The ``augment`` suite: joint image + mask affine augmentation of a batch, segfast's one-pass op
 vs the stock ways of doing the same: per sample (what a Dataset does) and batched with
 ``F.affine_grid`` + ``F.grid_sample``, and torchvision.transforms.v2 per sample where installed."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,9 +37,16 @@ def _torchvision_per_sample(images, masks, params):
         for i in range(len(images)):
             angle, scale = float(params.angle[i]), float(params.scale[i])
             shift = [float(params.translate[i, 0]) * images.shape[-1], float(params.translate[i, 1]) * images.shape[-2]]
-            TF.affine(tv_tensors.Image(images[i]), angle=angle, translate=shift, scale=scale, shear=[0.0],
-                      interpolation=TF.InterpolationMode.BILINEAR)
+            TF.affine(
+                tv_tensors.Image(images[i]),
+                angle=angle,
+                translate=shift,
+                scale=scale,
+                shear=[0.0],
+                interpolation=TF.InterpolationMode.BILINEAR,
+            )
             TF.affine(tv_tensors.Mask(masks[i]), angle=angle, translate=shift, scale=scale, shear=[0.0], fill=255)
+
     return run
 
 
@@ -47,17 +55,30 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=g).to(settings.device, settings.torch_dtype)
     images = images.contiguous(memory_format=settings.memory_format)
-    for mask_dtype in (only or ["int64", "uint8"]):
+    for mask_dtype in only or ["int64", "uint8"]:
         masks = torch.randint(0, 21, (batch, size, size), generator=g).to(settings.device, getattr(torch, mask_dtype))
         params = RandomAffine(rotate=30, flip=0.5, scale=(0.5, 2.0), translate=0.1).sample(batch, (size, size), g)
         theta = params.theta.to(settings.device)
         providers = {
-            PER_SAMPLE: lambda: [stock_augment(images[i:i + 1], masks[i:i + 1], theta[i:i + 1]) for i in range(batch)],
-            "batched grid_sample": lambda: stock_augment(images, masks, theta),
-            SEGFAST: lambda: segfast.ops.affine_augment(images, masks, theta),
+            # masks and theta bound now: the cases are generated before they run
+            PER_SAMPLE: lambda masks=masks, theta=theta: [
+                stock_augment(images[i : i + 1], masks[i : i + 1], theta[i : i + 1]) for i in range(batch)
+            ],
+            "batched grid_sample": lambda masks=masks, theta=theta: stock_augment(images, masks, theta),
+            SEGFAST: lambda masks=masks, theta=theta: segfast.ops.affine_augment(images, masks, theta),
         }
         torchvision = _torchvision_per_sample(images, masks, params)
         if torchvision is not None:
             providers["torchvision v2"] = torchvision
-        yield Case(SUITE, "affine_augment", f"{batch}x3x{size}x{size} + {mask_dtype} mask", "fwd", providers, batch,
-                   settings, baseline=PER_SAMPLE, bytes_moved=2 * nbytes(images, masks), flops=0.0)
+        yield Case(
+            SUITE,
+            "affine_augment",
+            f"{batch}x3x{size}x{size} + {mask_dtype} mask",
+            "fwd",
+            providers,
+            batch,
+            settings,
+            baseline=PER_SAMPLE,
+            bytes_moved=2 * nbytes(images, masks),
+            flops=0.0,
+        )

@@ -1,4 +1,5 @@
 """What a benchmark row compares: one computation at one shape, run by several providers."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

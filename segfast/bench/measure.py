@@ -1,4 +1,5 @@
 """How ``segfast bench`` measures: interleaved timing, memory, and this machine's limits."""
+
 from __future__ import annotations
 
 import ctypes
@@ -35,9 +36,11 @@ class Timing:
 
 def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run under ``torch.no_grad()`` (the inference forward)."""
+
     def run():
         with torch.no_grad():
             return fn()
+
     return run
 
 
@@ -46,8 +49,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
-                      device: str = "cpu", progress: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+def time_side_by_side(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 2,
+    device: str = "cpu",
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, Timing]:
     """Times each callable ``reps`` times, interleaved (A B C, B C A, ...: they share the machine's
     drift, and no provider always follows the same one), after ``warmup`` calls each. CUDA calls
     are timed with events on the current stream."""
@@ -57,7 +65,7 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: i
     names = list(fns)
     samples: dict[str, list] = {name: [] for name in fns}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             if device == "cuda":
                 start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start_event.record()
@@ -155,6 +163,7 @@ def output_floor(fn: Callable[[], object]) -> Callable[[], object]:
 @dataclass
 class MachineLimits:
     """Measured here, by the suite: the rates a kernel cannot beat."""
+
     bandwidth_gb_s: float  # copy of a 256 MiB buffer (read + write)
     gemm_gflop_s: float  # float32 matmul, 2048^3
     conv_gflop_s: float  # float32 3x3 convolution 8x64x64x64 -> 64 (oneDNN / cuDNN)
@@ -183,8 +192,11 @@ def measure_limits(device: str) -> MachineLimits:
     with torch.no_grad():
         conv_ms = best_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1))
     conv_flops = 2 * 8 * 64 * 64 * 64 * 64 * 9
-    return MachineLimits(bandwidth_gb_s=2 * source.nbytes / copy_ms / 1e6, gemm_gflop_s=2 * n**3 / gemm_ms / 1e6,
-                         conv_gflop_s=conv_flops / conv_ms / 1e6)
+    return MachineLimits(
+        bandwidth_gb_s=2 * source.nbytes / copy_ms / 1e6,
+        gemm_gflop_s=2 * n**3 / gemm_ms / 1e6,
+        conv_gflop_s=conv_flops / conv_ms / 1e6,
+    )
 
 
 def environment(device: str) -> dict[str, object]:
@@ -193,8 +205,13 @@ def environment(device: str) -> dict[str, object]:
 
     commit = ""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except OSError:
         pass
     cpu, flags = platform.processor(), []

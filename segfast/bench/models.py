@@ -4,6 +4,7 @@ step) and inference, stock layers vs segfast's, each eager and under torch.compi
 Inference compares what each side deploys: the stock model in eval mode (compiled with inductor's
 ``freezing``, which folds BatchNorm into the convolutions and constant weights), and segfast's model
 after ``segfast.fold_batchnorm``."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ def _train_step(model: torch.nn.Module, loss_fn, images, masks):
         loss.backward()
         optimizer.step()
         return loss.detach()
+
     return step
 
 
@@ -53,6 +55,7 @@ def _inference(model: torch.nn.Module, images):
     def run():
         with torch.no_grad():
             return model(images)
+
     return run
 
 
@@ -70,16 +73,39 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
         losses = {EAGER: F.cross_entropy, SEGFAST: segfast.ops.cross_entropy}
         if settings.compile:
             compiled_stock, compiled_ours = _pair(name, settings)
-            models = {EAGER: stock, COMPILE: torch.compile(compiled_stock), SEGFAST: ours,
-                      SEGFAST_COMPILE: torch.compile(compiled_ours)}
+            models = {
+                EAGER: stock,
+                COMPILE: torch.compile(compiled_stock),
+                SEGFAST: ours,
+                SEGFAST_COMPILE: torch.compile(compiled_ours),
+            }
             losses |= {COMPILE: F.cross_entropy, SEGFAST_COMPILE: segfast.ops.cross_entropy}
-        yield Case(SUITE, name, shape, "train step",
-                   {k: _train_step(m, losses[k], images, masks) for k, m in models.items()}, batch, settings)
+        yield Case(
+            SUITE,
+            name,
+            shape,
+            "train step",
+            {k: _train_step(m, losses[k], images, masks) for k, m in models.items()},
+            batch,
+            settings,
+        )
 
         stock, ours = (m.eval() for m in _pair(name, settings))
         deployed = {EAGER: stock, SEGFAST: segfast.fold_batchnorm(ours)}
         if settings.compile:
-            deployed = {EAGER: stock, COMPILE: torch.compile(stock, options={"freezing": True}),
-                        SEGFAST: deployed[SEGFAST], SEGFAST_COMPILE: torch.compile(deployed[SEGFAST])}
-        yield Case(SUITE, name, shape, "inference", {k: _inference(m, images) for k, m in deployed.items()}, batch,
-                   settings, note="segfast: fold_batchnorm; compile: inductor freezing")
+            deployed = {
+                EAGER: stock,
+                COMPILE: torch.compile(stock, options={"freezing": True}),
+                SEGFAST: deployed[SEGFAST],
+                SEGFAST_COMPILE: torch.compile(deployed[SEGFAST]),
+            }
+        yield Case(
+            SUITE,
+            name,
+            shape,
+            "inference",
+            {k: _inference(m, images) for k, m in deployed.items()},
+            batch,
+            settings,
+            note="segfast: fold_batchnorm; compile: inductor freezing",
+        )

@@ -1,5 +1,6 @@
 """The ``ops`` suite: every segfast op vs its stock PyTorch counterpart, forward (under no_grad) and
 forward + backward, with eager, torch.compile(stock), segfast and torch.compile(segfast)."""
+
 from __future__ import annotations
 
 import os
@@ -21,25 +22,55 @@ def _providers(settings: Settings, stock: Callable, ours: Callable) -> dict[str,
     """eager and segfast, and with settings.compile each under torch.compile(fullgraph=True)."""
     if not settings.compile:
         return {EAGER: stock, SEGFAST: ours}
-    return {EAGER: stock, COMPILE: torch.compile(stock, fullgraph=True), SEGFAST: ours,
-            SEGFAST_COMPILE: torch.compile(ours, fullgraph=True)}
+    return {
+        EAGER: stock,
+        COMPILE: torch.compile(stock, fullgraph=True),
+        SEGFAST: ours,
+        SEGFAST_COMPILE: torch.compile(ours, fullgraph=True),
+    }
 
 
-def _pair_cases(settings: Settings, name: str, shape: str, stock: Callable, ours: Callable, inputs: list[torch.Tensor],
-                wrt: list[torch.Tensor], grad: torch.Tensor | None, items: int, fwd_bytes: int, bwd_bytes: int,
-                extra: dict[str, Callable] | None = None) -> Iterator[Case]:
+def _pair_cases(
+    settings: Settings,
+    name: str,
+    shape: str,
+    stock: Callable,
+    ours: Callable,
+    inputs: list[torch.Tensor],
+    wrt: list[torch.Tensor],
+    grad: torch.Tensor | None,
+    items: int,
+    fwd_bytes: int,
+    bwd_bytes: int,
+    extra: dict[str, Callable] | None = None,
+) -> Iterator[Case]:
     """The forward and forward + backward cases of ``stock(*inputs)`` vs ``ours(*inputs)`` (and
     ``extra`` providers, e.g. another segfast mode): the gradient is taken with respect to ``wrt``,
     ``grad`` is the output's gradient (None for a scalar loss)."""
     impls = _providers(settings, stock, ours) | (extra or {})
-    yield Case(SUITE, name, shape, "fwd", {k: no_grad(lambda f=f: f(*inputs)) for k, f in impls.items()}, items,
-               settings, bytes_moved=fwd_bytes)
+    yield Case(
+        SUITE,
+        name,
+        shape,
+        "fwd",
+        {k: no_grad(lambda f=f: f(*inputs)) for k, f in impls.items()},
+        items,
+        settings,
+        bytes_moved=fwd_bytes,
+    )
     if not wrt:
         return
-    yield Case(SUITE, name, shape, "fwd+bwd",
-               {k: lambda f=f: torch.autograd.grad(f(*inputs), wrt, grad) for k, f in impls.items()}, items, settings,
-               bytes_moved=fwd_bytes + bwd_bytes,
-               saved_bytes={k: lambda f=f: saved_tensor_bytes(lambda: f(*inputs), inputs) for k, f in impls.items()})
+    yield Case(
+        SUITE,
+        name,
+        shape,
+        "fwd+bwd",
+        {k: lambda f=f: torch.autograd.grad(f(*inputs), wrt, grad) for k, f in impls.items()},
+        items,
+        settings,
+        bytes_moved=fwd_bytes + bwd_bytes,
+        saved_bytes={k: lambda f=f: saved_tensor_bytes(lambda: f(*inputs), inputs) for k, f in impls.items()},
+    )
 
 
 def _image(settings: Settings, *shape: int, requires_grad: bool = True) -> torch.Tensor:
@@ -53,10 +84,20 @@ def cross_entropy(settings: Settings) -> Iterator[Case]:
     for n, c, h, w in shapes:
         logits = _image(settings, n, c, h, w)
         target = torch.randint(0, c, (n, h, w), device=settings.device)
-        yield from _pair_cases(settings, "cross_entropy", f"{n}x{c}x{h}x{w}", F.cross_entropy,
-                               segfast.ops.cross_entropy, [logits, target], [logits], None, n,
-                               fwd_bytes=nbytes(logits, target), bwd_bytes=nbytes(logits, logits, target),
-                               extra={"segfast grad-in-fwd": _cross_entropy_grad_in_forward})
+        yield from _pair_cases(
+            settings,
+            "cross_entropy",
+            f"{n}x{c}x{h}x{w}",
+            F.cross_entropy,
+            segfast.ops.cross_entropy,
+            [logits, target],
+            [logits],
+            None,
+            n,
+            fwd_bytes=nbytes(logits, target),
+            bwd_bytes=nbytes(logits, logits, target),
+            extra={"segfast grad-in-fwd": _cross_entropy_grad_in_forward},
+        )
 
 
 def _cross_entropy_grad_in_forward(logits, target):
@@ -68,17 +109,31 @@ def pooling(settings: Settings) -> Iterator[Case]:
     for op in ("max_pool2d", "avg_pool2d"):
         x = _image(settings, n, c, h, w)
         grad = torch.randn(n, c, h // 2, w // 2, device=settings.device, dtype=x.dtype).to(
-            memory_format=settings.memory_format)
+            memory_format=settings.memory_format
+        )
         stock, ours = getattr(F, op), getattr(segfast.ops, op)
-        yield from _pair_cases(settings, f"{op} 2x2", f"{n}x{c}x{h}x{w}", lambda x, f=stock: f(x, 2),
-                               lambda x, f=ours: f(x, 2), [x], [x], grad, n,
-                               fwd_bytes=nbytes(x, grad), bwd_bytes=nbytes(grad, x))
+        yield from _pair_cases(
+            settings,
+            f"{op} 2x2",
+            f"{n}x{c}x{h}x{w}",
+            lambda x, f=stock: f(x, 2),
+            lambda x, f=ours: f(x, 2),
+            [x],
+            [x],
+            grad,
+            n,
+            fwd_bytes=nbytes(x, grad),
+            bwd_bytes=nbytes(grad, x),
+        )
 
 
 def conv2d_act(settings: Settings) -> Iterator[Case]:
     # (batch, in, out, size, input needs grad): a middle U-Net layer and the first layer of a network
-    shapes = [(4, 32, 32, 64, True), (4, 3, 16, 128, False)] if settings.quick else \
-        [(8, 64, 64, 128, True), (8, 3, 32, 256, False)]
+    shapes = (
+        [(4, 32, 32, 64, True), (4, 3, 16, 128, False)]
+        if settings.quick
+        else [(8, 64, 64, 128, True), (8, 3, 32, 256, False)]
+    )
     for n, cin, cout, size, input_grad in shapes:
         torch.manual_seed(0)
         stock = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
@@ -88,11 +143,23 @@ def conv2d_act(settings: Settings) -> Iterator[Case]:
             m.to(settings.device, settings.torch_dtype, memory_format=settings.memory_format)
         x = _image(settings, n, cin, size, size, requires_grad=input_grad)
         grad = torch.randn(n, cout, size, size, device=settings.device, dtype=x.dtype).to(
-            memory_format=settings.memory_format)
+            memory_format=settings.memory_format
+        )
         params = [*stock.parameters(), *ours.parameters()]
         # stock and ours hold separate weights: gradients are taken w.r.t. each one's own
-        yield from _module_cases(settings, "conv2d_act relu 3x3", f"{n}x{cin}x{size}x{size} -> {cout}", stock, ours,
-                                 x, input_grad, grad, params, n, fwd_bytes=nbytes(x, grad))
+        yield from _module_cases(
+            settings,
+            "conv2d_act relu 3x3",
+            f"{n}x{cin}x{size}x{size} -> {cout}",
+            stock,
+            ours,
+            x,
+            input_grad,
+            grad,
+            params,
+            n,
+            fwd_bytes=nbytes(x, grad),
+        )
 
 
 def linear_act(settings: Settings) -> Iterator[Case]:
@@ -108,12 +175,24 @@ def linear_act(settings: Settings) -> Iterator[Case]:
         x = torch.randn(rows, fan_in, device=settings.device, dtype=settings.torch_dtype, requires_grad=True)
         grad = torch.randn(rows, fan_out, device=settings.device, dtype=x.dtype)
         params = [*stock.parameters(), *ours.parameters()]
-        yield from _module_cases(settings, "linear_act relu", f"{rows}x{fan_in} -> {fan_out}", stock, ours, x, True,
-                                 grad, params, rows, fwd_bytes=nbytes(x, grad))
+        yield from _module_cases(
+            settings,
+            "linear_act relu",
+            f"{rows}x{fan_in} -> {fan_out}",
+            stock,
+            ours,
+            x,
+            True,
+            grad,
+            params,
+            rows,
+            fwd_bytes=nbytes(x, grad),
+        )
 
 
-def _module_cases(settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, params, items,
-                  fwd_bytes) -> Iterator[Case]:
+def _module_cases(
+    settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, params, items, fwd_bytes
+) -> Iterator[Case]:
     impls = _providers(settings, stock, ours)
     owner = {EAGER: stock, COMPILE: stock, SEGFAST: ours, SEGFAST_COMPILE: ours, IGEMM: ours}
     if settings.device == "cuda" and isinstance(ours, segfast.nn.Conv2dAct):
@@ -123,15 +202,32 @@ def _module_cases(settings, name, shape, stock: nn.Module, ours: nn.Module, x, i
         wrt = ([x] if input_grad else []) + list(owner[key].parameters())
         return lambda: torch.autograd.grad(impls[key](x), wrt, grad)
 
-    yield Case(SUITE, name, shape, "fwd", {k: no_grad(lambda m=m: m(x)) for k, m in impls.items()}, items, settings,
-               bytes_moved=fwd_bytes)
-    yield Case(SUITE, name, shape, "fwd+bwd", {k: fwd_bwd(k) for k in impls}, items, settings,
-               bytes_moved=2 * fwd_bytes + (nbytes(x) if input_grad else 0),
-               saved_bytes={k: lambda m=m: saved_tensor_bytes(lambda: m(x), [x, *params]) for k, m in impls.items()})
+    yield Case(
+        SUITE,
+        name,
+        shape,
+        "fwd",
+        {k: no_grad(lambda m=m: m(x)) for k, m in impls.items()},
+        items,
+        settings,
+        bytes_moved=fwd_bytes,
+    )
+    yield Case(
+        SUITE,
+        name,
+        shape,
+        "fwd+bwd",
+        {k: fwd_bwd(k) for k in impls},
+        items,
+        settings,
+        bytes_moved=2 * fwd_bytes + (nbytes(x) if input_grad else 0),
+        saved_bytes={k: lambda m=m: saved_tensor_bytes(lambda: m(x), [x, *params]) for k, m in impls.items()},
+    )
 
 
 def _with_env(name: str, value: str, fn: Callable) -> Callable:
     """``fn`` called with environment variable ``name`` set (segfast reads the igemm opt-in per call)."""
+
     def run(*args):
         old = os.environ.get(name)
         os.environ[name] = value
@@ -142,6 +238,7 @@ def _with_env(name: str, value: str, fn: Callable) -> Callable:
                 del os.environ[name]
             else:
                 os.environ[name] = old
+
     return run
 
 
@@ -149,12 +246,32 @@ def segmentation_losses(settings: Settings) -> Iterator[Case]:
     n, c, h, w = (4, 21, 128, 128) if settings.quick else (8, 21, 256, 256)
     logits = _image(settings, n, c, h, w)
     target = torch.randint(0, c, (n, h, w), device=settings.device)
-    yield from _pair_cases(settings, "dice_loss", f"{n}x{c}x{h}x{w}", _stock_dice, segfast.ops.dice_loss,
-                           [logits, target], [logits], None, n, fwd_bytes=nbytes(logits, target),
-                           bwd_bytes=nbytes(logits, logits, target))
-    yield from _pair_cases(settings, "focal_loss", f"{n}x{c}x{h}x{w}", _stock_focal, segfast.ops.focal_loss,
-                           [logits, target], [logits], None, n, fwd_bytes=nbytes(logits, target),
-                           bwd_bytes=nbytes(logits, logits, target))
+    yield from _pair_cases(
+        settings,
+        "dice_loss",
+        f"{n}x{c}x{h}x{w}",
+        _stock_dice,
+        segfast.ops.dice_loss,
+        [logits, target],
+        [logits],
+        None,
+        n,
+        fwd_bytes=nbytes(logits, target),
+        bwd_bytes=nbytes(logits, logits, target),
+    )
+    yield from _pair_cases(
+        settings,
+        "focal_loss",
+        f"{n}x{c}x{h}x{w}",
+        _stock_focal,
+        segfast.ops.focal_loss,
+        [logits, target],
+        [logits],
+        None,
+        n,
+        fwd_bytes=nbytes(logits, target),
+        bwd_bytes=nbytes(logits, logits, target),
+    )
 
 
 def _stock_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -169,7 +286,7 @@ def _stock_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5
 
 def _stock_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
-    return (-(1 - log_p.exp()) ** gamma * log_p).mean()
+    return (-((1 - log_p.exp()) ** gamma) * log_p).mean()
 
 
 def confusion_matrix(settings: Settings) -> Iterator[Case]:
@@ -180,13 +297,29 @@ def confusion_matrix(settings: Settings) -> Iterator[Case]:
     def stock(logits, target):
         return torch.bincount(target.flatten() * c + logits.argmax(1).flatten(), minlength=c * c).view(c, c)
 
-    yield from _pair_cases(settings, "confusion_matrix", f"{n}x{c}x{h}x{w}", stock,
-                           lambda x, t: segfast.ops.confusion_matrix(x, t, c), [logits, target], [], None, n,
-                           fwd_bytes=nbytes(logits, target), bwd_bytes=0)
+    yield from _pair_cases(
+        settings,
+        "confusion_matrix",
+        f"{n}x{c}x{h}x{w}",
+        stock,
+        lambda x, t: segfast.ops.confusion_matrix(x, t, c),
+        [logits, target],
+        [],
+        None,
+        n,
+        fwd_bytes=nbytes(logits, target),
+        bwd_bytes=0,
+    )
 
 
-FAMILIES = {"cross_entropy": cross_entropy, "pooling": pooling, "conv2d_act": conv2d_act, "linear_act": linear_act,
-            "segmentation_losses": segmentation_losses, "confusion_matrix": confusion_matrix}
+FAMILIES = {
+    "cross_entropy": cross_entropy,
+    "pooling": pooling,
+    "conv2d_act": conv2d_act,
+    "linear_act": linear_act,
+    "segmentation_losses": segmentation_losses,
+    "confusion_matrix": confusion_matrix,
+}
 
 
 def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:

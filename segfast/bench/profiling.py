@@ -1,4 +1,5 @@
 """Seeing what ops allocate: every tensor returned in fresh memory, op by op."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ class FreshOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in inputs:
                 self.outputs.append((str(func), t.shape, t.stride(), t.dtype))

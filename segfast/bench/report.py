@@ -1,5 +1,6 @@
 """Results of ``segfast bench`` as a Markdown table, a JSON file, PNG charts, and a comparison
 of two result files."""
+
 from __future__ import annotations
 
 import json
@@ -43,26 +44,42 @@ def markdown(rows: Iterable) -> str:
         others = [p for p in providers if p != baseline]
         memory = "saved for bwd MiB" if any(r["saved_bytes"] is not None for r in group) else "peak MiB"
         compiled = [p for p in providers if "compile" in p]
-        header = (["case", "shape", "step"] + [f"{p} ms" for p in providers] + [f"{p} vs {baseline}" for p in others]
-                  + [f"{SEGFAST} img/s", "floor ms", "floor / segfast", f"{memory}: " + " / ".join(providers)]
-                  + (["compile s: " + " / ".join(compiled)] if compiled else []))
-        out += [f"\n**{suite}** ({device}, {dtype}, {layout})\n", "| " + " | ".join(header) + " |",
-                "|" + "---|" * len(header)]
+        header = (
+            ["case", "shape", "step"]
+            + [f"{p} ms" for p in providers]
+            + [f"{p} vs {baseline}" for p in others]
+            + [f"{SEGFAST} img/s", "floor ms", "floor / segfast", f"{memory}: " + " / ".join(providers)]
+            + (["compile s: " + " / ".join(compiled)] if compiled else [])
+        )
+        out += [
+            f"\n**{suite}** ({device}, {dtype}, {layout})\n",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for (_, name, shape, step, *_), by in _by_case(group).items():
             base = by.get(baseline)
             mine = by.get(SEGFAST)
             cells = [name, shape, step]
-            cells += [f"{by[p]['median_ms']:.2f} ±{(by[p]['p75_ms'] - by[p]['p25_ms']) / 2:.2f}" if p in by else "-"
-                      for p in providers]
+            cells += [
+                f"{by[p]['median_ms']:.2f} ±{(by[p]['p75_ms'] - by[p]['p25_ms']) / 2:.2f}" if p in by else "-"
+                for p in providers
+            ]
             cells += [f"{base['median_ms'] / by[p]['median_ms']:.2f}x" if base and p in by else "-" for p in others]
             floor = (base or mine or {}).get("floor_ms")
-            cells += [f"{mine['images_per_s']:.0f}" if mine else "-", f"{floor:.2f}" if floor else "-",
-                      f"{floor / mine['median_ms']:.0%}" if floor and mine else "-"]
+            cells += [
+                f"{mine['images_per_s']:.0f}" if mine else "-",
+                f"{floor:.2f}" if floor else "-",
+                f"{floor / mine['median_ms']:.0%}" if floor and mine else "-",
+            ]
             key = "saved_bytes" if memory.startswith("saved") else "peak_bytes"
             cells.append(" / ".join(_mib(by[p][key]) if p in by else "-" for p in providers))
             if compiled:
-                cells.append(" / ".join(f"{(by[p]['first_call_ms'] - by[p]['median_ms']) / 1e3:.1f}" if p in by
-                                        else "-" for p in compiled))
+                cells.append(
+                    " / ".join(
+                        f"{(by[p]['first_call_ms'] - by[p]['median_ms']) / 1e3:.1f}" if p in by else "-"
+                        for p in compiled
+                    )
+                )
             out.append("| " + " | ".join(cells) + " |")
         notes = sorted({r["note"] for r in group if r["note"]})
         out += [f"\nnote: {n}" for n in notes]
@@ -71,10 +88,12 @@ def markdown(rows: Iterable) -> str:
 
 def environment_line(env: dict) -> str:
     limits = env.get("limits", {})
-    return (f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, segfast {env['segfast']} "
-            f"({env['segfast_commit'] or 'no git'}), {env['date']}; measured here: "
-            f"{limits.get('bandwidth_gb_s', 0):.1f} GB/s copy, float32 {limits.get('gemm_gflop_s', 0):.0f} GFLOP/s "
-            f"GEMM and {limits.get('conv_gflop_s', 0):.0f} GFLOP/s 3x3 convolution")
+    return (
+        f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, segfast {env['segfast']} "
+        f"({env['segfast_commit'] or 'no git'}), {env['date']}; measured here: "
+        f"{limits.get('bandwidth_gb_s', 0):.1f} GB/s copy, float32 {limits.get('gemm_gflop_s', 0):.0f} GFLOP/s "
+        f"GEMM and {limits.get('conv_gflop_s', 0):.0f} GFLOP/s 3x3 convolution"
+    )
 
 
 def write_json(path: Path, rows: Iterable, env: dict) -> None:
@@ -94,6 +113,7 @@ def charts(rows: Iterable, out_dir: Path, stem: str) -> list[Path]:
     ``stem``-memory.png (memory per case and provider). Needs matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
@@ -138,17 +158,23 @@ def compare(before: Path, after: Path) -> str:
     rows_a, env_a = read_json(before)
     rows_b, env_b = read_json(after)
     index_b = {tuple(r[k] for k in CASE_KEY) + (r["provider"],): r for r in rows_b}
-    lines = [f"A: {before} ({env_a.get('segfast_commit') or '?'}, {env_a.get('date')})",
-             f"B: {after} ({env_b.get('segfast_commit') or '?'}, {env_b.get('date')})", "",
-             "| suite | case | shape | step | provider | A ms | B ms | B / A |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"A: {before} ({env_a.get('segfast_commit') or '?'}, {env_a.get('date')})",
+        f"B: {after} ({env_b.get('segfast_commit') or '?'}, {env_b.get('date')})",
+        "",
+        "| suite | case | shape | step | provider | A ms | B ms | B / A |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     matched = 0
     for row in rows_a:
         other = index_b.get(tuple(row[k] for k in CASE_KEY) + (row["provider"],))
         if other is None:
             continue
         matched += 1
-        lines.append(f"| {row['suite']} | {row['name']} | {row['shape']} | {row['step']} | {row['provider']} | "
-                     f"{row['median_ms']:.2f} | {other['median_ms']:.2f} | {other['median_ms'] / row['median_ms']:.2f} |")
+        lines.append(
+            f"| {row['suite']} | {row['name']} | {row['shape']} | {row['step']} | {row['provider']} | "
+            f"{row['median_ms']:.2f} | {other['median_ms']:.2f} | {other['median_ms'] / row['median_ms']:.2f} |"
+        )
     if not matched:
         raise ValueError(f"{before} and {after} have no (case, provider) in common")
     return "\n".join(lines)

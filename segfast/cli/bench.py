@@ -1,4 +1,5 @@
 """``segfast bench``: run the benchmark suites, or compare two result files (parser: cli/main.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,9 @@ def run(args) -> int:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
     only = _only(args.only, suites, bench.SUITES)
     suites = [s for s in suites if s in only] if only else suites
-    settings = bench.Settings(device=args.device, dtype=args.dtype, layout=args.layout, quick=args.quick,
-                              compile=not args.no_compile)
+    settings = bench.Settings(
+        device=args.device, dtype=args.dtype, layout=args.layout, quick=args.quick, compile=not args.no_compile
+    )
     reps = args.reps or (5 if args.quick else 15)
     rows, env = bench.run(suites, settings, reps, only)
     if not rows:
@@ -50,7 +52,9 @@ def _only(spec: str, suites: list[str], known: dict) -> dict[str, list[str]]:
     for name in filter(None, spec.split(",")):
         owners = [s for s in suites if name in names[s]]
         if not owners:
-            raise ValueError(f"--only: {name!r} is in none of the suites {', '.join(suites)} "
-                             f"(known: {', '.join(n for s in suites for n in names[s])})")
+            raise ValueError(
+                f"--only: {name!r} is in none of the suites {', '.join(suites)} "
+                f"(known: {', '.join(n for s in suites for n in names[s])})"
+            )
         only.setdefault(owners[0], []).append(name)
     return only

@@ -6,6 +6,7 @@ of a step are functions of (seed, epoch) and (seed, rank, step) alone (``EpochOr
 ``step_generator``), so nothing but counters has to be saved for them; the model, optimizer, schedule,
 GradScaler and the global RNG are saved as state.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,6 +32,7 @@ PAUSE_MID_WRITE_ENV = "SEGFAST_TEST_PAUSE_MID_WRITE"
 class Position:
     """Where a run stands: the epoch in progress (1-based), the training steps done in it, the steps
     done in all, the epoch's running mean train loss, and the best validation score so far."""
+
     epoch: int = 1
     step: int = 0
     global_step: int = 0
@@ -68,8 +70,8 @@ class EpochOrder(Sampler):
         else:
             order = torch.arange(self.size)
         padded = -(-self.size // self.world) * self.world
-        order = torch.cat([order, order[:padded - self.size]]) if padded > self.size else order
-        return iter(order[self.rank::self.world][self.skip:].tolist())
+        order = torch.cat([order, order[: padded - self.size]]) if padded > self.size else order
+        return iter(order[self.rank :: self.world][self.skip :].tolist())
 
     def __len__(self) -> int:
         return -(-self.size // self.world) - self.skip
@@ -126,11 +128,11 @@ class Checkpoints:
         written = Path(name)
         try:
             with os.fdopen(fd, "wb") as file:
-                file.write(data[:len(data) // 2])
+                file.write(data[: len(data) // 2])
                 if os.environ.get(PAUSE_MID_WRITE_ENV) == str(position.global_step):
                     print(f"checkpoint: half written to {written}", file=sys.stderr, flush=True)
                     time.sleep(60)
-                file.write(data[len(data) // 2:])
+                file.write(data[len(data) // 2 :])
                 file.flush()
                 os.fsync(file.fileno())
             _replace(written, self.step_path(position.global_step))
@@ -145,7 +147,7 @@ class Checkpoints:
     def _prune(self) -> None:
         pattern = re.compile(re.escape(self.out.stem) + r"-step(\d{8})" + re.escape(self.out.suffix) + "$")
         steps = sorted(p for p in self.out.parent.iterdir() if pattern.match(p.name))
-        for old in steps[:-self.keep]:
+        for old in steps[: -self.keep]:
             old.unlink(missing_ok=True)
 
 
@@ -158,8 +160,10 @@ def load(path: Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a cut-short or foreign file
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path} is not a complete checkpoint: it cannot be read ({reason}); a file cut short "
-                         "by a kill or a full disk reads like this") from None
+        raise ValueError(
+            f"{path} is not a complete checkpoint: it cannot be read ({reason}); a file cut short "
+            "by a kill or a full disk reads like this"
+        ) from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a segfast checkpoint: it holds no model config and weights")
     return checkpoint
@@ -172,8 +176,10 @@ def load_for_resume(path: Path, config: dict) -> tuple[Path, dict]:
     if not path.is_dir():
         checkpoint = load(path)
         if checkpoint.get("kind") != KIND or "position" not in checkpoint:
-            raise ValueError(f"{path} cannot be resumed: it was written without a run's state (by an older "
-                             "segfast, or by something else)")
+            raise ValueError(
+                f"{path} cannot be resumed: it was written without a run's state (by an older "
+                "segfast, or by something else)"
+            )
         _check_same_run(checkpoint, config, path)
         return path, checkpoint
     newest, seen = None, set()
@@ -187,9 +193,14 @@ def load_for_resume(path: Path, config: dict) -> tuple[Path, dict]:
         except ValueError as error:
             print(f"segfast train: passing over {error}", file=sys.stderr)
             continue
-        if newest is None or checkpoint["position"]["global_step"] > newest[1]["position"]["global_step"] or (
+        if (
+            newest is None
+            or checkpoint["position"]["global_step"] > newest[1]["position"]["global_step"]
+            or (
                 checkpoint["position"]["global_step"] == newest[1]["position"]["global_step"]
-                and checkpoint["position"]["epoch_done"]):
+                and checkpoint["position"]["epoch_done"]
+            )
+        ):
             newest = candidate_path, checkpoint
     if newest is None:
         raise ValueError(f"--resume {path}: the directory holds no complete segfast checkpoint (*.pt) of this run")
@@ -202,5 +213,8 @@ def _check_same_run(checkpoint: dict, config: dict, path: Path) -> None:
     different = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
     if different:
         listed = ", ".join(f"{k}={theirs.get(k)}" for k in different)
-        raise ValueError(f"--resume {path} is for another model or run ({listed}; this run has "
-                         + ", ".join(f"{k}={config.get(k)}" for k in different) + ")")
+        raise ValueError(
+            f"--resume {path} is for another model or run ({listed}; this run has "
+            + ", ".join(f"{k}={config.get(k)}" for k in different)
+            + ")"
+        )

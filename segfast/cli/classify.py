@@ -1,5 +1,6 @@
 """The classification task of ``segfast train`` / ``eval``: the textbook CNN on scikit-learn's digits,
 with the same checkpoints and ``--resume`` as segmentation (cli/checkpoint.py)."""
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,15 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> tuple[
 def run_train(args) -> int:
     if args.data not in DATASETS:
         raise ValueError(f"--task classify trains on {', '.join(DATASETS)}, not --data {args.data}")
-    config = {"task": "classify", "model": args.model, "in_channels": 1, "num_classes": 10,
-              "image_size": args.image_size, "data": args.data, "seed": args.seed}
+    config = {
+        "task": "classify",
+        "model": args.model,
+        "in_channels": 1,
+        "num_classes": 10,
+        "image_size": args.image_size,
+        "data": args.data,
+        "seed": args.seed,
+    }
     resumed_from, checkpoint = None, None
     if args.resume:
         resumed_from, checkpoint = checkpoints.load_for_resume(args.resume, config)
@@ -50,8 +58,11 @@ def run_train(args) -> int:
     test_loader = DataLoader(test_set, batch_size=256)
     model = MODELS[args.model](config["in_channels"], config["num_classes"], args.image_size, backend=args.backend)
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 0.05)
-    optimizer = (torch.optim.Adam(model.parameters(), lr=lr) if args.optimizer == "adam"
-                 else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if args.optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    )
     steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
     # cosine decay to 0 over the run: the last epochs settle instead of bouncing between minibatches
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
@@ -68,15 +79,27 @@ def run_train(args) -> int:
         improved = test is not None and (position.best is None or test[1] > position.best)
         if improved:
             position.best = test[1]
-        saver.save({"config": config, "backend": args.backend, "epoch": position.epoch,
-                    "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
-                    "test_loss": test[0] if test else None, "test_accuracy": test[1] if test else None},
-                   position, improved)
+        saver.save(
+            {
+                "config": config,
+                "backend": args.backend,
+                "epoch": position.epoch,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "test_loss": test[0] if test else None,
+                "test_accuracy": test[1] if test else None,
+            },
+            position,
+            improved,
+        )
 
-    print(f"training {args.model} ({args.backend} layers) on {args.data}: {len(train_set)} train / "
-          f"{len(test_set)} test images, {args.optimizer} lr={lr}, {torch.get_num_threads()} threads"
-          + (f"; resuming from {resumed_from} at epoch {position.epoch}, step {position.step}" if resumed_from else ""))
+    print(
+        f"training {args.model} ({args.backend} layers) on {args.data}: {len(train_set)} train / "
+        f"{len(test_set)} test images, {args.optimizer} lr={lr}, {torch.get_num_threads()} threads"
+        + (f"; resuming from {resumed_from} at epoch {position.epoch}, step {position.step}" if resumed_from else "")
+    )
     start, test = time.perf_counter(), None
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * args.batch_size)
@@ -95,8 +118,10 @@ def run_train(args) -> int:
             if args.save_every and position.global_step % args.save_every == 0 and position.step < steps_per_epoch:
                 save(None)
         test = evaluate(model, test_loader, loss_fn)
-        print(f"epoch {position.epoch:3d}  train loss {position.epoch_loss:.4f}  test loss {test[0]:.4f}  "
-              f"test accuracy {100 * test[1]:.2f}%  ({time.perf_counter() - start:.1f} s)")
+        print(
+            f"epoch {position.epoch:3d}  train loss {position.epoch_loss:.4f}  test loss {test[0]:.4f}  "
+            f"test accuracy {100 * test[1]:.2f}%  ({time.perf_counter() - start:.1f} s)"
+        )
         position.epoch_done = True
         save(test)
         position = checkpoints.Position(epoch=position.epoch + 1, global_step=position.global_step, best=position.best)
@@ -113,6 +138,8 @@ def run_eval(args) -> int:
     model.load_state_dict(checkpoint["state_dict"])
     test_set = DATASETS[config["data"]]("test", image_size=config["image_size"], seed=config["seed"])
     test_loss, accuracy = evaluate(model, DataLoader(test_set, batch_size=256), _loss(backend))
-    print(f"{args.checkpoint} on {backend} layers: test loss {test_loss:.4f}, test accuracy {100 * accuracy:.2f}% "
-          f"({len(test_set)} {config['data']} test images)")
+    print(
+        f"{args.checkpoint} on {backend} layers: test loss {test_loss:.4f}, test accuracy {100 * accuracy:.2f}% "
+        f"({len(test_set)} {config['data']} test images)"
+    )
     return 0

@@ -1,6 +1,7 @@
 """``segfast info`` (how this segfast was built), ``segfast train`` / ``eval`` / ``predict`` / ``export``,
 ``segfast bench``. Every parser is here; each task's commands live in their own module
 (``cli/segment.py``, ``cli/classify.py``, ``cli/bench.py``), checkpoints in ``cli/checkpoint.py``."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,10 @@ from pathlib import Path
 
 # per task: defaults of the arguments the two tasks share
 TASK_DEFAULTS = {
-    "classify": dict(model="simple-cnn", epochs=30, batch_size=32, optimizer="adam", image_size=28,
-                     out="runs/simple-cnn-digits.pt"),
-    "segment": dict(model="unet", epochs=20, batch_size=16, optimizer="adam", image_size=64,
-                    out="runs/unet-digits.pt"),
+    "classify": dict(
+        model="simple-cnn", epochs=30, batch_size=32, optimizer="adam", image_size=28, out="runs/simple-cnn-digits.pt"
+    ),
+    "segment": dict(model="unet", epochs=20, batch_size=16, optimizer="adam", image_size=64, out="runs/unet-digits.pt"),
 }
 CLASSIFY_MODELS = ("simple-cnn",)
 SEGMENT_MODELS = ("unet", "fcn8s", "fcn16s", "fcn32s")
@@ -32,8 +33,13 @@ def _info(args) -> int:
         "CUDA kernels": "yes (" + ", ".join(info["cuda_archs"]) + ")" if info["cuda"] else "no",
         "OpenMP": "yes" if info["openmp"] else "no",
         "threads": f"{info['num_threads']} (at::parallel_for uses {info['parallel_for_threads']})",
-        "ops": ", ".join(sorted(n for n in dir(torch.ops.segfast) if not n.startswith("_")
-                                and not n.endswith("_backward") and n not in ("name", "dispatch"))),
+        "ops": ", ".join(
+            sorted(
+                n
+                for n in dir(torch.ops.segfast)
+                if not n.startswith("_") and not n.endswith("_backward") and n not in ("name", "dispatch")
+            )
+        ),
     }
     width = max(map(len, rows))
     for key, value in rows.items():
@@ -56,8 +62,10 @@ def _train(args) -> int:
         raise ValueError(f"--keep must be at least 1, got {args.keep}")
     if task == "classify":
         from segfast.cli import classify
+
         return classify.run_train(args)
     from segfast.cli import segment
+
     return segment.run_train(args)
 
 
@@ -70,31 +78,39 @@ def _eval(args) -> int:
 
 def _predict(args) -> int:
     from segfast.cli import segment
+
     return segment.run_predict(args)
 
 
 def _export(args) -> int:
     from segfast.cli import segment
+
     return segment.run_export(args)
 
 
 def _bench(args) -> int:
     from segfast.cli import bench
+
     return bench.run(args)
 
 
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a model, writing checkpoints as it goes")
-    train.add_argument("--task", choices=sorted(TASK_DEFAULTS), default=None,
-                       help="default: segment for unet/fcn*, classify for simple-cnn")
+    train.add_argument(
+        "--task",
+        choices=sorted(TASK_DEFAULTS),
+        default=None,
+        help="default: segment for unet/fcn*, classify for simple-cnn",
+    )
     train.add_argument("--model", choices=CLASSIFY_MODELS + SEGMENT_MODELS, default=None)
     train.add_argument("--data", choices=["digits", "folder"], default="digits")
     train.add_argument("--backend", choices=["segfast", "torch"], default="segfast")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None, help="global batch (split over DDP processes)")
     train.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
-    train.add_argument("--lr", type=float, default=None,
-                       help="default: adam 1e-3 (classify) / 3e-3 (segment), sgd 0.05")
+    train.add_argument(
+        "--lr", type=float, default=None, help="default: adam 1e-3 (classify) / 3e-3 (segment), sgd 0.05"
+    )
     train.add_argument("--momentum", type=float, default=0.9, help="sgd")
     train.add_argument("--nesterov", action="store_true", help="sgd")
     train.add_argument("--weight-decay", type=float, default=0.0)
@@ -105,21 +121,39 @@ def _add_train(sub) -> None:
     train.add_argument("--no-shuffle", action="store_true", help="fixed batch order (tests)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     saving = train.add_argument_group("checkpoints")
-    saving.add_argument("--out", type=Path, default=None,
-                        help="the newest checkpoint, replaced atomically at every save; the K newest also stay "
-                             "as OUT-stepNNNNNNNN.pt beside it and the best by validation as OUT-best.pt")
-    saving.add_argument("--save-every", type=int, default=None, metavar="N",
-                        help="also save every N training steps (default: at epoch ends only)")
+    saving.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the newest checkpoint, replaced atomically at every save; the K newest also stay "
+        "as OUT-stepNNNNNNNN.pt beside it and the best by validation as OUT-best.pt",
+    )
+    saving.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also save every N training steps (default: at epoch ends only)",
+    )
     saving.add_argument("--keep", type=int, default=2, metavar="K", help="step checkpoints kept (default 2)")
-    saving.add_argument("--resume", type=Path, default=None, metavar="PATH",
-                        help="continue the run saved in this checkpoint, or in the newest complete checkpoint "
-                             "of this directory, exactly where it stopped (mid-epoch included)")
+    saving.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="continue the run saved in this checkpoint, or in the newest complete checkpoint "
+        "of this directory, exactly where it stopped (mid-epoch included)",
+    )
     seg = train.add_argument_group("segmentation")
     seg.add_argument("--base-width", type=int, default=16)
     seg.add_argument("--depth", type=int, default=3, help="unet: number of poolings")
     seg.add_argument("--norm", choices=["batch", "none"], default="batch")
-    seg.add_argument("--loss", choices=["ce", "dice", "focal", "dice-ce"], default="ce",
-                     help="cross-entropy, soft Dice, focal (gamma 2), or Dice + cross-entropy")
+    seg.add_argument(
+        "--loss",
+        choices=["ce", "dice", "focal", "dice-ce"],
+        default="ce",
+        help="cross-entropy, soft Dice, focal (gamma 2), or Dice + cross-entropy",
+    )
     seg.add_argument("--ignore-index", type=int, default=255)
     seg.add_argument("--class-weights", type=float, nargs="+", default=None)
     seg.add_argument("--images-dir", type=Path, help="--data folder: images (png/jpg)")
@@ -127,9 +161,13 @@ def _add_train(sub) -> None:
     seg.add_argument("--num-classes", type=int, help="--data folder")
     seg.add_argument("--in-channels", type=int, default=3, help="--data folder: 1 (gray) or 3 (RGB)")
     seg.add_argument("--val-fraction", type=float, default=0.15, help="--data folder")
-    seg.add_argument("--augment", default=None, metavar="SPEC",
-                     help="joint image+mask augmentation on the training device, e.g. "
-                          "rotate=30,flip=0.5,vflip=0,scale=0.5:2,translate=0.1,crop=48")
+    seg.add_argument(
+        "--augment",
+        default=None,
+        metavar="SPEC",
+        help="joint image+mask augmentation on the training device, e.g. "
+        "rotate=30,flip=0.5,vflip=0,scale=0.5:2,translate=0.1,crop=48",
+    )
     seg.add_argument("--device", default="cpu")
     seg.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     seg.add_argument("--channels-last", action="store_true")
@@ -140,8 +178,12 @@ def _add_train(sub) -> None:
 def _add_eval_predict_export(sub) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
-    evaluate.add_argument("--backend", choices=["segfast", "torch"], default=None,
-                          help="run the checkpoint on this backend (default: the one it was trained with)")
+    evaluate.add_argument(
+        "--backend",
+        choices=["segfast", "torch"],
+        default=None,
+        help="run the checkpoint on this backend (default: the one it was trained with)",
+    )
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_eval)
     predict = sub.add_parser("predict", help="write the colour (palette) PNG mask a checkpoint predicts for an image")
@@ -168,14 +210,23 @@ BENCH_USAGE = """run the benchmark suites, or compare two result files:
 def _add_bench(sub) -> None:
     from segfast.bench.cases import DTYPES, LAYOUTS
 
-    p = sub.add_parser("bench", help="segfast vs stock PyTorch (eager, torch.compile): time and memory",
-                       description=BENCH_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="*", metavar="compare A.json B.json",
-                   help="compare two result files instead of running")
+    p = sub.add_parser(
+        "bench",
+        help="segfast vs stock PyTorch (eager, torch.compile): time and memory",
+        description=BENCH_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "action", nargs="*", metavar="compare A.json B.json", help="compare two result files instead of running"
+    )
     p.add_argument("--suite", default="ops,models,augment", help="comma-separated: ops, models, augment")
-    p.add_argument("--only", default="", help="comma-separated families/models within the suites, e.g. "
-                   "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-                   "segmentation_losses, confusion_matrix; models: unet, fcn; augment: int64, uint8)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated families/models within the suites, e.g. "
+        "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
+        "segmentation_losses, confusion_matrix; models: unet, fcn; augment: int64, uint8)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--layout", default="nchw", choices=list(LAYOUTS))

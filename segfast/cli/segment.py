@@ -1,6 +1,7 @@
 """Segmentation with ``segfast train`` / ``eval`` / ``predict``: U-Net and FCN on the digits canvases
 or the user's folders; SGD or Adam, poly or cosine schedules, per-epoch validation, checkpoints and
 ``--resume``, AMP, channels_last, torch.compile, and DistributedDataParallel under torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,25 @@ from segfast.metrics import SegmentationMetrics
 from segfast.models import FCN, UNet
 
 
-
 def build_model(config: dict, backend: str) -> nn.Module:
     name = config["model"]
     if name == "unet":
-        return UNet(config["in_channels"], config["num_classes"], base_width=config["base_width"],
-                    depth=config["depth"], norm=config["norm"], backend=backend)
-    return FCN(config["in_channels"], config["num_classes"], variant=name.removeprefix("fcn"),
-               base_width=config["base_width"], norm=config["norm"], backend=backend)
+        return UNet(
+            config["in_channels"],
+            config["num_classes"],
+            base_width=config["base_width"],
+            depth=config["depth"],
+            norm=config["norm"],
+            backend=backend,
+        )
+    return FCN(
+        config["in_channels"],
+        config["num_classes"],
+        variant=name.removeprefix("fcn"),
+        base_width=config["base_width"],
+        norm=config["norm"],
+        backend=backend,
+    )
 
 
 def datasets(config: dict, split: str):
@@ -62,8 +74,9 @@ def _loss(config: dict, backend: str, device) -> nn.Module:
 
 def _schedule(optimizer, name: str, total_steps: int):
     if name == "poly":  # the DeepLab schedule
-        return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                 lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9
+        )
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -72,8 +85,13 @@ def _schedule(optimizer, name: str, total_steps: int):
 def _optimizer(model: nn.Module, args):
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=args.lr or 3e-3, weight_decay=args.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=args.lr or 0.05, momentum=args.momentum, nesterov=args.nesterov,
-                           weight_decay=args.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=args.lr or 0.05,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+    )
 
 
 class Progress:
@@ -91,8 +109,13 @@ class Progress:
         if self.enabled:
             width, filled = 24, 24 * self.done // self.total
             rate = self.images / max(time.perf_counter() - self.start, 1e-9)
-            print(f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                  f"loss {self.loss:.4f} {rate:.1f} img/s", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"loss {self.loss:.4f} {rate:.1f} img/s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.enabled:
@@ -133,18 +156,28 @@ def _config_from(args) -> dict:
         raise ValueError("--data folder needs --images-dir, --masks-dir and --num-classes")
     digits = args.data == "digits"
     config = {
-        "task": "segment", "model": args.model, "data": args.data, "seed": args.seed,
+        "task": "segment",
+        "model": args.model,
+        "data": args.data,
+        "seed": args.seed,
         "in_channels": 1 if digits else args.in_channels,
         "num_classes": DigitsSegmentation.num_classes if digits else args.num_classes,
-        "image_size": args.image_size, "base_width": args.base_width, "depth": args.depth, "norm": args.norm,
-        "ignore_index": args.ignore_index, "class_weights": args.class_weights,
+        "image_size": args.image_size,
+        "base_width": args.base_width,
+        "depth": args.depth,
+        "norm": args.norm,
+        "ignore_index": args.ignore_index,
+        "class_weights": args.class_weights,
         "images_dir": str(args.images_dir) if args.images_dir else None,
-        "masks_dir": str(args.masks_dir) if args.masks_dir else None, "val_fraction": args.val_fraction,
-        "augment": args.augment, "loss": args.loss,
+        "masks_dir": str(args.masks_dir) if args.masks_dir else None,
+        "val_fraction": args.val_fraction,
+        "augment": args.augment,
+        "loss": args.loss,
     }
     if config["class_weights"] and len(config["class_weights"]) != config["num_classes"]:
-        raise ValueError(f"--class-weights has {len(config['class_weights'])} values for "
-                         f"{config['num_classes']} classes")
+        raise ValueError(
+            f"--class-weights has {len(config['class_weights'])} values for {config['num_classes']} classes"
+        )
     return config
 
 
@@ -153,8 +186,10 @@ def _load_state(model: nn.Module, checkpoint: dict, path) -> None:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path} holds weights for another model ({checkpoint['config'].get('model')}, "
-                         f"width {checkpoint['config'].get('base_width')}): {first}") from None
+        raise ValueError(
+            f"{path} holds weights for another model ({checkpoint['config'].get('model')}, "
+            f"width {checkpoint['config'].get('base_width')}): {first}"
+        ) from None
 
 
 def run_train(args) -> int:
@@ -171,8 +206,9 @@ def run_train(args) -> int:
     per_process = args.batch_size // world
     order = checkpoints.EpochOrder(len(train_set), not args.no_shuffle, args.seed, rank, world)
     # a generator of its own: the loader must not draw from the global RNG, which is saved as state
-    train_loader = DataLoader(train_set, batch_size=per_process, sampler=order, drop_last=True,
-                              generator=torch.Generator())
+    train_loader = DataLoader(
+        train_set, batch_size=per_process, sampler=order, drop_last=True, generator=torch.Generator()
+    )
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // world), sampler=val_sampler)
     model = build_model(config, args.backend).to(device)
@@ -202,35 +238,57 @@ def run_train(args) -> int:
             improved = result is not None and (position.best is None or result["miou"] > position.best)
             if improved:
                 position.best = result["miou"]
-            saver.save({"config": config, "backend": args.backend, "epoch": position.epoch,
-                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                        "rng": torch.get_rng_state(), "val": result, "args": _recorded(args)},
-                       position, improved)
+            saver.save(
+                {
+                    "config": config,
+                    "backend": args.backend,
+                    "epoch": position.epoch,
+                    "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "val": result,
+                    "args": _recorded(args),
+                },
+                position,
+                improved,
+            )
         if world > 1:
             dist.barrier()
 
     if main_process:
-        print(f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}"
-              f"{f', augment {args.augment}' if args.augment else ''}, loss {args.loss}) on "
-              f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
-              f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
-              f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads"
-              + (f"; resuming from {resumed_from} at epoch {position.epoch}, step {position.step}"
-                 if resumed_from else ""))
+        print(
+            f"training {args.model} ({args.backend} layers, width {args.base_width}, norm {args.norm}"
+            f"{f', augment {args.augment}' if args.augment else ''}, loss {args.loss}) on "
+            f"{args.data}: {len(train_set)} train / {len(val_set)} val images, {args.optimizer} lr "
+            f"{optimizer.param_groups[0]['lr']:g}, {args.schedule} schedule, batch {args.batch_size}"
+            f"{f' over {world} processes' if world > 1 else ''}, {device}, {torch.get_num_threads()} threads"
+            + (
+                f"; resuming from {resumed_from} at epoch {position.epoch}, step {position.step}"
+                if resumed_from
+                else ""
+            )
+        )
     start, result = time.perf_counter(), {}
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * per_process)
         step_model.train()
-        progress = Progress(steps_per_epoch, f"epoch {position.epoch}", main_process and not args.quiet,
-                            done=position.step, loss=position.epoch_loss)
+        progress = Progress(
+            steps_per_epoch,
+            f"epoch {position.epoch}",
+            main_process and not args.quiet,
+            done=position.step,
+            loss=position.epoch_loss,
+        )
         for images, masks in train_loader:
             if position.step == steps_per_epoch:
                 break
             images, masks = images.to(device), masks.to(device)
             if augment is not None:  # one pass over the batch, on the training device
-                images, masks, _ = augment(images, masks, checkpoints.step_generator(args.seed, rank,
-                                                                                     position.global_step))
+                images, masks, _ = augment(
+                    images, masks, checkpoints.step_generator(args.seed, rank, position.global_step)
+                )
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
@@ -241,16 +299,21 @@ def run_train(args) -> int:
             scaler.update()
             schedule.step()
             progress.update(loss.item(), len(images))
-            position.step, position.global_step, position.epoch_loss = (position.step + 1, position.global_step + 1,
-                                                                        progress.loss)
+            position.step, position.global_step, position.epoch_loss = (
+                position.step + 1,
+                position.global_step + 1,
+                progress.loss,
+            )
             if args.save_every and position.global_step % args.save_every == 0 and position.step < steps_per_epoch:
                 save(None)
         progress.close()
         result = evaluate(step_model, val_loader, config, device, args.amp, args.channels_last)
         if main_process:
-            print(f"epoch {position.epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
-                  f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)",
-                  flush=True)
+            print(
+                f"epoch {position.epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
+                f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
         position.epoch_done = True
         save(result)
         position = checkpoints.Position(epoch=position.epoch + 1, global_step=position.global_step, best=position.best)
@@ -282,10 +345,14 @@ def run_eval(args) -> int:
     split = "test" if config["data"] == "digits" else "val"
     data = datasets(config, split)
     result = evaluate(model, DataLoader(data, batch_size=64), config, device)
-    print(f"{args.checkpoint} ({config['model']}, epoch {checkpoint['epoch']}) on {len(data)} {config['data']} "
-          f"{split} images:")
-    print(f"  mIoU {result['miou']:.4f}  mean Dice {result['mean_dice']:.4f}  "
-          f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%")
+    print(
+        f"{args.checkpoint} ({config['model']}, epoch {checkpoint['epoch']}) on {len(data)} {config['data']} "
+        f"{split} images:"
+    )
+    print(
+        f"  mIoU {result['miou']:.4f}  mean Dice {result['mean_dice']:.4f}  "
+        f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%"
+    )
     print("  class  IoU     Dice")
     for c, (iou, dice) in enumerate(zip(result["iou"], result["dice"])):
         print(f"  {c:5d}  {iou:.4f}  {dice:.4f}")
@@ -305,8 +372,10 @@ def run_export(args) -> int:
     torch.export.save(program, args.out, extra_files={EXPORT_CONFIG: json.dumps({**config, "image_size": size})})
     with torch.no_grad():
         difference = (program.module()(example + 0.5) - model(example + 0.5)).abs().max().item()
-    print(f"wrote {args.out}: {config['model']} with BatchNorm folded, input (1, {config['in_channels']}, {size}, "
-          f"{size}); max |exported - checkpoint| on a test input: {difference:.2e}")
+    print(
+        f"wrote {args.out}: {config['model']} with BatchNorm folded, input (1, {config['in_channels']}, {size}, "
+        f"{size}); max |exported - checkpoint| on a test input: {difference:.2e}"
+    )
     return 0
 
 
@@ -329,11 +398,14 @@ def run_predict(args) -> int:
     model, config = _model_for_prediction(args.checkpoint, args.backend)
     image = read_image(args.image)
     if str(args.checkpoint).endswith(".pt2") and image.shape[1:] != (config["image_size"],) * 2:
-        raise ValueError(f"{args.checkpoint} was exported for {config['image_size']}x{config['image_size']} images, "
-                         f"{args.image} is {image.shape[2]}x{image.shape[1]}")
+        raise ValueError(
+            f"{args.checkpoint} was exported for {config['image_size']}x{config['image_size']} images, "
+            f"{args.image} is {image.shape[2]}x{image.shape[1]}"
+        )
     if image.shape[0] != config["in_channels"]:
-        image = image.mean(0, keepdim=True) if config["in_channels"] == 1 else image.expand(config["in_channels"],
-                                                                                           -1, -1)
+        image = (
+            image.mean(0, keepdim=True) if config["in_channels"] == 1 else image.expand(config["in_channels"], -1, -1)
+        )
     mask = model(image.unsqueeze(0)).argmax(1)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_mask_png(mask, args.out, config["num_classes"])

@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8x8 handwritten digits, upscaled, as a classification data set."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,7 @@ class DigitsClassification(TensorDataset):
         if split not in SPLITS:
             raise ValueError(f"DigitsClassification: split must be one of {', '.join(SPLITS)}, got {split!r}")
         images, labels = load_sklearn_digits()
-        images = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
-                               align_corners=False)
+        images = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         n_test = int(round(test_fraction * len(labels)))
         chosen = order[:n_test] if split == "test" else order[n_test:]

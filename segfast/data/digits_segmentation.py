@@ -1,4 +1,5 @@
 """A segmentation task with no download: canvases of scikit-learn's bundled 8x8 digits."""
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,15 @@ class DigitsSegmentation(TensorDataset):
 
     num_classes = 11
 
-    def __init__(self, split: str = "train", size: int = 64, count: int | None = None, seed: int = 0,
-                 digit_sizes: tuple[int, int] = (14, 28), digits_per_image: tuple[int, int] = (1, 3)):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 64,
+        count: int | None = None,
+        seed: int = 0,
+        digit_sizes: tuple[int, int] = (14, 28),
+        digits_per_image: tuple[int, int] = (1, 3),
+    ):
         if split not in SPLITS:
             raise ValueError(f"DigitsSegmentation: split must be one of {', '.join(SPLITS)}, got {split!r}")
         if not 8 <= digit_sizes[0] <= digit_sizes[1] <= size:
@@ -43,7 +51,7 @@ class DigitsSegmentation(TensorDataset):
         images, labels = load_sklearn_digits()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))  # the split is fixed
         bounds = {"train": (0, 0.7), "val": (0.7, 0.85), "test": (0.85, 1.0)}[split]
-        pool = order[int(bounds[0] * len(order)):int(bounds[1] * len(order))]
+        pool = order[int(bounds[0] * len(order)) : int(bounds[1] * len(order))]
         g = torch.Generator().manual_seed(seed * len(SPLITS) + SPLITS.index(split))
         canvas = torch.zeros(count, 1, size, size)
         mask = torch.zeros(count, size, size, dtype=torch.long)
@@ -59,8 +67,9 @@ class DigitsSegmentation(TensorDataset):
                     continue
                 boxes.append((y, x, side))
                 pick = pool[int(torch.randint(0, len(pool), (), generator=g))]
-                digit = F.interpolate(images[pick][None, None], size=(side, side), mode="bilinear",
-                                      align_corners=False)[0, 0].clamp(0, 1)
-                canvas[i, 0, y:y + side, x:x + side] = digit
-                mask[i, y:y + side, x:x + side][digit > 0.35] = labels[pick] + 1
+                digit = F.interpolate(
+                    images[pick][None, None], size=(side, side), mode="bilinear", align_corners=False
+                )[0, 0].clamp(0, 1)
+                canvas[i, 0, y : y + side, x : x + side] = digit
+                mask[i, y : y + side, x : x + side][digit > 0.35] = labels[pick] + 1
         super().__init__(canvas, mask)

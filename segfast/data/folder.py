@@ -1,4 +1,5 @@
 """The user's own images and index-PNG masks, matched by file stem."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,10 @@ class FolderDataset(Dataset):
             raise ValueError(f"FolderDataset: no .png/.jpg/.jpeg images in {self.images_dir}")
         missing = sorted(set(images) - set(masks))
         if missing:
-            raise ValueError(f"FolderDataset: no mask <stem>.png in {self.masks_dir} for {len(missing)} image(s), "
-                             f"e.g. {images[missing[0]].name}")
+            raise ValueError(
+                f"FolderDataset: no mask <stem>.png in {self.masks_dir} for {len(missing)} image(s), "
+                f"e.g. {images[missing[0]].name}"
+            )
         self.pairs = [(images[s], masks[s]) for s in sorted(images)]
         self.num_classes, self.ignore_index = num_classes, ignore_index
 
@@ -52,16 +55,20 @@ class FolderDataset(Dataset):
         image = read_image(image_path)
         with Image.open(mask_path) as m:
             if m.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(f"FolderDataset: {mask_path} must be an index (palette) or grayscale PNG, "
-                                 f"got mode {m.mode}")
+                raise ValueError(
+                    f"FolderDataset: {mask_path} must be an index (palette) or grayscale PNG, got mode {m.mode}"
+                )
             mask = torch.from_numpy(np.array(m, dtype=np.int64))
         if mask.shape != image.shape[1:]:
-            raise ValueError(f"FolderDataset: {mask_path} is {tuple(mask.shape)} but {image_path.name} is "
-                             f"{tuple(image.shape[1:])}")
+            raise ValueError(
+                f"FolderDataset: {mask_path} is {tuple(mask.shape)} but {image_path.name} is {tuple(image.shape[1:])}"
+            )
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
-            raise ValueError(f"FolderDataset: {mask_path} holds value {int(mask[bad][0])}, not a class in "
-                             f"[0, {self.num_classes}) nor ignore_index {self.ignore_index}")
+            raise ValueError(
+                f"FolderDataset: {mask_path} holds value {int(mask[bad][0])}, not a class in "
+                f"[0, {self.num_classes}) nor ignore_index {self.ignore_index}"
+            )
         return image, mask
 
 
@@ -96,4 +103,4 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
             b |= ((label >> 2) & 1) << shift
             label >>= 3
         colours.append((r, g, b))
-    return colours[:max(n, 256)]
+    return colours[: max(n, 256)]

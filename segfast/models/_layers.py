@@ -1,5 +1,6 @@
 """Layer factories shared by the models: the same parameter names on both backends, so a
 state_dict loads in either and ``backend="torch"`` is an exact A/B baseline."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -23,16 +24,25 @@ class ConvNormAct(nn.Module):
     BatchNorm the activation follows the norm, so it stays a separate module on both backends.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, norm: str = "batch",
-                 activation: str = "relu", backend: str = "segfast"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        norm: str = "batch",
+        activation: str = "relu",
+        backend: str = "segfast",
+    ):
         super().__init__()
         padding = kernel_size // 2
         fused = backend == "segfast" and norm == "none"
         if fused:
             self.conv = snn.Conv2dAct(in_channels, out_channels, kernel_size, padding=padding, activation=activation)
         elif backend == "segfast":
-            self.conv = snn.Conv2dAct(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none",
-                                      activation="none")
+            self.conv = snn.Conv2dAct(
+                in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none", activation="none"
+            )
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none")
         self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()

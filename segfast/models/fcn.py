@@ -1,4 +1,5 @@
 """FCN (Long, Shelhamer, Darrell 2015) on a VGG-style backbone, from segfast layers."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,16 @@ class FCN(nn.Module):
     Input (N, in_channels, H, W), any H, W >= 32; output logits (N, num_classes, H, W).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, variant: str = "8s", base_width: int = 64,
-                 convs_per_stage=(2, 2, 3, 3, 3), norm: str = "none", backend: str = "segfast"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        variant: str = "8s",
+        base_width: int = 64,
+        convs_per_stage=(2, 2, 3, 3, 3),
+        norm: str = "none",
+        backend: str = "segfast",
+    ):
         super().__init__()
         check_choice("FCN", "variant", variant, VARIANTS)
         check_choice("FCN", "backend", backend, BACKENDS)
@@ -39,8 +48,9 @@ class FCN(nn.Module):
         widths = [base_width * m for m in (1, 2, 4, 8, 8)]
         stages, channels = [], in_channels
         for width, convs in zip(widths, convs_per_stage):
-            stages.append(nn.Sequential(*(ConvNormAct(channels if i == 0 else width, width, **layer)
-                                          for i in range(convs))))
+            stages.append(
+                nn.Sequential(*(ConvNormAct(channels if i == 0 else width, width, **layer) for i in range(convs)))
+            )
             channels = width
         self.stages = nn.ModuleList(stages)
         self.pool = max_pool(backend)

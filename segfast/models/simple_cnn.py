@@ -1,4 +1,5 @@
 """The textbook CNN classifier: conv -> pool -> conv -> pool -> dense -> dense."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import segfast.nn as snn
-
 from segfast.models._layers import BACKENDS
 
 

@@ -1,4 +1,5 @@
 """U-Net (Ronneberger et al. 2015) from segfast layers."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ UPSAMPLES = ("transpose", "bilinear")
 
 class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, **layer):
-        super().__init__(ConvNormAct(in_channels, out_channels, **layer),
-                         ConvNormAct(out_channels, out_channels, **layer))
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, **layer), ConvNormAct(out_channels, out_channels, **layer)
+        )
 
 
 class Up(nn.Module):
@@ -56,8 +58,17 @@ class UNet(nn.Module):
     Input (N, in_channels, H, W) of any H, W >= 2**depth; output logits (N, num_classes, H, W).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, base_width: int = 64, depth: int = 4, norm: str = "batch",
-                 activation: str = "relu", upsample: str = "transpose", backend: str = "segfast"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        base_width: int = 64,
+        depth: int = 4,
+        norm: str = "batch",
+        activation: str = "relu",
+        upsample: str = "transpose",
+        backend: str = "segfast",
+    ):
         super().__init__()
         check_choice("UNet", "backend", backend, BACKENDS)
         check_choice("UNet", "norm", norm, NORMS)

@@ -3,6 +3,7 @@
 Each op family lives in its own module (schema in csrc/ops.cpp, kernels in
 csrc/<backend>/<family>.*, fake kernel + autograd here).
 """
+
 from torch.nn.functional import l1_loss
 
 from segfast.ops._activation import ACTIVATIONS
@@ -14,5 +15,16 @@ from segfast.ops.metrics import confusion_matrix
 from segfast.ops.pooling import avg_pool2d, max_pool2d
 from segfast.ops.segmentation_losses import dice_loss, focal_loss
 
-__all__ = ["ACTIVATIONS", "affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy",
-           "dice_loss", "focal_loss", "l1_loss", "linear_act", "max_pool2d"]
+__all__ = [
+    "ACTIVATIONS",
+    "affine_augment",
+    "avg_pool2d",
+    "confusion_matrix",
+    "conv2d_act",
+    "cross_entropy",
+    "dice_loss",
+    "focal_loss",
+    "l1_loss",
+    "linear_act",
+    "max_pool2d",
+]

@@ -1,4 +1,5 @@
 """What the fused op-plus-activation families (conv2d_act, linear_act) share on the Python side."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Argument checking shared by the segfast op faces: every error names the argument, what was
 expected and what came."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Joint image + mask affine augmentation in one pass (``torch.ops.segfast.affine_augment``)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,13 +12,18 @@ MASK_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 @torch.library.register_fake("segfast::affine_augment")
 def _affine_augment_fake(image, mask, theta, out_h, out_w, ignore_index):
-    out = torch.empty((image.shape[0], image.shape[1], out_h, out_w), dtype=image.dtype, device=image.device,
-                      memory_format=memory_format(image))
+    out = torch.empty(
+        (image.shape[0], image.shape[1], out_h, out_w),
+        dtype=image.dtype,
+        device=image.device,
+        memory_format=memory_format(image),
+    )
     return out, mask.new_empty((mask.shape[0], out_h, out_w))
 
 
-def affine_augment(image: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, size=None,
-                   ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_augment(
+    image: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, size=None, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Warps images and their masks with one affine map per sample, in one pass.
 
     Output pixel (x, y) maps back through ``theta`` exactly as ``F.affine_grid(theta, size,
@@ -43,11 +49,13 @@ def affine_augment(image: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor,
     check_tensor(_OP, "theta", theta, dims=(3,))
     n, _, h, w = image.shape
     if mask.shape != (n, h, w):
-        raise ValueError(f"{_OP}: mask must have shape {(n, h, w)} for image {tuple(image.shape)}, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{_OP}: mask must have shape {(n, h, w)} for image {tuple(image.shape)}, got {tuple(mask.shape)}"
+        )
     if theta.shape != (n, 2, 3) or not theta.is_floating_point():
-        raise ValueError(f"{_OP}: theta must be floating (N, 2, 3) = ({n}, 2, 3), got {theta.dtype} "
-                         f"{tuple(theta.shape)}")
+        raise ValueError(
+            f"{_OP}: theta must be floating (N, 2, 3) = ({n}, 2, 3), got {theta.dtype} {tuple(theta.shape)}"
+        )
     if mask.device != image.device:
         raise ValueError(f"{_OP}: mask is on {mask.device} but image is on {image.device}")
     if h == 0 or w == 0:

@@ -1,4 +1,5 @@
 """conv2d + bias + activation as one op (``torch.ops.segfast.conv2d_act``)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,19 +19,27 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope):
     n, _, h, w = input.shape
     out_channels, _, kh, kw = weight.shape
-    size = (n, out_channels, _output_size(h, kh, stride[0], padding[0], dilation[0]),
-            _output_size(w, kw, stride[1], padding[1], dilation[1]))
+    size = (
+        n,
+        out_channels,
+        _output_size(h, kh, stride[0], padding[0], dilation[0]),
+        _output_size(w, kw, stride[1], padding[1], dilation[1]),
+    )
     channels_last = torch.channels_last in (memory_format(input), memory_format(weight))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
-    preact = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt) \
-        if keeps_preact(activation, negative_slope) else input.new_empty(0)
+    preact = (
+        torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
+        if keeps_preact(activation, negative_slope)
+        else input.new_empty(0)
+    )
     return out, preact
 
 
 @torch.library.register_fake("segfast::conv2d_act_backward")
-def _conv2d_act_backward_fake(grad_output, saved, input, weight, stride, padding, dilation, groups, activation,
-                              negative_slope, output_mask):
+def _conv2d_act_backward_fake(
+    grad_output, saved, input, weight, stride, padding, dilation, groups, activation, negative_slope, output_mask
+):
     def grad_like(t, wanted):
         return torch.empty_like(t, memory_format=memory_format(t)) if wanted else t.new_empty(0)
 
@@ -95,8 +104,10 @@ def conv2d_act(
     x = input.unsqueeze(0) if unbatched else input
     in_channels, out_channels = x.shape[1], weight.shape[0]
     if in_channels != weight.shape[1] * groups:
-        raise ValueError(f"{_OP}: input has {in_channels} channels but weight {tuple(weight.shape)} with "
-                         f"groups={groups} expects {weight.shape[1] * groups}")
+        raise ValueError(
+            f"{_OP}: input has {in_channels} channels but weight {tuple(weight.shape)} with "
+            f"groups={groups} expects {weight.shape[1] * groups}"
+        )
     if out_channels % groups != 0:
         raise ValueError(f"{_OP}: weight's {out_channels} output channels are not divisible by groups={groups}")
     if bias is not None and bias.shape[0] != out_channels:
@@ -123,6 +134,7 @@ def conv2d_act(
         if span > padded:
             raise ValueError(f"{_OP}: the dilated kernel {name} ({span}) exceeds the padded input {name} ({padded})")
 
-    out, _ = torch.ops.segfast.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation,
-                                          negative_slope)
+    out, _ = torch.ops.segfast.conv2d_act(
+        x, weight, bias, stride, padding, dilation, groups, activation, negative_slope
+    )
     return out.squeeze(0) if unbatched else out

@@ -1,4 +1,5 @@
 """Per-pixel softmax cross-entropy (``torch.ops.segfast.cross_entropy``)."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,9 @@ def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_sm
 
 
 @torch.library.register_fake("segfast::cross_entropy_backward")
-def _cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-                                 label_smoothing):
+def _cross_entropy_backward_fake(
+    grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing
+):
     return torch.empty_like(input)
 
 
@@ -49,8 +51,9 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_total_weight):
     if grad_loss is None:
         return (None,) * 6
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.segfast.cross_entropy_backward(grad_loss, input, target, weight, lse, total_weight,
-                                                              *ctx.args)
+        grad_input = torch.ops.segfast.cross_entropy_backward(
+            grad_loss, input, target, weight, lse, total_weight, *ctx.args
+        )
     if ctx.needs_input_grad[1]:  # probability targets: d loss / d q_c = -(1 - eps) w_c log_softmax_c
         per_pixel = grad_loss / total_weight if reduction == "mean" else grad_loss
         per_pixel = per_pixel.unsqueeze(1) if reduction == "none" else per_pixel
@@ -82,8 +85,9 @@ def _with_grad_backward(ctx, grad_loss, _grad_grad_input):
     return (grad_input * grad_loss.to(grad_input.dtype),) + (None,) * 5
 
 
-torch.library.register_autograd("segfast::cross_entropy_with_grad", _with_grad_backward,
-                                setup_context=_with_grad_setup_context)
+torch.library.register_autograd(
+    "segfast::cross_entropy_with_grad", _with_grad_backward, setup_context=_with_grad_setup_context
+)
 
 
 def _as_pixels(input, target, prob):
@@ -161,24 +165,32 @@ def cross_entropy(
     if prob:
         check_same(_OP, "input", input, target=target)
         if target.shape != input.shape:
-            raise ValueError(f"{_OP}: probability target must have input's shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+            raise ValueError(
+                f"{_OP}: probability target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
         if ignore_index >= 0:  # torch's rule: a negative ignore_index is accepted and has no effect
-            raise ValueError(f"{_OP}: ignore_index={ignore_index} is not supported for probability targets "
-                             "(as in torch)")
+            raise ValueError(
+                f"{_OP}: ignore_index={ignore_index} is not supported for probability targets (as in torch)"
+            )
     else:
         check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
         if target.shape == input.shape:  # torch reads a target of the input's shape as probabilities
-            raise TypeError(f"{_OP}: a target of the input's shape {tuple(input.shape)} holds class probabilities "
-                            f"and must be floating point, got {target.dtype}")
+            raise TypeError(
+                f"{_OP}: a target of the input's shape {tuple(input.shape)} holds class probabilities "
+                f"and must be floating point, got {target.dtype}"
+            )
         if target.device != input.device:
             raise ValueError(f"{_OP}: target is on {target.device} but input is on {input.device}")
         if target.shape != pixel_shape:
-            raise ValueError(f"{_OP}: class-index target must have shape {tuple(pixel_shape)} for input "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"{_OP}: class-index target must have shape {tuple(pixel_shape)} for input "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
     if reduction == "mean" and input.numel() == 0:
-        raise ValueError(f"{_OP}: the mean over an empty batch is undefined (input shape {tuple(input.shape)}); "
-                         "torch returns NaN here")
+        raise ValueError(
+            f"{_OP}: the mean over an empty batch is undefined (input shape {tuple(input.shape)}); "
+            "torch returns NaN here"
+        )
 
     logits, pixel_target = _as_pixels(input, target, prob)
     if grad_in_forward:
@@ -189,11 +201,11 @@ def cross_entropy(
         if not (input.requires_grad and torch.is_grad_enabled()):
             grad_in_forward = False  # nothing will call backward: the plain forward is cheaper
     if grad_in_forward:
-        loss, _ = torch.ops.segfast.cross_entropy_with_grad(logits, pixel_target, weight, reduction, ignore_index,
-                                                            label_smoothing)
+        loss, _ = torch.ops.segfast.cross_entropy_with_grad(
+            logits, pixel_target, weight, reduction, ignore_index, label_smoothing
+        )
         return loss
-    loss, _, _ = torch.ops.segfast.cross_entropy(logits, pixel_target, weight, reduction, ignore_index,
-                                                 label_smoothing)
+    loss, _, _ = torch.ops.segfast.cross_entropy(logits, pixel_target, weight, reduction, ignore_index, label_smoothing)
     if reduction != "none":
         return loss
     return loss.reshape(pixel_shape)

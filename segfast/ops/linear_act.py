@@ -1,4 +1,5 @@
 """linear + bias + activation as one op (``torch.ops.segfast.linear_act``)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,11 @@ def _linear_act_fake(input, weight, bias, activation, negative_slope):
 
 @torch.library.register_fake("segfast::linear_act_backward")
 def _linear_act_backward_fake(grad_output, saved, input, weight, activation, negative_slope, output_mask):
-    return (torch.empty_like(input) if output_mask[0] else input.new_empty(0),
-            torch.empty_like(weight) if output_mask[1] else weight.new_empty(0),
-            weight.new_empty(weight.shape[0] if output_mask[2] else 0))
+    return (
+        torch.empty_like(input) if output_mask[0] else input.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] else weight.new_empty(0),
+        weight.new_empty(weight.shape[0] if output_mask[2] else 0),
+    )
 
 
 register_autograd("segfast::linear_act", torch.ops.segfast.linear_act_backward)
@@ -60,8 +63,9 @@ def linear_act(
     if input.dim() == 0:
         raise ValueError(f"{_OP}: input must have at least one dimension (*, in_features), got a 0-D tensor")
     if input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{_OP}: input has {input.shape[-1]} features but weight {tuple(weight.shape)} expects "
-                         f"{weight.shape[1]}")
+        raise ValueError(
+            f"{_OP}: input has {input.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}"
+        )
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{_OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     out, _ = torch.ops.segfast.linear_act(input, weight, bias, activation, negative_slope)

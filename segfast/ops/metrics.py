@@ -1,4 +1,5 @@
 """The confusion matrix of a segmentation (``torch.ops.segfast.confusion_matrix``)."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ def _confusion_matrix_fake(input, target, num_classes, ignore_index):
     return input.new_empty((num_classes, num_classes), dtype=torch.int64)
 
 
-def confusion_matrix(input: torch.Tensor, target: torch.Tensor, num_classes: int | None = None,
-                     ignore_index: int = -100) -> torch.Tensor:
+def confusion_matrix(
+    input: torch.Tensor, target: torch.Tensor, num_classes: int | None = None, ignore_index: int = -100
+) -> torch.Tensor:
     """Counts of (true class, predicted class) over every pixel whose target is not ignore_index.
 
     Args:

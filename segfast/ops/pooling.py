@@ -1,4 +1,5 @@
 """max_pool2d and avg_pool2d (``torch.ops.segfast.max_pool2d`` / ``avg_pool2d``)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,10 @@ def _output_size(size, kernel, stride, padding, dilation, ceil_mode):
 
 
 def _empty_pooled(input, kernel, stride, padding, dilation, ceil_mode, dtype):
-    size = [_output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode)
-            for d in range(2)]
-    return torch.empty((*input.shape[:2], *size), dtype=dtype, device=input.device,
-                       memory_format=memory_format(input))
+    size = [
+        _output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) for d in range(2)
+    ]
+    return torch.empty((*input.shape[:2], *size), dtype=dtype, device=input.device, memory_format=memory_format(input))
 
 
 def _argmax_dtype(kernel, return_indices):
@@ -31,15 +32,17 @@ def _argmax_dtype(kernel, return_indices):
 @torch.library.register_fake("segfast::max_pool2d")
 def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     out = _empty_pooled(input, kernel_size, stride, padding, dilation, ceil_mode, input.dtype)
-    argmax = _empty_pooled(input, kernel_size, stride, padding, dilation, ceil_mode,
-                           _argmax_dtype(kernel_size, return_indices))
+    argmax = _empty_pooled(
+        input, kernel_size, stride, padding, dilation, ceil_mode, _argmax_dtype(kernel_size, return_indices)
+    )
     return out, argmax
 
 
 @torch.library.register_fake("segfast::max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, argmax, input_size, kernel_size, stride, padding, dilation, ceil_mode):
-    return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
-                       memory_format=memory_format(argmax))
+    return torch.empty(
+        input_size, dtype=grad_output.dtype, device=grad_output.device, memory_format=memory_format(argmax)
+    )
 
 
 @torch.library.register_fake("segfast::avg_pool2d")
@@ -48,10 +51,12 @@ def _avg_pool2d_fake(input, kernel_size, stride, padding, ceil_mode, count_inclu
 
 
 @torch.library.register_fake("segfast::avg_pool2d_backward")
-def _avg_pool2d_backward_fake(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                              divisor_override):
-    return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
-                       memory_format=memory_format(grad_output))
+def _avg_pool2d_backward_fake(
+    grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    return torch.empty(
+        input_size, dtype=grad_output.dtype, device=grad_output.device, memory_format=memory_format(grad_output)
+    )
 
 
 def _max_setup_context(ctx, inputs, output):
@@ -84,26 +89,40 @@ def _pool_args(op, input, kernel_size, stride, padding, dilation, ceil_mode):
     check_tensor(op, "input", input, dims=(3, 4), dtypes=float_dtypes(input))
     check_kernel_available(op, f"segfast::{op}", input)
     kernel = pair(op, "kernel_size", kernel_size, minimum=1)
-    stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
+    stride = (
+        kernel
+        if stride is None or (not isinstance(stride, int) and len(stride) == 0)
         else pair(op, "stride", stride, minimum=1)
+    )
     padding = pair(op, "padding", padding, minimum=0)
     dilation = pair(op, "dilation", dilation, minimum=1)
     if any(p > k // 2 for p, k in zip(padding, kernel)):
-        raise ValueError(f"{op}: padding must be at most half of kernel_size, got padding={tuple(padding)} "
-                         f"for kernel_size={tuple(kernel)}")
+        raise ValueError(
+            f"{op}: padding must be at most half of kernel_size, got padding={tuple(padding)} "
+            f"for kernel_size={tuple(kernel)}"
+        )
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     if any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"{op}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
     for d, name in ((0, "height"), (1, "width")):
         if _output_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) < 1:
-            raise ValueError(f"{op}: input {name} {x.shape[2 + d]} is too small for kernel_size={tuple(kernel)}, "
-                             f"padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be empty")
+            raise ValueError(
+                f"{op}: input {name} {x.shape[2 + d]} is too small for kernel_size={tuple(kernel)}, "
+                f"padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be empty"
+            )
     return x, kernel, stride, padding, dilation, unbatched
 
 
-def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
-               return_indices: bool = False):
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+):
     """``F.max_pool2d`` with the same arguments and results.
 
     Args:
@@ -118,17 +137,26 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     Backward saves only the argmax as the offset inside the window: uint8 when the window has at
     most 256 elements (int32 above), 8x smaller than torch's int64 indices; the input is not kept.
     """
-    x, kernel, stride, padding, dilation, unbatched = _pool_args("max_pool2d", input, kernel_size, stride, padding,
-                                                                 dilation, ceil_mode)
-    out, indices = torch.ops.segfast.max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode),
-                                                bool(return_indices))
+    x, kernel, stride, padding, dilation, unbatched = _pool_args(
+        "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode
+    )
+    out, indices = torch.ops.segfast.max_pool2d(
+        x, kernel, stride, padding, dilation, bool(ceil_mode), bool(return_indices)
+    )
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
 
 
-def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-               count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
+def avg_pool2d(
+    input: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
     """``F.avg_pool2d`` with the same arguments and results.
 
     Args:
@@ -140,11 +168,14 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     Returns:
         (N, C, H_out, W_out) in input's dtype. Backward saves no tensor.
     """
-    x, kernel, stride, padding, _, unbatched = _pool_args("avg_pool2d", input, kernel_size, stride, padding, 1,
-                                                          ceil_mode)
-    if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(divisor_override, int)
-                                         or divisor_override == 0):
+    x, kernel, stride, padding, _, unbatched = _pool_args(
+        "avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode
+    )
+    if divisor_override is not None and (
+        isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override == 0
+    ):
         raise ValueError(f"avg_pool2d: divisor_override must be a non-zero int or None, got {divisor_override!r}")
-    out = torch.ops.segfast.avg_pool2d(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
-                                       divisor_override)
+    out = torch.ops.segfast.avg_pool2d(
+        x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override
+    )
     return out.squeeze(0) if unbatched else out

@@ -1,6 +1,7 @@
 """Dice and focal losses with the softmax fused in (``torch.ops.segfast.dice_sums`` /
 ``focal_loss``): the logits are read in place, and backward saves per-(sample, class) sums (Dice)
 or one float per pixel (focal), never a probability tensor."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def _dice_setup(ctx, inputs, output):
 
 def _dice_backward(ctx, grad_sums):
     input, target = ctx.saved_tensors
-    grad = torch.ops.segfast.dice_sums_backward(grad_sums, input, target, *ctx.args) if ctx.needs_input_grad[0] \
-        else None
+    grad = (
+        torch.ops.segfast.dice_sums_backward(grad_sums, input, target, *ctx.args) if ctx.needs_input_grad[0] else None
+    )
     return grad, None, None, None
 
 
@@ -42,8 +44,11 @@ torch.library.register_autograd("segfast::dice_sums", _dice_backward, setup_cont
 def _focal_fake(input, target, alpha, gamma, reduction, ignore_index):
     n, _, s = input.shape
     loss = input.new_empty((n, s) if reduction == "none" else ())
-    return loss, input.new_empty((n, s), dtype=_lse_dtype(input.dtype)), input.new_empty((), dtype=_lse_dtype(
-        input.dtype))
+    return (
+        loss,
+        input.new_empty((n, s), dtype=_lse_dtype(input.dtype)),
+        input.new_empty((), dtype=_lse_dtype(input.dtype)),
+    )
 
 
 @torch.library.register_fake("segfast::focal_loss_backward")
@@ -65,8 +70,9 @@ def _focal_backward(ctx, grad_loss, _grad_lse, _grad_count):
         return (None,) * 6
     input, target, alpha, lse, count = ctx.saved_tensors
     gamma, reduction, ignore_index = ctx.args
-    grad = torch.ops.segfast.focal_loss_backward(grad_loss, input, target, alpha, gamma, lse, count, reduction,
-                                                 ignore_index)
+    grad = torch.ops.segfast.focal_loss_backward(
+        grad_loss, input, target, alpha, gamma, lse, count, reduction, ignore_index
+    )
     return (grad,) + (None,) * 5
 
 
@@ -105,10 +111,19 @@ def _check_class_vector(op, name, value, classes, input):
     return value
 
 
-def dice_loss(input: torch.Tensor, target: torch.Tensor, *, include_background: bool = True,
-              smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, squared_pred: bool = False,
-              ignore_index: int = -100, weight: torch.Tensor | None = None, batch: bool = False,
-              reduction: str = "mean") -> torch.Tensor:
+def dice_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    squared_pred: bool = False,
+    ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
+    batch: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Soft Dice loss of softmax(input) against one-hot class targets, as MONAI's ``DiceLoss``
     (``softmax=True, to_onehot_y=True``) defines it, with ignore_index.
 
@@ -146,8 +161,15 @@ def dice_loss(input: torch.Tensor, target: torch.Tensor, *, include_background: 
     return loss.to(input.dtype)
 
 
-def focal_loss(input: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: torch.Tensor | None = None,
-               ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+def focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Multi-class focal loss (Lin et al. 2017) with the softmax fused in:
     -alpha_t (1 - p_t)^gamma log p_t per pixel, p_t the softmax probability of the target class.
 
