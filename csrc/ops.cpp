@@ -1,17 +1,7 @@
-// The segfast operator library: every op's schema, and the pybind11 module that carries them.
-// Kernels register per backend beside their family: csrc/cpu/<family>.cpp (CPU),
-// csrc/cuda/<family>.cu (CUDA). Fake kernels and autograd live in segfast/ops/<family>.py.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/ones.h>
-
-#include <algorithm>
-#include <string>
-#include <string_view>
-#include <vector>
-
-#include <pybind11/pybind11.h>
+// The segfast operator library: every op's schema, and nothing else. Kernels register per backend
+// beside their family: csrc/cpu/<family>.cpp (CPU), csrc/cuda/<family>.cu (CUDA),
+// csrc/composite/<family>.cpp (ops built from other segfast ops, any backend). Fake kernels and
+// autograd live in segfast/ops/<family>.py; csrc/bindings.cpp is the pybind11 module (helpers only).
 #include <torch/library.h>
 
 TORCH_LIBRARY(segfast, m) {
@@ -93,88 +83,4 @@ TORCH_LIBRARY(segfast, m) {
   m.def(
       "affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
       "-> (Tensor, Tensor)");
-}
-
-namespace {
-
-// Composite: the two per-backend kernels above, on whatever backend the input is.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_with_grad(const at::Tensor& input, const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           c10::string_view reduction, int64_t ignore_index,
-                                                           double label_smoothing) {
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
-                    "cross_entropy_with_grad: reduction must be 'mean' or 'sum', got '", reduction, "'");
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("segfast::cross_entropy", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                      c10::string_view, int64_t, double)>();
-  static const auto backward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("segfast::cross_entropy_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, double)>();
-  auto [loss, lse, total_weight] = forward.call(input, target, weight, reduction, ignore_index, label_smoothing);
-  const at::Tensor one = at::ones({}, loss.options());
-  at::Tensor grad =
-      backward.call(one, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing);
-  return {loss, grad};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(segfast, CompositeExplicitAutograd, m) {
-  m.impl("cross_entropy_with_grad", &cross_entropy_with_grad);
-}
-
-namespace {
-
-// How many threads at::parallel_for really uses here: 1 when the module was built without
-// -fopenmp, whatever at::get_num_threads() says.
-int64_t parallel_for_threads() {
-  const int64_t n = 4 * at::get_num_threads();
-  std::vector<int64_t> thread_of(n, -1);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) thread_of[i] = at::get_thread_num();
-  });
-  std::sort(thread_of.begin(), thread_of.end());
-  return std::unique(thread_of.begin(), thread_of.end()) - thread_of.begin();
-}
-
-pybind11::dict build_info() {
-  pybind11::dict info;
-  info["torch_version"] = SEGFAST_TORCH_VERSION;
-  info["compiler"] = SEGFAST_CXX_COMPILER;
-#ifdef SEGFAST_WITH_CUDA
-  info["cuda"] = true;
-  info["nvcc"] = SEGFAST_NVCC_VERSION;
-  pybind11::list archs;
-  std::string_view list = SEGFAST_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX"
-  while (!list.empty()) {
-    const size_t end = std::min(list.find_first_of("; "), list.size());
-    if (end > 0) archs.append(std::string(list.substr(0, end)));
-    list.remove_prefix(std::min(end + 1, list.size()));
-  }
-  info["cuda_archs"] = archs;
-#else
-  info["cuda"] = false;
-  info["nvcc"] = pybind11::none();
-  info["cuda_archs"] = pybind11::list();
-#endif
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  info["num_threads"] = at::get_num_threads();
-  info["parallel_for_threads"] = parallel_for_threads();
-  info["parallel_info"] = at::get_parallel_info();
-  return info;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "segfast C++ operators (registered as torch.ops.segfast.*) and build information";
-  m.def("build_info", &build_info, "How this segfast extension was built.");
 }

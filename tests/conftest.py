@@ -47,9 +47,9 @@ def every_window_reaches_the_input(size, kernel, stride, padding, dilation, ceil
     kernel 2, dilation 2, padding 1). torch then returns -inf with an index outside the window,
     and its own max_pool2d backward writes out of bounds (heap corruption, seen with torch 2.13),
     so tests must not run torch's backward there."""
-    from segfast.ops.pooling import _output_size
+    from segfast.ops.pooling import _pooled_size
 
-    out = _output_size(size, kernel, stride, padding, dilation, ceil_mode)
+    out = _pooled_size(size, kernel, stride, padding, dilation, ceil_mode)
     return all(any(0 <= o * stride - padding + t * dilation < size for t in range(kernel)) for o in range(out))
 
 

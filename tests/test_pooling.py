@@ -18,7 +18,7 @@ def pool_args(draw, with_dilation):
     d = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if with_dilation else (1, 1)
     ceil = draw(st.booleans())
     h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    out = segfast.ops.pooling._output_size
+    out = segfast.ops.pooling._pooled_size
     assume(out(h, k[0], s[0], p[0], d[0], ceil) > 0 and out(w, k[1], s[1], p[1], d[1], ceil) > 0)
     return (draw(st.integers(1, 2)), draw(st.integers(1, 5)), h, w), k, s, p, d, ceil
 

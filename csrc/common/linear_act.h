@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/grads.h"
 
 namespace segfast {
 
@@ -85,9 +86,9 @@ struct LinearAct {
       grad_bias = Passes::backward_rows(grad, as_rows(saved).contiguous(), grad_z, act, negative_slope);
     }
     const Tensor rows = as_rows(input);
-    return {output_mask[0] ? at::mm(grad_z, weight).view(input.sizes()) : at::empty({0}, input.options()),
-            output_mask[1] ? at::mm(grad_z.t(), rows) : at::empty({0}, weight.options()),
-            output_mask[2] ? grad_bias : at::empty({0}, weight.options())};
+    return masked_grads(
+        output_mask, input, weight, [&] { return at::mm(grad_z, weight).view(input.sizes()); },
+        [&] { return at::mm(grad_z.t(), rows); }, [&] { return grad_bias; });
   }
 };
 

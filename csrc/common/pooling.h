@@ -5,9 +5,13 @@
 #include <optional>
 #include <type_traits>
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include "common/class_index.h"
+#include "common/layout.h"
 #include "common/macros.h"
 
 namespace segfast {
@@ -147,6 +151,34 @@ struct AvgDivisor {
 template <typename acc_t>
 SEGFAST_HOST_DEVICE acc_t divide(acc_t sum, int64_t divisor) {
   return divisor == 0 ? acc_t(0) : sum / static_cast<acc_t>(divisor);
+}
+
+// ------------------------------------------------------------------- host side, every backend
+
+inline at::MemoryFormat format_of(const Pool2d& p) {
+  return p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline bool is_channels_last(const at::Tensor& t) {
+  return memory_format(t) == at::MemoryFormat::ChannelsLast;
+}
+
+// A pooled (N, C, out_h, out_w) tensor in the pooling's layout.
+inline at::Tensor empty_pooled(const at::Tensor& input, const Pool2d& p, at::ScalarType dtype) {
+  return at::empty({p.batch, p.channels, p.h.out, p.w.out}, input.options().dtype(dtype), format_of(p));
+}
+
+// Max pooling's argmax: uint8 or int32 tap codes, or torch's int64 plane offsets (return_indices).
+template <typename F>
+void dispatch_argmax(at::ScalarType type, F&& f) {
+  dispatch_class_index(type, "max_pool2d_backward: argmax", std::forward<F>(f));
+}
+
+inline void check_grad_size(const char* op, const at::Tensor& grad_out, const Pool2d& p) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.batch && grad_out.size(1) == p.channels &&
+                        grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
+                    op, ": grad_output ", grad_out.sizes(), " does not match the pooled size (", p.batch, ", ",
+                    p.channels, ", ", p.h.out, ", ", p.w.out, ")");
 }
 
 }  // namespace segfast

@@ -1,31 +1,15 @@
 #pragma once
 // Per-pixel math of the Dice and focal losses, shared by the CPU and CUDA kernels. A pixel's
-// logits are x[c * class_stride], c < classes; the softmax is recomputed from them (the log-sum-exp
-// by an online pass: running max, rescaled sum).
+// logits are x[c * class_stride], c < classes; the softmax is recomputed from them
+// (common/softmax.h on CUDA, cpu/softmax_tile.h on CPU).
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include <ATen/core/Tensor.h>
 
 #include "common/macros.h"
 
 namespace segfast {
-
-template <typename acc_t, typename scalar_t>
-SEGFAST_HOST_DEVICE acc_t pixel_logsumexp(const scalar_t* x, int64_t classes, int64_t class_stride) {
-  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc_t v = static_cast<acc_t>(x[c * class_stride]);
-    if (v > max) {
-      sum = sum * exp(max - v) + acc_t(1);
-      max = v;
-    } else {
-      sum += exp(v - max);  // a NaN logit reaches the result through the sum
-    }
-  }
-  return max + log(sum);
-}
 
 // Focal loss of a pixel whose target class has probability pt = exp(log_pt):
 // loss = -alpha (1 - pt)^gamma log pt, and A with d loss / d z_k = A (delta_kt - p_k).

@@ -17,7 +17,8 @@
 #include <vector>
 
 #include "common/activation.h"
-#include "common/arguments.h"
+#include "common/conv2d_act.h"
+#include "common/grads.h"
 #include "common/layout.h"
 #include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
@@ -77,7 +78,7 @@ int64_t tile_count(int64_t batch, int64_t pixels, int64_t tile) {
 
 // Calls f(n, p0, p1, tile_index) over pixel tiles of `tile` pixels of every image, in parallel.
 template <typename F>
-void for_each_tile(int64_t batch, int64_t pixels, int64_t tile, F&& f) {
+void for_each_pixel_block(int64_t batch, int64_t pixels, int64_t tile, F&& f) {
   const int64_t per_image = (pixels + tile - 1) / tile;
   at::parallel_for(0, batch * per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -155,11 +156,11 @@ void dispatch_pass_layout(PassLayout layout, F&& f) {
   }
 }
 
-// segfast's direct kernel serves NCHW callers of the shapes direct::eligible accepts.
+// segfast's direct kernel serves NCHW callers of the shapes cpu::direct::eligible accepts.
 bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef stride, IntArrayRef dilation,
                         int64_t groups) {
   return conv_output_format(input, weight) == MemoryFormat::Contiguous &&
-         direct::eligible(input, weight, stride, dilation, groups);
+         cpu::direct::eligible(input, weight, stride, dilation, groups);
 }
 
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -173,12 +174,12 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
   if (act != Activation::None && uses_direct_kernel(input, weight, stride, dilation, groups)) {
-    const direct::Geometry d = direct::geometry(input, weight, padding);
+    const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv2d_act_direct", [&] {
       dispatch_activation(act, [&](auto a) {
-        direct::forward<decltype(a)::value, scalar_t>(input, weight, bias, d, out, preact, negative_slope);
+        cpu::direct::forward<decltype(a)::value, scalar_t>(input, weight, bias, d, out, preact, negative_slope);
       });
     });
     return {out, keep_preact ? preact : empty};
@@ -203,10 +204,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
   const MemoryFormat format = backward_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};
   const int64_t out_channels = weight.size(0);
-  auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) -> std::tuple<Tensor, Tensor, Tensor> {
-    return {output_mask[0] ? gi.contiguous(memory_format(input)) : at::empty({0}, input.options()),
-            output_mask[1] ? gw.contiguous(memory_format(weight)) : at::empty({0}, weight.options()),
-            output_mask[2] ? gb : at::empty({0}, weight.options())};
+  auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) {
+    return masked_grads(output_mask, input, weight, [&] { return gi; }, [&] { return gw; }, [&] { return gb; });
   };
   if (act == Activation::None) {
     // nothing to fuse: ATen reduces the bias gradient itself, in the caller's layout (with no fused
@@ -221,14 +220,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
   if (!output_mask[0] && uses_direct_kernel(input, weight, stride, dilation, groups)) {
-    const direct::Geometry d = direct::geometry(input, weight, padding);
+    const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     const Tensor g = grad_output.contiguous(), s = saved.contiguous();
     TORCH_CHECK_VALUE(s.sizes() == g.sizes() && g.size(2) == d.out_h && g.size(3) == d.out_w,
                       "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(), " differ");
     Tensor grad_weight = at::empty(weight.sizes(), weight.options());
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv2d_act_direct_backward", [&] {
       dispatch_activation(act, [&](auto a) {
-        direct::backward<decltype(a)::value, scalar_t>(g, s, input, d, grad_weight, grad_bias, negative_slope);
+        cpu::direct::backward<decltype(a)::value, scalar_t>(g, s, input, d, grad_weight, grad_bias, negative_slope);
       });
     });
     return finish(Tensor(), grad_weight, grad_bias);
@@ -251,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
     std::vector<acc_t> partial(tiles * out_channels);
     dispatch_activation(act, [&](auto a) {
       dispatch_pass_layout(layout, [&](auto l) {
-        for_each_tile(batch, pixels, tile, [&](int64_t n, int64_t p0, int64_t p1, int64_t t) {
+        for_each_pixel_block(batch, pixels, tile, [&](int64_t n, int64_t p0, int64_t p1, int64_t t) {
           thread_local std::vector<acc_t> scratch;
           scratch.resize(out_channels * kScratchStride);
           act_backward_tile<decltype(a)::value, decltype(l)::value, scalar_t>(

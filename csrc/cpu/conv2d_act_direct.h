@@ -16,14 +16,14 @@
 #include "cpu/activation_pass.h"
 #include "cpu/vec_math.h"
 
-namespace segfast::direct {
+namespace segfast::cpu::direct {
 
 constexpr int64_t kMaxInputChannels = 4;
 constexpr int64_t kMaxKernel = 7;
 constexpr int64_t kBlock = 64;    // output pixels accumulated together
 constexpr int64_t kTaskRows = 4;  // output rows per backward task: fixes the gradient sum order
 
-struct Geometry {
+struct DirectShape {
   int64_t batch, in_channels, out_channels, in_h, in_w, out_h, out_w, kernel_h, kernel_w, pad_h, pad_w;
 
   int64_t input_rows() const { return in_channels * kernel_h; }    // rows one output row reads
@@ -39,7 +39,7 @@ inline bool eligible(const at::Tensor& input, const at::Tensor& weight, at::IntA
          weight.size(3) <= kMaxKernel;
 }
 
-inline Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding) {
+inline DirectShape direct_shape(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
   return {input.size(0),
           input.size(1),
@@ -56,7 +56,7 @@ inline Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::
 
 // rows[(ci * kernel_h + r) * row_width + pad_w + iw] = x[ci][oh - pad_h + r][iw], zeros around.
 template <typename scalar_t, typename acc_t>
-void gather_rows(const scalar_t* image, const Geometry& d, int64_t oh, acc_t* rows) {
+void gather_rows(const scalar_t* image, const DirectShape& d, int64_t oh, acc_t* rows) {
   std::fill(rows, rows + d.input_rows() * d.row_width(), acc_t(0));
   for (int64_t ci = 0; ci < d.in_channels; ++ci) {
     for (int64_t r = 0; r < d.kernel_h; ++r) {
@@ -73,7 +73,7 @@ void gather_rows(const scalar_t* image, const Geometry& d, int64_t oh, acc_t* ro
 // pre-activation into preact the same way when it is non-null.
 template <Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void forward_row(const at::opmath_type<scalar_t>* rows, const at::opmath_type<scalar_t>* w,
-                                          const at::opmath_type<scalar_t>* bias, const Geometry& d, int64_t plane,
+                                          const at::opmath_type<scalar_t>* bias, const DirectShape& d, int64_t plane,
                                           scalar_t* out, scalar_t* preact, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t taps = d.input_rows(), width = d.row_width();
@@ -104,7 +104,7 @@ SEGFAST_CPU_MULTIVERSION void forward_row(const at::opmath_type<scalar_t>* rows,
 // out_channels x out_w; grad_w and grad_b accumulate (this task's partial sums).
 template <Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void backward_row(const at::opmath_type<scalar_t>* rows, const scalar_t* grad_out,
-                                           const scalar_t* saved, const Geometry& d, int64_t plane,
+                                           const scalar_t* saved, const DirectShape& d, int64_t plane,
                                            at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* grad_z,
                                            at::opmath_type<scalar_t>* grad_w, at::opmath_type<scalar_t>* grad_b) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -141,7 +141,7 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
 // out (and preact, if defined) are NCHW tensors of the output's size.
 template <Activation A, typename scalar_t>
 void forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-             const Geometry& d, at::Tensor& out, at::Tensor& preact, double negative_slope) {
+             const DirectShape& d, at::Tensor& out, at::Tensor& preact, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<acc_t> w = to_acc<acc_t>(weight);
   const std::vector<acc_t> b = bias && bias->defined() ? to_acc<acc_t>(*bias) : std::vector<acc_t>();
@@ -163,7 +163,7 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const std::optio
 
 // Weight and bias gradients, into grad_weight (weight's shape, contiguous) and grad_bias.
 template <Activation A, typename scalar_t>
-void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& input, const Geometry& d,
+void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& input, const DirectShape& d,
               at::Tensor& grad_weight, at::Tensor& grad_bias, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
@@ -186,11 +186,11 @@ void backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Ten
     }
   });
   std::vector<acc_t> total(stride);
-  cpu::sum_block_partials(partial, stride, total.data());
+  sum_block_partials(partial, stride, total.data());
   scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
   scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
   for (int64_t i = 0; i < d.weights(); ++i) gw[i] = cpu::narrow<scalar_t>(total[i]);
   for (int64_t c = 0; c < d.out_channels; ++c) gb[c] = cpu::narrow<scalar_t>(total[d.weights() + c]);
 }
 
-}  // namespace segfast::direct
+}  // namespace segfast::cpu::direct

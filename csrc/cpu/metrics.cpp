@@ -73,11 +73,10 @@ Tensor count_pairs(const Tensor& target, int64_t batch, int64_t pixels, int64_t 
           for (int64_t j = 0; j < count; ++j) {
             const auto cls = static_cast<int64_t>(t[n * ts0 + (s0 + j) * ts1]);
             if (cls == ignore_index) continue;
-            TORCH_CHECK_INDEX(cls >= 0 && cls < num_classes, "confusion_matrix: target class ", cls, " at (n=", n,
-                              ", pixel=", s0 + j, ") is outside [0, ", num_classes, ") and is not ignore_index (",
-                              ignore_index, ")");
-            TORCH_CHECK_INDEX(pred[j] >= 0 && pred[j] < num_classes, "confusion_matrix: predicted class ", pred[j],
-                              " at (n=", n, ", pixel=", s0 + j, ") is outside [0, ", num_classes, ")");
+            check_class_index("confusion_matrix", cls, n, s0 + j, num_classes, ignore_index);
+            if (C10_UNLIKELY(pred[j] < 0 || pred[j] >= num_classes)) {
+              raise_bad_class_index("confusion_matrix", "predicted class", pred[j], n, s0 + j, num_classes, {});
+            }
             ++hist[cls * num_classes + pred[j]];
           }
         }
@@ -95,7 +94,7 @@ Tensor count_pairs(const Tensor& target, int64_t batch, int64_t pixels, int64_t 
 Tensor confusion_matrix_cpu(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const auto [batch, pixels] = check_confusion_args(input, target, num_classes);
   if (at::isFloatingType(input.scalar_type())) {
-    const cpu::Geometry g = cpu::geometry_of(input);
+    const cpu::TileGrid g = cpu::tile_grid(input);
     Tensor matrix;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "confusion_matrix", [&] {
       const scalar_t* x = input.const_data_ptr<scalar_t>();

@@ -25,15 +25,6 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-bool is_channels_last(const Tensor& t) {
-  return memory_format(t) == at::MemoryFormat::ChannelsLast;
-}
-
-Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) {
-  return at::empty({p.batch, p.channels, p.h.out, p.w.out}, input.options().dtype(dtype),
-                   p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
 // Runs f(i, scratch) for every i in [0, count), in parallel; each chunk of work gets its own
 // scratch of `scratch_size` elements.
 template <typename T, typename F>
@@ -149,18 +140,6 @@ Tensor flat_indices(const Tensor& argmax, const Pool2d& p) {
   return flat;
 }
 
-template <typename F>
-void dispatch_argmax_type(at::ScalarType type, F&& f) {
-  if (type == at::kByte) {
-    f(uint8_t{});
-  } else if (type == at::kInt) {
-    f(int32_t{});
-  } else {
-    TORCH_CHECK_VALUE(type == at::kLong, "argmax: expected uint8, int32 or int64, got ", type);
-    f(int64_t{});
-  }
-}
-
 std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride,
                                           IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                           bool return_indices) {
@@ -171,7 +150,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kern
   Tensor out = empty_pooled(input, p, input.scalar_type());
   Tensor argmax = empty_pooled(input, p, compact);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
-    dispatch_argmax_type(compact, [&](auto index) {
+    dispatch_argmax(compact, [&](auto index) {
       max_pool_forward<scalar_t, decltype(index)>(input, out, argmax, p);
       if (return_indices) argmax = flat_indices<decltype(index)>(argmax, p);
     });
@@ -276,13 +255,6 @@ void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& gra
   }
 }
 
-void check_grad_size(const char* op, const Tensor& grad_out, const Pool2d& p) {
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.batch && grad_out.size(1) == p.channels &&
-                        grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
-                    op, ": grad_output ", grad_out.sizes(), " does not match the pooled size (", p.batch, ", ",
-                    p.channels, ", ", p.h.out, ", ", p.w.out, ")");
-}
-
 Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, IntArrayRef input_size,
                                IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                bool ceil_mode) {
@@ -295,9 +267,8 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
                     " and grad_output ", grad_out.sizes(), " differ");
   Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
-    dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
-      max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p);
-    });
+    dispatch_argmax(argmax.scalar_type(),
+                    [&](auto index) { max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p); });
   });
   return grad_in;
 }

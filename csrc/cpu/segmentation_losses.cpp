@@ -26,9 +26,9 @@ namespace {
 
 using at::Tensor;
 using cpu::exp_vec;
-using cpu::Geometry;
 using cpu::kTile;
 using cpu::Tile;
+using cpu::TileGrid;
 
 // The classes of a tile's pixels, -1 where ignored; a bad index raises IndexError.
 template <typename target_t>
@@ -36,9 +36,7 @@ void tile_classes(const Tensor& target, const target_t* t, int64_t n, int64_t s0
                   int64_t ignore_index, const char* op, int64_t* cls) {
   for (int64_t j = 0; j < pixels; ++j) {
     const auto c = static_cast<int64_t>(t[n * target.stride(0) + (s0 + j) * target.stride(1)]);
-    TORCH_CHECK_INDEX(c == ignore_index || (c >= 0 && c < classes), op, ": target class ", c, " at (n=", n,
-                      ", pixel=", s0 + j, ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index,
-                      ")");
+    check_class_index(op, c, n, s0 + j, classes, ignore_index);
     cls[j] = c == ignore_index ? -1 : c;
   }
 }
@@ -48,7 +46,7 @@ template <typename scalar_t, typename target_t, typename Body>
 void for_each_softmax_tile(const Tensor& input, const Tensor& target, int64_t ignore_index, const char* op,
                            Body&& body) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry g = cpu::geometry_of(input);
+  const TileGrid g = cpu::tile_grid(input);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const target_t* tp = target.const_data_ptr<target_t>();
   cpu::dispatch_unit_stride(g, [&](auto unit) {
@@ -147,11 +145,11 @@ SEGFAST_CPU_MULTIVERSION void tile_focal_grad(const Tile<scalar_t, kUnit> t, con
 template <typename scalar_t, typename target_t>
 void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_index, bool squared, Tensor& sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry g = cpu::geometry_of(input);
+  const TileGrid g = cpu::tile_grid(input);
   const int64_t classes = g.classes;
   std::vector<acc_t> partial(g.tiles() * 3 * classes, acc_t(0));
   for_each_softmax_tile<scalar_t, target_t>(
-      input, target, ignore_index, "dice_loss",
+      input, target, ignore_index, "dice_sums",
       [&](int64_t, int64_t, int64_t tile, const auto& t, const acc_t* lse, const int64_t* cls) {
         acc_t* inter = partial.data() + tile * 3 * classes;
         acc_t *pred = inter + classes, *truth = pred + classes;
@@ -175,7 +173,7 @@ void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_
 }
 
 Tensor dice_sums_cpu(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_loss", input_, target);
+  check_loss_inputs("dice_sums", input_, target);
   const Tensor input = dense(input_);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   Tensor sums = at::zeros({3, input.size(0), input.size(1)}, input.options().dtype(acc_type));
@@ -191,11 +189,11 @@ template <typename scalar_t, typename target_t>
 void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, const Tensor& target, int64_t ignore_index,
                                bool squared, Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry g = cpu::geometry_of(input);
+  const TileGrid g = cpu::tile_grid(input);
   const acc_t* gs = grad_sums.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   for_each_softmax_tile<scalar_t, target_t>(
-      input, target, ignore_index, "dice_loss",
+      input, target, ignore_index, "dice_sums",
       [&](int64_t n, int64_t, int64_t, const auto& t, const acc_t* lse, const int64_t* cls) {
         const acc_t *g_inter = gs + n * g.classes, *g_pred = gs + (g.batch + n) * g.classes;
         tile_dice_grad(t, lse, cls, g_pred, g_inter, squared, out + (t.data - input.const_data_ptr<scalar_t>()));
@@ -204,7 +202,7 @@ void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, con
 
 Tensor dice_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                               int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_loss", input_, target);
+  check_loss_inputs("dice_sums", input_, target);
   const Tensor input = dense(input_);
   const int64_t batch = input.size(0), classes = input.size(1);
   const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
@@ -225,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
   check_loss_inputs("focal_loss", input_, target);
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = cpu::geometry_of(input);
+  const TileGrid g = cpu::tile_grid(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
   Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
@@ -258,11 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
           });
     });
   });
-  double sum = 0, count = 0;
-  for (size_t i = 0; i < tile_loss.size(); ++i) {
-    sum += tile_loss[i];
-    count += tile_pixels[i];
-  }
+  const double sum = cpu::sum_in_order(tile_loss), count = cpu::sum_in_order(tile_pixels);
   Tensor count_t = at::scalar_tensor(count, input.options().dtype(acc_type));
   if (reduction != Reduction::None) {
     loss = at::scalar_tensor(reduction == Reduction::Mean ? sum / count : sum, input.options());
@@ -276,7 +270,7 @@ Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, co
   check_loss_inputs("focal_loss", input_, target);
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = cpu::geometry_of(input);
+  const TileGrid g = cpu::tile_grid(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();

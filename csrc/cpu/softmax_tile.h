@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "common/macros.h"
+#include "cpu/reduce.h"
 #include "cpu/vec_math.h"
 
 namespace segfast::cpu {
@@ -59,20 +60,21 @@ SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::
   for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
 }
 
-struct Geometry {
+// How (N, C, S) logits are cut into tiles of kTile pixels of one image.
+struct TileGrid {
   int64_t batch, classes, pixels;
   int64_t batch_stride, class_stride, pixel_stride;
   int64_t tiles_per_image() const { return (pixels + kTile - 1) / kTile; }
   int64_t tiles() const { return batch * tiles_per_image(); }
 };
 
-inline Geometry geometry_of(const at::Tensor& input) {
+inline TileGrid tile_grid(const at::Tensor& input) {
   return {input.size(0), input.size(1), input.size(2), input.stride(0), input.stride(1), input.stride(2)};
 }
 
 // Calls f(n, s0, pixels, tile_index) for every tile, in parallel.
 template <typename F>
-void for_each_tile(const Geometry& g, F&& f) {
+void for_each_tile(const TileGrid& g, F&& f) {
   const int64_t per_image = g.tiles_per_image();
   at::parallel_for(0, g.tiles(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -83,12 +85,12 @@ void for_each_tile(const Geometry& g, F&& f) {
 }
 
 template <typename scalar_t, bool kUnit>
-Tile<scalar_t, kUnit> tile_at(const scalar_t* base, const Geometry& g, int64_t n, int64_t s0, int64_t pixels) {
+Tile<scalar_t, kUnit> tile_at(const scalar_t* base, const TileGrid& g, int64_t n, int64_t s0, int64_t pixels) {
   return {base + n * g.batch_stride + s0 * g.pixel_stride, g.class_stride, g.pixel_stride, g.classes, pixels};
 }
 
 template <typename F>
-void dispatch_unit_stride(const Geometry& g, F&& f) {
+void dispatch_unit_stride(const TileGrid& g, F&& f) {
   if (g.pixel_stride == 1) {
     f(std::true_type{});
   } else {

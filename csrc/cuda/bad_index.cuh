@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "common/class_index.h"
+
 namespace segfast::cuda {
 
 __device__ inline void flag_bad_pixel(unsigned long long* first, int64_t pixel) {
@@ -29,8 +31,7 @@ class BadPixel {
     const int64_t bad = first();
     if (bad == -1) return;
     const int64_t n = bad / pixels, s = bad % pixels;
-    TORCH_CHECK_INDEX(false, op, ": target class ", target[n][s].item<int64_t>(), " at (n=", n, ", pixel=", s,
-                      ") is outside [0, ", classes, ") and is not ignore_index (", ignore_index, ")");
+    check_class_index(op, target[n][s].item<int64_t>(), n, s, classes, ignore_index);
   }
 
  private:

@@ -13,7 +13,8 @@
 #include <torch/library.h>
 
 #include "common/activation.h"
-#include "common/arguments.h"
+#include "common/conv2d_act.h"
+#include "common/grads.h"
 #include "common/layout.h"
 #include "cuda/activation_pass.cuh"
 #include "cuda/conv2d_act_igemm.cuh"
@@ -82,9 +83,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cuda(const Tensor& grad_o
       grad_z, input.contiguous(format), weight.contiguous(format),
       aten_bias ? at::OptionalIntArrayRef(bias_size) : at::OptionalIntArrayRef(), stride, padding, dilation, false,
       no_output_padding, groups, {output_mask[0], output_mask[1], aten_bias});
-  return {output_mask[0] ? gi.contiguous(memory_format(input)) : at::empty({0}, input.options()),
-          output_mask[1] ? gw.contiguous(memory_format(weight)) : at::empty({0}, weight.options()),
-          output_mask[2] ? (aten_bias ? gb : grad_bias) : at::empty({0}, weight.options())};
+  return masked_grads(
+      output_mask, input, weight, [&] { return gi; }, [&] { return gw; }, [&] { return aten_bias ? gb : grad_bias; });
 }
 
 }  // namespace

@@ -1,10 +1,9 @@
 // Per-pixel softmax cross-entropy on CUDA, straight on (N, C, S) logits of any dense strides.
 //
-// One thread per pixel walks the classes once with an online log-sum-exp (running max, rescaled
-// sum), so for NCHW logits a warp reads 32 neighbouring pixels of one class plane: coalesced.
-// Accumulation is float32 (float64 for float64). The mean/sum reduction is deterministic: each
-// block sums its pixels in a fixed tree, and the per-block partials are added by ATen's sum, whose
-// order is fixed too; no float atomics. Backward recomputes softmax from the saved per-pixel
+// One thread per pixel walks the classes once with an online log-sum-exp (common/softmax.h), so for NCHW logits a warp
+// reads 32 neighbouring pixels of one class plane: coalesced. Accumulation is float32 (float64 for float64). The
+// mean/sum reduction is deterministic: each block sums its pixels in a fixed tree, and the per-block partials are added
+// by ATen's sum, whose order is fixed too; no float atomics. Backward recomputes softmax from the saved per-pixel
 // log-sum-exp, as on CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,9 +18,12 @@
 #include <limits>
 #include <string_view>
 
+#include "common/class_index.h"
+#include "common/cross_entropy.h"
 #include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
+#include "common/softmax.h"
 #include "cuda/bad_index.cuh"
 #include "cuda/launch.cuh"
 
@@ -30,9 +32,9 @@ namespace {
 
 using at::Tensor;
 
-// Where pixel (n, s) of class c lives, and the smoothing terms every pixel uses.
+// Where pixel (n, s) of class c lives, and the label smoothing every pixel uses.
 template <typename acc_t>
-struct Problem {
+struct CrossEntropyArgs {
   int64_t batch, classes, pixels;
   int64_t batch_stride, class_stride, pixel_stride;  // logits (and probability targets)
   int64_t target_batch_stride, target_pixel_stride;  // class-index targets
@@ -45,7 +47,7 @@ struct Problem {
   SEGFAST_HOST_DEVICE int64_t target_offset(int64_t pixel) const {
     return pixel / pixels * target_batch_stride + pixel % pixels * target_pixel_stride;
   }
-  SEGFAST_HOST_DEVICE acc_t spread() const { return smoothing / static_cast<acc_t>(classes); }
+  SEGFAST_HOST_DEVICE LabelSmoothing<acc_t> label_smoothing() const { return {smoothing, classes}; }
 };
 
 template <typename acc_t>
@@ -54,7 +56,8 @@ __device__ acc_t class_weight(const acc_t* weight, int64_t c) {
 }
 
 // The per-pixel sums of one pass over the classes: log-sum-exp, and for label smoothing or
-// probability targets dot = sum coef_c x_c and mass = sum coef_c (coef as in csrc/cpu/cross_entropy.cpp).
+// probability targets dot = sum_c coef_c x_c and mass = sum_c coef_c, coef_c for probability
+// targets or the spread part for class indices (common/cross_entropy.h).
 template <typename acc_t>
 struct PixelSums {
   acc_t lse, dot, mass;
@@ -62,33 +65,29 @@ struct PixelSums {
 
 template <bool kProb, typename scalar_t, typename acc_t>
 __device__ PixelSums<acc_t> pixel_sums(const scalar_t* x, const scalar_t* q, const acc_t* weight,
-                                       const Problem<acc_t>& p, bool need_dot) {
-  const acc_t keep = acc_t(1) - p.smoothing, spread = p.spread();
-  acc_t max = -std::numeric_limits<acc_t>::infinity(), sum = 0, dot = 0, mass = 0;
+                                       const CrossEntropyArgs<acc_t>& p, bool need_dot) {
+  const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
+  OnlineLogSumExp<acc_t> lse;
+  acc_t dot = 0, mass = 0;
   for (int64_t c = 0; c < p.classes; ++c) {
     const acc_t v = static_cast<acc_t>(x[c * p.class_stride]);
-    if (v > max) {  // rescale the running sum to the new max; a NaN reaches lse through the sum
-      sum = sum * std::exp(max - v) + acc_t(1);
-      max = v;
-    } else {
-      sum += std::exp(v - max);
-    }
+    lse.add(v);
     if (need_dot) {
       const acc_t w = class_weight(weight, c);
-      const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(q[c * p.class_stride]) + spread) : w;
+      const acc_t coef = kProb ? smoothing.probability_coef(w, static_cast<acc_t>(q[c * p.class_stride])) : w;
       dot += coef * v;
       mass += coef;
     }
   }
-  return {max + std::log(sum), dot, mass};
+  return {lse.value(), dot, mass};
 }
 
 template <typename scalar_t, typename target_t, bool kProb>
 __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
-                                     const at::opmath_type<scalar_t>* weight, Problem<at::opmath_type<scalar_t>> p,
-                                     at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
-                                     at::opmath_type<scalar_t>* partial_loss, at::opmath_type<scalar_t>* partial_weight,
-                                     unsigned long long* bad_pixel) {
+                                     const at::opmath_type<scalar_t>* weight,
+                                     CrossEntropyArgs<at::opmath_type<scalar_t>> p, at::opmath_type<scalar_t>* lse_out,
+                                     scalar_t* loss_out, at::opmath_type<scalar_t>* partial_loss,
+                                     at::opmath_type<scalar_t>* partial_weight, unsigned long long* bad_pixel) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t loss = 0, pixel_weight = 0;
@@ -107,9 +106,10 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
           pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p, p.smoothing != 0);
       lse_out[i] = s.lse;
       if (cls != p.ignore_index && valid) {
-        const acc_t wt = class_weight(weight, cls), eps = p.smoothing;
-        loss = (1 - eps) * wt * (s.lse - static_cast<acc_t>(logits[at + cls * p.class_stride]));
-        if (eps != 0) loss += p.spread() * (s.mass * s.lse - s.dot);  // mass = sum of the class weights
+        const acc_t wt = class_weight(weight, cls);
+        const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
+        loss = smoothing.target_coef(wt) * (s.lse - static_cast<acc_t>(logits[at + cls * p.class_stride]));
+        if (p.smoothing != 0) loss += smoothing.spread * (s.mass * s.lse - s.dot);  // mass = sum of the weights
         pixel_weight = wt;
       }
     }
@@ -128,7 +128,7 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
 template <typename scalar_t, typename target_t, bool kProb>
 __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
                                               const at::opmath_type<scalar_t>* weight,
-                                              Problem<at::opmath_type<scalar_t>> p,
+                                              CrossEntropyArgs<at::opmath_type<scalar_t>> p,
                                               const at::opmath_type<scalar_t>* lse,
                                               const at::opmath_type<scalar_t>* grad_loss, bool per_pixel_grad,
                                               const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
@@ -136,14 +136,14 @@ __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const targ
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.batch * p.pixels) return;
   const int64_t at = p.offset(i);
-  const acc_t keep = acc_t(1) - p.smoothing, spread = p.spread();
+  const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
   acc_t scale = per_pixel_grad ? grad_loss[i] : grad_loss[0];
   if (mean_divisor != nullptr) scale /= *mean_divisor;
   int64_t cls = -1;
   acc_t mass = 0, target_weight = 0;
   if constexpr (kProb) {
     for (int64_t c = 0; c < p.classes; ++c) {
-      mass += class_weight(weight, c) * (keep * static_cast<acc_t>(prob[at + c * p.class_stride]) + spread);
+      mass += smoothing.probability_coef(class_weight(weight, c), static_cast<acc_t>(prob[at + c * p.class_stride]));
     }
   } else {
     cls = static_cast<int64_t>(target[p.target_offset(i)]);
@@ -154,43 +154,33 @@ __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const targ
       target_weight = class_weight(weight, cls);
       acc_t weight_total = 0;
       for (int64_t c = 0; c < p.classes; ++c) weight_total += class_weight(weight, c);
-      mass = keep * target_weight + spread * weight_total;
+      mass = smoothing.target_coef(target_weight) + smoothing.spread_coef(weight_total);
     }
   }
   for (int64_t c = 0; c < p.classes; ++c) {
     const acc_t w = class_weight(weight, c);
-    const acc_t coef = kProb ? w * (keep * static_cast<acc_t>(prob[at + c * p.class_stride]) + spread) : w * spread;
+    const acc_t coef = kProb ? smoothing.probability_coef(w, static_cast<acc_t>(prob[at + c * p.class_stride]))
+                             : smoothing.spread_coef(w);
     const acc_t softmax = std::exp(static_cast<acc_t>(logits[at + c * p.class_stride]) - lse[i]);
     acc_t g = scale * (softmax * mass - coef);
-    if (c == cls) g -= scale * keep * target_weight;
+    if (c == cls) g -= scale * smoothing.target_coef(target_weight);
     grad[at + c * p.class_stride] = static_cast<scalar_t>(g);
   }
 }
 
 // Logits are read in place through their strides and the gradient gets the same strides, so they
 // must be dense; probability targets are read with the logits' offsets.
-struct Inputs {
+struct Operands {
   Tensor logits, target, weight;  // weight: in the accumulation type, or undefined
   bool prob;
 };
 
-Inputs prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight) {
-  TORCH_CHECK_VALUE(input.dim() == 3, "cross_entropy kernel: expected (N, C, S) logits, got ", input.sizes());
+Operands prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight) {
   const Tensor logits = dense(input);
   const bool prob = at::isFloatingType(target.scalar_type());
-  Tensor t = target;
-  if (prob) {
-    TORCH_CHECK_VALUE(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
-                      "cross_entropy: probability target must match input ", input.sizes(), " ", input.scalar_type(),
-                      ", got ", target.sizes(), " ", target.scalar_type());
-    if (target.strides() != logits.strides()) t = at::empty_like(logits).copy_(target);
-  } else {
-    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2),
-                      "cross_entropy: class-index target must be (N, S) = (", input.size(0), ", ", input.size(2),
-                      "), got ", target.sizes());
-    TORCH_CHECK_VALUE(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
-                      " but input is on ", input.device());
-  }
+  check_cross_entropy_args(input, target, prob);
+  // probability targets are read with the logits' offsets
+  const Tensor t = prob && target.strides() != logits.strides() ? at::empty_like(logits).copy_(target) : target;
   Tensor w;
   if (weight && weight->defined()) {
     TORCH_CHECK_VALUE(weight->dim() == 1 && weight->numel() == input.size(1), "weight: expected shape (", input.size(1),
@@ -201,7 +191,7 @@ Inputs prepare(const Tensor& input, const Tensor& target, const std::optional<Te
 }
 
 template <typename acc_t>
-Problem<acc_t> problem_of(const Inputs& in, int64_t ignore_index, double label_smoothing) {
+CrossEntropyArgs<acc_t> args_of(const Operands& in, int64_t ignore_index, double label_smoothing) {
   const Tensor& x = in.logits;
   const bool index_target = !in.prob;
   return {x.size(0),
@@ -216,30 +206,19 @@ Problem<acc_t> problem_of(const Inputs& in, int64_t ignore_index, double label_s
           static_cast<acc_t>(label_smoothing)};
 }
 
-// Calls f(target_t{}, kProb) for the target's type: class indices or probabilities.
+// Calls f(target_t{}, kProb) for the target's type: probabilities of the logits' dtype, or class indices.
 template <typename scalar_t, typename F>
-void dispatch_target(const Inputs& in, F&& f) {
-  switch (in.target.scalar_type()) {
-    case at::kLong:
-      return f(int64_t{}, std::false_type{});
-    case at::kInt:
-      return f(int32_t{}, std::false_type{});
-    case at::kByte:
-      return f(uint8_t{}, std::false_type{});
-    default:
-      TORCH_CHECK_VALUE(in.prob,
-                        "cross_entropy: target must be int64, int32 or uint8 class indices, or "
-                        "probabilities of the input's dtype; got ",
-                        in.target.scalar_type());
-      return f(scalar_t{}, std::true_type{});
-  }
+void dispatch_target(const Operands& in, F&& f) {
+  if (in.prob) return f(scalar_t{}, std::true_type{});
+  dispatch_class_index(in.target.scalar_type(), "cross_entropy: class-index target",
+                       [&](auto index) { f(index, std::false_type{}); });
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const Tensor& target_,
                                                       const std::optional<Tensor>& weight, c10::string_view reduction_,
                                                       int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(input, target_, weight);
+  const Operands in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t batch = input.size(0), pixels = input.size(2), count = batch * pixels;
@@ -251,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
   if (count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const Problem<acc_t> p = problem_of<acc_t>(in, ignore_index, label_smoothing);
+      const CrossEntropyArgs<acc_t> p = args_of<acc_t>(in, ignore_index, label_smoothing);
       const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
       acc_t* partial_p = reduction == Reduction::None ? nullptr : partial.mutable_data_ptr<acc_t>();
       dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
@@ -280,7 +259,7 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
                                    const std::optional<Tensor>& weight, const Tensor& lse_, const Tensor& total_weight,
                                    c10::string_view reduction_, int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(input, target_, weight);
+  const Operands in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous();
@@ -294,7 +273,7 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
                     grad_loss.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Problem<acc_t> p = problem_of<acc_t>(in, ignore_index, label_smoothing);
+    const CrossEntropyArgs<acc_t> p = args_of<acc_t>(in, ignore_index, label_smoothing);
     const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
     dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
       using target_t = decltype(target_type);

@@ -51,37 +51,6 @@ SEGFAST_HOST_DEVICE Layout output_layout(const Pool2d& p) {
   return {p.channels, p.h.out, p.w.out, p.channels_last};
 }
 
-at::MemoryFormat format_of(const Pool2d& p) {
-  return p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-bool is_channels_last(const Tensor& t) {
-  return memory_format(t) == at::MemoryFormat::ChannelsLast;
-}
-
-Tensor empty_pooled(const Tensor& input, const Pool2d& p, at::ScalarType dtype) {
-  return at::empty({p.batch, p.channels, p.h.out, p.w.out}, input.options().dtype(dtype), format_of(p));
-}
-
-template <typename F>
-void dispatch_argmax_type(at::ScalarType type, F&& f) {
-  if (type == at::kByte) {
-    f(uint8_t{});
-  } else if (type == at::kInt) {
-    f(int32_t{});
-  } else {
-    TORCH_CHECK_VALUE(type == at::kLong, "argmax: expected uint8, int32 or int64, got ", type);
-    f(int64_t{});
-  }
-}
-
-void check_grad_size(const char* op, const Tensor& grad_out, const Pool2d& p) {
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.batch && grad_out.size(1) == p.channels &&
-                        grad_out.size(2) == p.h.out && grad_out.size(3) == p.w.out,
-                    op, ": grad_output ", grad_out.sizes(), " does not match the pooled size (", p.batch, ", ",
-                    p.channels, ", ", p.h.out, ", ", p.w.out, ")");
-}
-
 // ---------------------------------------------------------------------------------------- max
 
 // argmax: the tap (kh * kW + kw) for compact codes, torch's flat plane offset for int64.
@@ -146,7 +115,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
   const int64_t count = out.numel();
   if (count == 0) return {out, argmax};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
-    dispatch_argmax_type(argmax_type, [&](auto index) {
+    dispatch_argmax(argmax_type, [&](auto index) {
       using index_t = decltype(index);
       max_pool_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
           input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<index_t>(), p,
@@ -170,7 +139,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
   const int64_t count = grad_in.numel();
   if (count == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
-    dispatch_argmax_type(argmax.scalar_type(), [&](auto index) {
+    dispatch_argmax(argmax.scalar_type(), [&](auto index) {
       using index_t = decltype(index);
       max_pool_backward_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
           grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<index_t>(), grad_in.mutable_data_ptr<scalar_t>(),

@@ -16,6 +16,7 @@
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
+#include "common/softmax.h"
 #include "cuda/bad_index.cuh"
 #include "cuda/launch.cuh"
 
@@ -24,7 +25,7 @@ namespace {
 
 using at::Tensor;
 
-struct Geometry {
+struct PixelIndexing {
   int64_t batch, classes, pixels, batch_stride, class_stride, pixel_stride, target_stride0, target_stride1,
       ignore_index;
 
@@ -42,7 +43,7 @@ struct Geometry {
   }
 };
 
-Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
+PixelIndexing indexing_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
   return {x.size(0),   x.size(1),   x.size(2),   x.stride(0), x.stride(1),
           x.stride(2), t.stride(0), t.stride(1), ignore_index};
 }
@@ -50,7 +51,7 @@ Geometry geometry_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
 // ----------------------------------------------------------------------------------------- Dice
 
 template <typename scalar_t>
-__global__ void pixel_lse_kernel(const scalar_t* x, Geometry g, at::opmath_type<scalar_t>* lse) {
+__global__ void pixel_lse_kernel(const scalar_t* x, PixelIndexing g, at::opmath_type<scalar_t>* lse) {
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
     lse[i] = pixel_logsumexp<at::opmath_type<scalar_t>>(x + g.logits_at(i / g.pixels, i % g.pixels), g.classes,
                                                         g.class_stride);
@@ -60,7 +61,7 @@ __global__ void pixel_lse_kernel(const scalar_t* x, Geometry g, at::opmath_type<
 // Block (chunk, n) sums, for each class, p y, p (or p^2) and y over its pixels of image n:
 // partial[((n * chunks + chunk) * 3 + k) * classes + c].
 template <typename scalar_t, typename target_t>
-__global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, Geometry g, bool squared,
+__global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
                                  const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial,
                                  unsigned long long* bad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -92,7 +93,7 @@ __global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, Geometry 
 }
 
 template <typename scalar_t, typename target_t>
-__global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, Geometry g, bool squared,
+__global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
                                      const at::opmath_type<scalar_t>* grad_sums, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
@@ -119,10 +120,10 @@ __global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, Geome
 }
 
 Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_loss", input_, target);
+  check_loss_inputs("dice_sums", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
   const Tensor input = dense(input_);
-  const Geometry g = geometry_of(input, target, ignore_index);
+  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.pixels / (cuda::kThreads * 4), 1024));
   Tensor partial = at::zeros({g.batch, chunks, 3, g.classes}, input.options().dtype(acc_type));
@@ -144,16 +145,16 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
       });
     });
   }
-  bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "dice_loss");
+  bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "dice_sums");
   return partial.sum(1).permute({1, 0, 2}).contiguous();  // (3, N, C), summed over chunks in a fixed order
 }
 
 Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                                int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_loss", input_, target);
+  check_loss_inputs("dice_sums", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
   const Tensor input = dense(input_);
-  const Geometry g = geometry_of(input, target, ignore_index);
+  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
   TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, g.batch, g.classes}),
                     "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
@@ -176,7 +177,7 @@ Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, c
 // ---------------------------------------------------------------------------------------- focal
 
 template <typename scalar_t, typename target_t>
-__global__ void focal_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma, Geometry g,
+__global__ void focal_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma, PixelIndexing g,
                              at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out, at::opmath_type<scalar_t>* partial,
                              unsigned long long* bad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -207,7 +208,7 @@ __global__ void focal_kernel(const scalar_t* x, const target_t* t, const double*
 
 template <typename scalar_t, typename target_t>
 __global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma,
-                                      Geometry g, const at::opmath_type<scalar_t>* lse,
+                                      PixelIndexing g, const at::opmath_type<scalar_t>* lse,
                                       const at::opmath_type<scalar_t>* grad_loss, bool per_pixel,
                                       const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -235,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
   const c10::cuda::CUDAGuard guard(input_.device());
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = geometry_of(input, target, ignore_index);
+  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
   const int64_t count = g.batch * g.pixels, blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
@@ -273,7 +274,7 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
   const c10::cuda::CUDAGuard guard(input_.device());
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const Geometry g = geometry_of(input, target, ignore_index);
+  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor divisor = count.to(acc_type).reshape({1});

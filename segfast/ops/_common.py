@@ -11,6 +11,19 @@ import torch
 # dtypes the kernels compute in (float32 accumulation for the 16-bit ones)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CUDA_DTYPES = CPU_DTYPES + (torch.float16,)
+# class indices: loss targets, predicted classes, augmentation masks (csrc/common/class_index.h)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in for inputs of ``dtype`` (at::opmath_type): float64 or float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_reduction(op: str, reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
 
 
 def float_dtypes(t: torch.Tensor) -> tuple[torch.dtype, ...]:
@@ -19,15 +32,16 @@ def float_dtypes(t: torch.Tensor) -> tuple[torch.dtype, ...]:
     return CUDA_DTYPES if on_cuda else CPU_DTYPES
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An int (or a symbolic one under torch.compile), not a bool."""
     return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def pair(op: str, name: str, value, *, minimum: int | None = None) -> list[int]:
     """``value`` (an int or a sequence of 1 or 2 ints) as a list of two ints."""
-    if _is_int(value):
+    if is_int(value):
         values = [value, value]
-    elif isinstance(value, Sequence) and len(value) in (1, 2) and all(_is_int(v) for v in value):
+    elif isinstance(value, Sequence) and len(value) in (1, 2) and all(is_int(v) for v in value):
         values = list(value) * (2 // len(value))
     else:
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._common import check_kernel_available, check_tensor, float_dtypes, memory_format
+from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, float_dtypes, memory_format
 
 _OP = "affine_augment"
-MASK_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
 @torch.library.register_fake("segfast::affine_augment")
@@ -45,7 +44,7 @@ def affine_augment(
         Performance): ordinary tensors whose storage cannot grow with ``resize_``.
     """
     check_tensor(_OP, "image", image, dims=(4,), dtypes=float_dtypes(image))
-    check_tensor(_OP, "mask", mask, dims=(3,), dtypes=MASK_DTYPES)
+    check_tensor(_OP, "mask", mask, dims=(3,), dtypes=INDEX_DTYPES)
     check_tensor(_OP, "theta", theta, dims=(3,))
     n, _, h, w = image.shape
     if mask.shape != (n, h, w):

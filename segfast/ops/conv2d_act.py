@@ -6,12 +6,20 @@ import torch
 import torch.nn.functional as F
 
 from segfast.ops._activation import check_activation, keeps_preact, register_autograd
-from segfast.ops._common import check_kernel_available, check_same, check_tensor, float_dtypes, memory_format, pair
+from segfast.ops._common import (
+    check_kernel_available,
+    check_same,
+    check_tensor,
+    float_dtypes,
+    is_int,
+    memory_format,
+    pair,
+)
 
 _OP = "conv2d_act"
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -22,8 +30,8 @@ def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, act
     size = (
         n,
         out_channels,
-        _output_size(h, kh, stride[0], padding[0], dilation[0]),
-        _output_size(w, kw, stride[1], padding[1], dilation[1]),
+        _conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+        _conv_output_size(w, kw, stride[1], padding[1], dilation[1]),
     )
     channels_last = torch.channels_last in (memory_format(input), memory_format(weight))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -97,7 +105,7 @@ def conv2d_act(
     negative_slope = check_activation(_OP, activation, negative_slope)
     stride = pair(_OP, "stride", stride, minimum=1)
     dilation = pair(_OP, "dilation", dilation, minimum=1)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
 
     unbatched = input.dim() == 3

@@ -7,23 +7,27 @@ import math
 import torch
 from torch.nn import _reduction
 
-from segfast.ops._common import check_float_arg, check_kernel_available, check_same, check_tensor, float_dtypes
+from segfast.ops._common import (
+    INDEX_DTYPES,
+    accumulation_dtype,
+    check_float_arg,
+    check_kernel_available,
+    check_reduction,
+    check_same,
+    check_tensor,
+    float_dtypes,
+    is_int,
+)
 
 _OP = "cross_entropy"
-INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
-REDUCTIONS = ("none", "mean", "sum")
-
-
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("segfast::cross_entropy")
 def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing):
     n, _, s = input.shape
     loss = input.new_empty((n, s) if reduction == "none" else ())
-    lse = input.new_empty((n, s), dtype=_lse_dtype(input.dtype))
-    return loss, lse, input.new_empty((), dtype=_lse_dtype(input.dtype))
+    lse = input.new_empty((n, s), dtype=accumulation_dtype(input.dtype))
+    return loss, lse, input.new_empty((), dtype=accumulation_dtype(input.dtype))
 
 
 @torch.library.register_fake("segfast::cross_entropy_backward")
@@ -101,6 +105,46 @@ def _as_pixels(input, target, prob):
     return input.reshape(n, c, pixels), (target.reshape(n, c, pixels) if prob else target.reshape(n, pixels))
 
 
+def _check_weight(input, weight, classes):
+    if weight is None:
+        return
+    check_tensor(_OP, "weight", weight, dims=(1,))
+    if weight.shape[0] != classes:
+        raise ValueError(f"{_OP}: weight must have shape ({classes},), got {tuple(weight.shape)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{_OP}: weight must not require grad (torch does not differentiate it either)")
+    check_same(_OP, "input", input, weight=weight)
+
+
+def _check_target(input, target, prob, ignore_index):
+    """Probabilities of the input's shape, dtype and device, or class indices of its pixel shape."""
+    if prob:
+        check_same(_OP, "input", input, target=target)
+        if target.shape != input.shape:
+            raise ValueError(
+                f"{_OP}: probability target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:  # torch's rule: a negative ignore_index is accepted and has no effect
+            raise ValueError(
+                f"{_OP}: ignore_index={ignore_index} is not supported for probability targets (as in torch)"
+            )
+        return
+    check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
+    if target.shape == input.shape:  # torch reads a target of the input's shape as probabilities
+        raise TypeError(
+            f"{_OP}: a target of the input's shape {tuple(input.shape)} holds class probabilities "
+            f"and must be floating point, got {target.dtype}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"{_OP}: target is on {target.device} but input is on {input.device}")
+    pixel_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.shape != pixel_shape:
+        raise ValueError(
+            f"{_OP}: class-index target must have shape {tuple(pixel_shape)} for input "
+            f"{tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -144,54 +188,23 @@ def cross_entropy(
     check_kernel_available(_OP, "segfast::cross_entropy", input)
     if input.dim() == 0:
         raise ValueError(f"{_OP}: input must be (C,), (N, C) or (N, C, d1, ...), got a 0-D tensor")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    check_reduction(_OP, reduction)
     label_smoothing = check_float_arg(_OP, "label_smoothing", label_smoothing, 0.0, 1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_int(ignore_index):
         raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if classes == 0:
         raise ValueError(f"{_OP}: input has no classes (shape {tuple(input.shape)})")
-    if weight is not None:
-        check_tensor(_OP, "weight", weight, dims=(1,))
-        if weight.shape[0] != classes:
-            raise ValueError(f"{_OP}: weight must have shape ({classes},), got {tuple(weight.shape)}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"{_OP}: weight must not require grad (torch does not differentiate it either)")
-    check_same(_OP, "input", input, weight=weight)
-
-    pixel_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    _check_weight(input, weight, classes)
     prob = target.is_floating_point()
-    if prob:
-        check_same(_OP, "input", input, target=target)
-        if target.shape != input.shape:
-            raise ValueError(
-                f"{_OP}: probability target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        if ignore_index >= 0:  # torch's rule: a negative ignore_index is accepted and has no effect
-            raise ValueError(
-                f"{_OP}: ignore_index={ignore_index} is not supported for probability targets (as in torch)"
-            )
-    else:
-        check_tensor(_OP, "target", target, dtypes=INDEX_DTYPES)
-        if target.shape == input.shape:  # torch reads a target of the input's shape as probabilities
-            raise TypeError(
-                f"{_OP}: a target of the input's shape {tuple(input.shape)} holds class probabilities "
-                f"and must be floating point, got {target.dtype}"
-            )
-        if target.device != input.device:
-            raise ValueError(f"{_OP}: target is on {target.device} but input is on {input.device}")
-        if target.shape != pixel_shape:
-            raise ValueError(
-                f"{_OP}: class-index target must have shape {tuple(pixel_shape)} for input "
-                f"{tuple(input.shape)}, got {tuple(target.shape)}"
-            )
+    _check_target(input, target, prob, ignore_index)
     if reduction == "mean" and input.numel() == 0:
         raise ValueError(
             f"{_OP}: the mean over an empty batch is undefined (input shape {tuple(input.shape)}); "
             "torch returns NaN here"
         )
 
+    pixel_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     logits, pixel_target = _as_pixels(input, target, prob)
     if grad_in_forward:
         if reduction == "none":

@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from segfast.ops._common import check_kernel_available, check_tensor
+from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, is_int
 
 _OP = "confusion_matrix"
-INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
 @torch.library.register_fake("segfast::confusion_matrix")
@@ -48,7 +47,7 @@ def confusion_matrix(
         if num_classes is None:
             raise ValueError(f"{_OP}: num_classes is required with predicted classes")
         pixel_shape = input.shape
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"{_OP}: num_classes must be a positive int, got {num_classes!r}")
     if target.shape != pixel_shape:
         raise ValueError(f"{_OP}: target must have shape {tuple(pixel_shape)}, got {tuple(target.shape)}")

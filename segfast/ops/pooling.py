@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._common import check_kernel_available, check_tensor, float_dtypes, memory_format, pair
+from segfast.ops._common import check_kernel_available, check_tensor, float_dtypes, is_int, memory_format, pair
 
 
-def _output_size(size, kernel, stride, padding, dilation, ceil_mode):
+def _pooled_size(size, kernel, stride, padding, dilation, ceil_mode):
     # mirrors pool_output_size() in csrc/common/pooling.h (torch's pooling_output_shape)
     span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
     out = span // stride + 1
@@ -18,7 +18,7 @@ def _output_size(size, kernel, stride, padding, dilation, ceil_mode):
 
 def _empty_pooled(input, kernel, stride, padding, dilation, ceil_mode, dtype):
     size = [
-        _output_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) for d in range(2)
+        _pooled_size(input.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) for d in range(2)
     ]
     return torch.empty((*input.shape[:2], *size), dtype=dtype, device=input.device, memory_format=memory_format(input))
 
@@ -106,7 +106,7 @@ def _pool_args(op, input, kernel_size, stride, padding, dilation, ceil_mode):
     if any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"{op}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
     for d, name in ((0, "height"), (1, "width")):
-        if _output_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) < 1:
+        if _pooled_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) < 1:
             raise ValueError(
                 f"{op}: input {name} {x.shape[2 + d]} is too small for kernel_size={tuple(kernel)}, "
                 f"padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be empty"
@@ -171,9 +171,7 @@ def avg_pool2d(
     x, kernel, stride, padding, _, unbatched = _pool_args(
         "avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode
     )
-    if divisor_override is not None and (
-        isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override == 0
-    ):
+    if divisor_override is not None and (not is_int(divisor_override) or divisor_override == 0):
         raise ValueError(f"avg_pool2d: divisor_override must be a non-zero int or None, got {divisor_override!r}")
     out = torch.ops.segfast.avg_pool2d(
         x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override

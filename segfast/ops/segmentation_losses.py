@@ -8,14 +8,21 @@ import math
 
 import torch
 
-from segfast.ops._common import check_float_arg, check_kernel_available, check_tensor, float_dtypes
-from segfast.ops.cross_entropy import INDEX_DTYPES, REDUCTIONS, _lse_dtype
+from segfast.ops._common import (
+    INDEX_DTYPES,
+    accumulation_dtype,
+    check_float_arg,
+    check_kernel_available,
+    check_reduction,
+    check_tensor,
+    float_dtypes,
+)
 
 
 @torch.library.register_fake("segfast::dice_sums")
 def _dice_sums_fake(input, target, ignore_index, squared):
     n, c, _ = input.shape
-    return input.new_empty((3, n, c), dtype=_lse_dtype(input.dtype))
+    return input.new_empty((3, n, c), dtype=accumulation_dtype(input.dtype))
 
 
 @torch.library.register_fake("segfast::dice_sums_backward")
@@ -46,8 +53,8 @@ def _focal_fake(input, target, alpha, gamma, reduction, ignore_index):
     loss = input.new_empty((n, s) if reduction == "none" else ())
     return (
         loss,
-        input.new_empty((n, s), dtype=_lse_dtype(input.dtype)),
-        input.new_empty((), dtype=_lse_dtype(input.dtype)),
+        input.new_empty((n, s), dtype=accumulation_dtype(input.dtype)),
+        input.new_empty((), dtype=accumulation_dtype(input.dtype)),
     )
 
 
@@ -79,8 +86,9 @@ def _focal_backward(ctx, grad_loss, _grad_lse, _grad_count):
 torch.library.register_autograd("segfast::focal_loss", _focal_backward, setup_context=_focal_setup)
 
 
-def _pixels(op, input, target):
-    """(N, C, S) logits and (N, S) targets, views where possible, after the checks every loss shares."""
+def _pixels(op, kernel, input, target):
+    """(N, C, S) logits and (N, S) targets, views where possible, after the checks every loss shares;
+    ``kernel`` is the segfast op that will run (``dice_loss`` runs ``dice_sums``)."""
     check_tensor(op, "input", input, dtypes=float_dtypes(input))
     check_tensor(op, "target", target, dtypes=INDEX_DTYPES)
     if input.dim() < 2:
@@ -94,7 +102,7 @@ def _pixels(op, input, target):
         raise ValueError(f"{op}: target is on {target.device} but input is on {input.device}")
     if input.numel() == 0:
         raise ValueError(f"{op}: empty batch (input shape {tuple(input.shape)})")
-    check_kernel_available(op, f"segfast::{op if op != 'dice_loss' else 'dice_sums'}", input)
+    check_kernel_available(op, f"segfast::{kernel}", input)
     n, c = input.shape[:2]
     pixels = math.prod(input.shape[2:])
     return input.reshape(n, c, pixels), target.reshape(n, pixels)
@@ -141,9 +149,8 @@ def dice_loss(
 
     Backward saves nothing but the caller's logits and targets; it recomputes the softmax.
     """
-    x, t = _pixels("dice_loss", input, target)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"dice_loss: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    x, t = _pixels("dice_loss", "dice_sums", input, target)
+    check_reduction("dice_loss", reduction)
     smooth_nr = check_float_arg("dice_loss", "smooth_nr", smooth_nr, 0.0)
     smooth_dr = check_float_arg("dice_loss", "smooth_dr", smooth_dr, 0.0)
     weight = _check_class_vector("dice_loss", "weight", weight, x.shape[1], input)
@@ -181,9 +188,8 @@ def focal_loss(
 
     Backward keeps one float per pixel (the log-sum-exp), as cross_entropy.
     """
-    x, t = _pixels("focal_loss", input, target)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"focal_loss: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    x, t = _pixels("focal_loss", "focal_loss", input, target)
+    check_reduction("focal_loss", reduction)
     gamma = check_float_arg("focal_loss", "gamma", gamma, 0.0)
     alpha = _check_class_vector("focal_loss", "alpha", alpha, x.shape[1], input)
     if alpha is not None and alpha.requires_grad and torch.is_grad_enabled():

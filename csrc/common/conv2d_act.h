@@ -1,6 +1,6 @@
 #pragma once
-// conv2d_act's argument checks, shared by the CPU and CUDA kernels so that both refuse the same
-// input with the same message.
+// conv2d_act's host-side pieces shared by the CPU and CUDA kernels: the argument checks, so that
+// both refuse the same input with the same message.
 #include <ATen/core/Tensor.h>
 
 #include <optional>
