@@ -16,6 +16,7 @@ The report says what was converted and, for every Conv2d/Linear that was not, wh
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -137,37 +138,27 @@ def _describe(layer: nn.Module) -> str:
     return type(layer).__name__
 
 
+# stock layer -> segfast's subclass of it: the same constructor and state, segfast's forward
+_SEGFAST_SUBCLASS = {
+    nn.MaxPool2d: snn.MaxPool2d,
+    nn.AvgPool2d: snn.AvgPool2d,
+    nn.CrossEntropyLoss: snn.CrossEntropyLoss,
+}
+
+
+def _rebuilt_as(child: nn.Module, new_type: type) -> nn.Module:
+    """``new_type`` built with the constructor arguments ``child`` keeps as attributes of the same names."""
+    parameters = inspect.signature(type(child).__init__).parameters
+    return new_type(**{name: getattr(child, name) for name in parameters if name != "self" and hasattr(child, name)})
+
+
 def _swap_simple_layers(model: nn.Module, report: ConversionReport) -> None:
     """MaxPool2d, AvgPool2d, CrossEntropyLoss -> segfast's, wherever they sit."""
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             qualified = f"{parent_name}.{name}" if parent_name else name
-            new = None
-            if type(child) is nn.MaxPool2d:
-                new = snn.MaxPool2d(
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
-                    child.return_indices,
-                    child.ceil_mode,
-                )
-            elif type(child) is nn.AvgPool2d:
-                new = snn.AvgPool2d(
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.ceil_mode,
-                    child.count_include_pad,
-                    child.divisor_override,
-                )
-            elif type(child) is nn.CrossEntropyLoss:
-                new = snn.CrossEntropyLoss(
-                    child.weight,
-                    ignore_index=child.ignore_index,
-                    reduction=child.reduction,
-                    label_smoothing=child.label_smoothing,
-                )
+            new_type = _SEGFAST_SUBCLASS.get(type(child))
+            new = _rebuilt_as(child, new_type) if new_type is not None else None
             if new is not None:
                 new.train(child.training)
                 setattr(parent, name, new)

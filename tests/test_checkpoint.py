@@ -15,29 +15,11 @@ from segfast.cli import checkpoint as checkpoints
 from segfast.cli.main import main
 
 # the command of issue 19, with a small U-Net: 4 epochs of 12 steps, augmentation on
-SEGMENT = [
-    "train",
-    "--model",
-    "unet",
-    "--data",
-    "digits",
-    "--epochs",
-    "4",
-    "--max-steps",
-    "12",
-    "--base-width",
-    "8",
-    "--depth",
-    "2",
-    "--batch-size",
-    "8",
-    "--augment",
-    "rotate=20,flip=0.5",
-    "--seed",
-    "3",
-    "--quiet",
-]
-CLASSIFY = ["train", "--task", "classify", "--epochs", "2", "--max-steps", "9", "--batch-size", "16", "--seed", "5"]
+SEGMENT = (
+    "train --model unet --data digits --epochs 4 --max-steps 12 --base-width 8 --depth 2 --batch-size 8 "
+    "--augment rotate=20,flip=0.5 --seed 3 --quiet"
+).split()
+CLASSIFY = "train --task classify --epochs 2 --max-steps 9 --batch-size 16 --seed 5".split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

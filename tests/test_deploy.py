@@ -70,21 +70,8 @@ def test_export_command_and_predict_from_the_program(tmp_path, capsys):
     assert (
         main(
             [
-                "train",
-                "--model",
-                "unet",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--base-width",
-                "4",
-                "--depth",
-                "2",
-                "--quiet",
-                "--out",
+                *"train --model unet --epochs 1 --max-steps 2 --batch-size 2".split(),
+                *"--base-width 4 --depth 2 --quiet --out".split(),
                 str(checkpoint),
             ]
         )

@@ -115,19 +115,7 @@ def test_folder_dataset_and_its_errors(tmp_path):
 
 def test_train_eval_predict_resume(tmp_path, capsys):
     checkpoint = tmp_path / "unet.pt"
-    args = [
-        "train",
-        "--model",
-        "unet",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--out",
-        str(checkpoint),
-    ] + TINY
+    args = [*"train --model unet --epochs 1 --max-steps 3 --batch-size 4 --out".split(), str(checkpoint)] + TINY
     assert main(args) == 0
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] == 1 and 0 <= saved["val"]["miou"] <= 1
@@ -148,41 +136,11 @@ def test_train_eval_predict_resume(tmp_path, capsys):
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     checkpoint = tmp_path / "unet.pt"
     assert (
-        main(
-            [
-                "train",
-                "--model",
-                "unet",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "1",
-                "--batch-size",
-                "2",
-                "--out",
-                str(checkpoint),
-            ]
-            + TINY
-        )
-        == 0
+        main([*"train --model unet --epochs 1 --max-steps 1 --batch-size 2 --out".split(), str(checkpoint)] + TINY) == 0
     )
     capsys.readouterr()
     resumed_wider = [
-        "train",
-        "--model",
-        "unet",
-        "--epochs",
-        "2",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--base-width",
-        "8",
-        "--depth",
-        "2",
-        "--quiet",
-        "--resume",
+        *"train --model unet --epochs 2 --max-steps 1 --batch-size 2 --base-width 8 --depth 2 --quiet --resume".split(),
         str(checkpoint),
     ]
     assert main(resumed_wider) == 2
@@ -213,33 +171,10 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) reaches the weights one process reaches on the same
     global batches (norm none: BatchNorm statistics are per process under DDP on CPU)."""
-    common = [
-        "-m",
-        "segfast",
-        "train",
-        "--model",
-        "unet",
-        "--norm",
-        "none",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.05",
-        "--schedule",
-        "none",
-        "--no-shuffle",
-        "--base-width",
-        "4",
-        "--depth",
-        "2",
-        "--quiet",
-    ]
+    common = (
+        "-m segfast train --model unet --norm none --epochs 1 --max-steps 3 --batch-size 8 --optimizer sgd "
+        "--lr 0.05 --schedule none --no-shuffle --base-width 4 --depth 2 --quiet"
+    ).split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, *common, "--out", str(one)], check=True, env=env, capture_output=True)
@@ -271,26 +206,8 @@ def test_train_flags_amp_channels_last_sgd_poly(tmp_path):
     assert (
         main(
             [
-                "train",
-                "--model",
-                "fcn8s",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--optimizer",
-                "sgd",
-                "--nesterov",
-                "--weight-decay",
-                "1e-4",
-                "--schedule",
-                "poly",
-                "--amp",
-                "bf16",
-                "--channels-last",
-                "--class-weights",
+                *"train --model fcn8s --epochs 1 --max-steps 2 --batch-size 2 --optimizer sgd --nesterov".split(),
+                *"--weight-decay 1e-4 --schedule poly --amp bf16 --channels-last --class-weights".split(),
                 *["1"] * 11,
                 "--out",
                 str(checkpoint),
@@ -308,18 +225,8 @@ def test_train_with_augmentation(tmp_path, capsys):
     assert (
         main(
             [
-                "train",
-                "--model",
-                "unet",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--augment",
-                "rotate=30,flip=0.5,scale=0.7:1.4,translate=0.1,crop=40",
-                "--out",
+                *"train --model unet --epochs 1 --max-steps 2 --batch-size 4".split(),
+                *"--augment rotate=30,flip=0.5,scale=0.7:1.4,translate=0.1,crop=40 --out".split(),
                 str(checkpoint),
             ]
             + TINY
@@ -338,16 +245,7 @@ def test_train_with_each_loss(tmp_path, loss):
     assert (
         main(
             [
-                "train",
-                "--model",
-                "unet",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--loss",
+                *"train --model unet --epochs 1 --max-steps 2 --batch-size 2 --loss".split(),
                 loss,
                 "--out",
                 str(checkpoint),

@@ -41,22 +41,7 @@ def test_digits_split_is_deterministic_and_disjoint():
 def test_train_and_eval_commands(tmp_path, capsys):
     checkpoint = tmp_path / "cnn.pt"
     assert (
-        main(
-            [
-                "train",
-                "--task",
-                "classify",
-                "--model",
-                "simple-cnn",
-                "--data",
-                "digits",
-                "--epochs",
-                "4",
-                "--out",
-                str(checkpoint),
-            ]
-        )
-        == 0
+        main([*"train --task classify --model simple-cnn --data digits --epochs 4 --out".split(), str(checkpoint)]) == 0
     )
     trained = torch.load(checkpoint, weights_only=True)
     assert trained["test_accuracy"] > 0.9  # 4 epochs; the default 30 reach ~98%

@@ -71,19 +71,7 @@ def torch_of(python: pathlib.Path) -> tuple[str, str | None]:
 
 def build(venv: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     env = dict(os.environ, SKBUILD_BUILD_DIR=str(ROOT / "build" / f"wheel-{venv.name}"))
-    run(
-        venv_python(venv),
-        "-m",
-        "pip",
-        "wheel",
-        "-q",
-        "--no-build-isolation",
-        "--no-deps",
-        "-w",
-        work / "raw",
-        ROOT,
-        env=env,
-    )
+    run(venv_python(venv), *"-m pip wheel -q --no-build-isolation --no-deps -w".split(), work / "raw", ROOT, env=env)
     (raw,) = (work / "raw").glob("segfast-*.whl")
     return raw
 

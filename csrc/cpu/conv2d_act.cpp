@@ -169,7 +169,6 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   check_conv_args(input, weight, bias);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
-  const int64_t no_output_padding[2] = {0, 0};
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
@@ -184,9 +183,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
     });
     return {out, keep_preact ? preact : empty};
   }
-  Tensor z = at::convolution(input.contiguous(format), weight.contiguous(format), bias, stride, padding, dilation,
-                             false, no_output_padding, groups)
-                 .contiguous(format);
+  Tensor z = vendor_conv2d(input, weight, bias, stride, padding, dilation, groups, format);
   if (act == Activation::None) return {z, empty};
   Tensor out = keep_preact ? at::empty_like(z) : z;
   cpu::apply_activation(z, out, act, negative_slope);

@@ -129,6 +129,23 @@ Operands prepare(const Tensor& input_, const Tensor& target_, c10::string_view r
   return {input, with_logit_strides(target_, input, prob), prob, parse_reduction(reduction), cpu::tile_grid(input)};
 }
 
+// What the kernels read: logits, and the target (class indices, or probabilities laid out like the logits).
+template <typename scalar_t, typename target_t>
+struct Pointers {
+  const scalar_t* logits;
+  const target_t* target;
+  int64_t target_batch_stride, target_pixel_stride;
+
+  explicit Pointers(const Operands& in)
+      : logits(in.input.const_data_ptr<scalar_t>()),
+        target(in.target.const_data_ptr<target_t>()),
+        target_batch_stride(in.target.stride(0)),
+        target_pixel_stride(in.target.stride(1)) {}
+  int64_t class_at(int64_t n, int64_t s) const {
+    return static_cast<int64_t>(target[n * target_batch_stride + s * target_pixel_stride]);
+  }
+};
+
 // Calls f(target_t{}, kUnit) once per call: the target's element type (the logits' scalar_t for
 // probabilities, else the class-index type) and whether pixels are contiguous.
 template <typename scalar_t, typename F>
@@ -145,26 +162,25 @@ void cross_entropy_kernel(const Operands& in, const LossTerms<at::opmath_type<sc
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kProb = !std::is_integral_v<target_t>;
   const TileGrid& g = in.g;
-  const acc_t* wp = terms.weights();
-  const acc_t eps = terms.smoothing;
-  const scalar_t* x = in.input.const_data_ptr<scalar_t>();
-  const target_t* target = in.target.const_data_ptr<target_t>();
-  const int64_t ts0 = in.target.stride(0), ts1 = in.target.stride(1);
+  const Pointers<scalar_t, target_t> p(in);
   for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t tile) {
-    const auto t = tile_at<scalar_t, kUnit>(x, g, n, s0, pixels);
+    const auto t = tile_at<scalar_t, kUnit>(p.logits, g, n, s0, pixels);
     acc_t* tile_lse = lse + n * g.pixels + s0;
     tile_logsumexp(t, tile_lse);
     acc_t dot[kTile], mass[kTile], pixel_loss[kTile], pixel_weight[kTile];
     if constexpr (kProb) {
-      tile_weighted_sums<scalar_t, kUnit, true>(t, target + (t.data - x), wp, eps, dot, mass);
+      tile_weighted_sums<scalar_t, kUnit, true>(t, p.target + (t.data - p.logits), terms.weights(), terms.smoothing,
+                                                dot, mass);
       for (int64_t j = 0; j < pixels; ++j) {
         pixel_loss[j] = tile_lse[j] * mass[j] - dot[j];
         pixel_weight[j] = 1;
       }
     } else {
-      if (eps != 0) tile_weighted_sums<scalar_t, kUnit, false>(t, nullptr, wp, eps, dot, mass);
+      if (terms.smoothing != 0) {
+        tile_weighted_sums<scalar_t, kUnit, false>(t, nullptr, terms.weights(), terms.smoothing, dot, mass);
+      }
       for (int64_t j = 0; j < pixels; ++j) {
-        const auto cls = static_cast<int64_t>(target[n * ts0 + (s0 + j) * ts1]);
+        const int64_t cls = p.class_at(n, s0 + j);
         if (cls == ignore_index) {
           pixel_loss[j] = pixel_weight[j] = 0;
           continue;
@@ -173,7 +189,7 @@ void cross_entropy_kernel(const Operands& in, const LossTerms<at::opmath_type<sc
         const acc_t wt = terms.of(cls);
         const acc_t nll = tile_lse[j] - cpu::widen<acc_t>(t.row(cls)[j * t.pixel_stride()]);
         pixel_loss[j] = terms.ls.target_coef(wt) * nll;
-        if (eps != 0) pixel_loss[j] += terms.ls.spread * (terms.weight_total * tile_lse[j] - dot[j]);
+        if (terms.smoothing != 0) pixel_loss[j] += terms.ls.spread * (terms.weight_total * tile_lse[j] - dot[j]);
         pixel_weight[j] = wt;
       }
     }
@@ -220,32 +236,29 @@ void cross_entropy_backward_kernel(const Operands& in, const LossTerms<at::opmat
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kProb = !std::is_integral_v<target_t>;
   const TileGrid& g = in.g;
-  const acc_t* wp = terms.weights();
-  const acc_t eps = terms.smoothing;
-  const scalar_t* x = in.input.const_data_ptr<scalar_t>();
-  const target_t* target = in.target.const_data_ptr<target_t>();
-  const int64_t ts0 = in.target.stride(0), ts1 = in.target.stride(1);
+  const Pointers<scalar_t, target_t> p(in);
   for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
-    const auto t = tile_at<scalar_t, kUnit>(x, g, n, s0, pixels);
+    const auto t = tile_at<scalar_t, kUnit>(p.logits, g, n, s0, pixels);
     const acc_t* tile_lse = lse + n * g.pixels + s0;
-    scalar_t* tile_grad_p = grad + (t.data - x);
+    scalar_t* tile_grad_p = grad + (t.data - p.logits);
     acc_t scale[kTile], mass[kTile], dot[kTile];
     for (int64_t j = 0; j < pixels; ++j) scale[j] = grad_pixels ? grad_pixels[n * g.pixels + s0 + j] : grad_scale;
     if constexpr (kProb) {
-      const scalar_t* q = target + (t.data - x);
-      tile_weighted_sums<scalar_t, kUnit, true>(t, q, wp, eps, dot, mass);
-      tile_grad<scalar_t, kUnit, true>(t, q, wp, eps, tile_lse, mass, scale, tile_grad_p);
+      const scalar_t* q = p.target + (t.data - p.logits);
+      tile_weighted_sums<scalar_t, kUnit, true>(t, q, terms.weights(), terms.smoothing, dot, mass);
+      tile_grad<scalar_t, kUnit, true>(t, q, terms.weights(), terms.smoothing, tile_lse, mass, scale, tile_grad_p);
     } else {
       int64_t cls[kTile];
       for (int64_t j = 0; j < pixels; ++j) {
-        cls[j] = static_cast<int64_t>(target[n * ts0 + (s0 + j) * ts1]);
+        cls[j] = p.class_at(n, s0 + j);
         check_class_index("cross_entropy_backward", cls[j], n, s0 + j, g.classes, ignore_index);
         const bool ignored = cls[j] == ignore_index;
         const acc_t wt = ignored ? acc_t(0) : terms.of(cls[j]);
         mass[j] = terms.ls.target_coef(wt) + terms.ls.spread_coef(terms.weight_total);
         if (ignored) scale[j] = 0;  // also when the mean's total weight is 0 (torch gives 0, not NaN)
       }
-      tile_grad<scalar_t, kUnit, false>(t, nullptr, wp, eps, tile_lse, mass, scale, tile_grad_p);
+      tile_grad<scalar_t, kUnit, false>(t, nullptr, terms.weights(), terms.smoothing, tile_lse, mass, scale,
+                                        tile_grad_p);
       for (int64_t j = 0; j < pixels; ++j) {
         if (cls[j] == ignore_index) continue;
         scalar_t& gt = tile_grad_p[cls[j] * t.class_stride + j * t.pixel_stride()];

@@ -45,10 +45,8 @@ std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& we
     auto [out, preact] = cuda::igemm::forward(input, weight, bias, padding, act, negative_slope, keep_preact);
     return {out, keep_preact ? preact : empty};
   }
-  const int64_t no_output_padding[2] = {0, 0};
-  Tensor z = at::convolution(input.contiguous(format), weight.contiguous(format), std::nullopt, stride, padding,
-                             dilation, false, no_output_padding, groups)
-                 .contiguous(format);
+  // the bias joins the activation pass
+  Tensor z = vendor_conv2d(input, weight, std::nullopt, stride, padding, dilation, groups, format);
   if (act == Activation::None && !(bias && bias->defined())) return {z, empty};
   Tensor out = keep_preact ? at::empty_like(z) : z;
   cuda::bias_activation(z, bias, out, z.size(1), channel_inner(z, format), act, negative_slope);

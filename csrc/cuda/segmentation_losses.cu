@@ -48,6 +48,28 @@ PixelIndexing indexing_of(const Tensor& x, const Tensor& t, int64_t ignore_index
           x.stride(2), t.stride(0), t.stride(1), ignore_index};
 }
 
+// Calls f(scalar_t{}, target_t{}) for the logits' floating type and the target's class-index type.
+template <typename F>
+void dispatch_loss_types(const Tensor& input, const Tensor& target, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums or focal_loss", [&] {
+    dispatch_class_index(target.scalar_type(), "loss target", [&](auto index) { f(scalar_t{}, index); });
+  });
+}
+
+// The checked arguments every Dice and focal entry point starts from: dense logits and their indexing.
+struct LossOperands {
+  Tensor input;
+  PixelIndexing g;
+};
+
+LossOperands prepare_loss(const char* op, const Tensor& input_, const Tensor& target, int64_t ignore_index) {
+  check_loss_inputs(op, input_, target);
+  TORCH_CHECK_VALUE(target.device() == input_.device(), op, ": target is on ", target.device(), " but input is on ",
+                    input_.device());
+  const Tensor input = dense(input_);
+  return {input, indexing_of(input, target, ignore_index)};
+}
+
 // ----------------------------------------------------------------------------------------- Dice
 
 template <typename scalar_t>
@@ -58,14 +80,14 @@ __global__ void pixel_lse_kernel(const scalar_t* x, PixelIndexing g, at::opmath_
   }
 }
 
-// Block (chunk, n) sums, for each class, p y, p (or p^2) and y over its pixels of image n:
-// partial[((n * chunks + chunk) * 3 + k) * classes + c].
+// Block n * chunks + chunk sums, for each class, p y, p (or p^2) and y over its chunk of image n:
+// partial[((n * chunks + chunk) * 3 + k) * classes + c]. A 1-D grid: N may pass gridDim.y's 65535.
 template <typename scalar_t, typename target_t>
-__global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
+__global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, int64_t chunks, bool squared,
                                  const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial,
                                  unsigned long long* bad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t n = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int64_t chunk_len = (g.pixels + chunks - 1) / chunks;
   const int64_t s0 = chunk * chunk_len, s1 = std::min(g.pixels, s0 + chunk_len);
   for (int64_t c = 0; c < g.classes; ++c) {
@@ -120,29 +142,29 @@ __global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, Pixel
 }
 
 Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_sums", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Tensor input = dense(input_);
-  const PixelIndexing g = indexing_of(input, target, ignore_index);
+  const LossOperands in = prepare_loss("dice_sums", input_, target, ignore_index);
+  const Tensor& input = in.input;
+  const PixelIndexing& g = in.g;
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.pixels / (cuda::kThreads * 4), 1024));
   Tensor partial = at::zeros({g.batch, chunks, 3, g.classes}, input.options().dtype(acc_type));
   cuda::BadPixel bad(input);
   if (g.batch * g.pixels > 0 && g.classes > 0) {
     Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums", [&] {
+    dispatch_loss_types(input, target, [&](auto logit, auto index) {
+      using scalar_t = decltype(logit);
+      using target_t = decltype(index);
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-        using target_t = decltype(target_type);
-        const scalar_t* x = input.const_data_ptr<scalar_t>();
-        pixel_lse_kernel<scalar_t><<<cuda::blocks_for(g.batch * g.pixels), cuda::kThreads, 0, cuda::stream()>>>(
-            x, g, lse.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dice_sums_kernel<scalar_t, target_t><<<dim3(chunks, g.batch), cuda::kThreads, 0, cuda::stream()>>>(
-            x, target.const_data_ptr<target_t>(), g, squared, lse.const_data_ptr<acc_t>(),
-            partial.mutable_data_ptr<acc_t>(), bad.flag());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      pixel_lse_kernel<scalar_t><<<cuda::blocks_for(g.batch * g.pixels), cuda::kThreads, 0, cuda::stream()>>>(
+          x, g, lse.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto blocks = static_cast<unsigned int>(chunks * g.batch);
+      dice_sums_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+          x, target.const_data_ptr<target_t>(), g, chunks, squared, lse.const_data_ptr<acc_t>(),
+          partial.mutable_data_ptr<acc_t>(), bad.flag());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "dice_sums");
@@ -151,25 +173,24 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
 
 Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                                int64_t ignore_index, bool squared) {
-  check_loss_inputs("dice_sums", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Tensor input = dense(input_);
-  const PixelIndexing g = indexing_of(input, target, ignore_index);
+  const LossOperands in = prepare_loss("dice_sums", input_, target, ignore_index);
+  const Tensor& input = in.input;
+  const PixelIndexing& g = in.g;
   const Tensor grad_sums = grad_sums_.to(at::toOpMathType(input.scalar_type())).contiguous();
   TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, g.batch, g.classes}),
                     "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
   Tensor grad = at::empty_like(input);
   const int64_t count = g.batch * g.pixels;
   if (count == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    using scalar_t = decltype(logit);
+    using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      dice_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
-          grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    dice_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
+        grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
 }
@@ -216,7 +237,8 @@ __global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, cons
     const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
     const int64_t cls = g.class_at(t, n, s, nullptr);
     acc_t scale = cls < 0 ? acc_t(0) : (per_pixel ? grad_loss[i] : grad_loss[0]);
-    if (mean_divisor != nullptr) scale /= *mean_divisor;
+    // ignored pixels keep 0, also when every pixel is ignored and the mean's divisor is 0
+    if (mean_divisor != nullptr && cls >= 0) scale /= *mean_divisor;
     const acc_t a =
         cls < 0 ? acc_t(0)
                 : focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse[i],
@@ -232,11 +254,11 @@ __global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, cons
 std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const Tensor& target,
                                                    const std::optional<Tensor>& alpha_, double gamma,
                                                    c10::string_view reduction_, int64_t ignore_index) {
-  check_loss_inputs("focal_loss", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Tensor input = dense(input_);
+  const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
+  const Tensor& input = in.input;
+  const PixelIndexing& g = in.g;
   const Reduction reduction = parse_reduction(reduction_);
-  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
   const int64_t count = g.batch * g.pixels, blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
@@ -245,17 +267,15 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
   Tensor partial = at::zeros({blocks, 2}, input.options().dtype(acc_type));
   cuda::BadPixel bad(input);
   if (count > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "focal_loss", [&] {
+    dispatch_loss_types(input, target, [&](auto logit, auto index) {
+      using scalar_t = decltype(logit);
+      using target_t = decltype(index);
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-        using target_t = decltype(target_type);
-        focal_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-            input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
-            alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
-            loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
-            bad.flag());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      focal_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
+          alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
+          loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(), bad.flag());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "focal_loss");
@@ -270,11 +290,11 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
 Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, const Tensor& target,
                                 const std::optional<Tensor>& alpha_, double gamma, const Tensor& lse_,
                                 const Tensor& count, c10::string_view reduction_, int64_t ignore_index) {
-  check_loss_inputs("focal_loss", input_, target);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Tensor input = dense(input_);
+  const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
+  const Tensor& input = in.input;
+  const PixelIndexing& g = in.g;
   const Reduction reduction = parse_reduction(reduction_);
-  const PixelIndexing g = indexing_of(input, target, ignore_index);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor divisor = count.to(acc_type).reshape({1});
@@ -282,17 +302,16 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
   Tensor grad = at::empty_like(input);
   const int64_t pixels = g.batch * g.pixels;
   if (pixels == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "focal_loss_backward", [&] {
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    using scalar_t = decltype(logit);
+    using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      focal_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
-          alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
-          g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,
-          reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    focal_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
+        alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
+        g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,
+        reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
 }

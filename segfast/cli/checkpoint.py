@@ -40,15 +40,24 @@ class Position:
     best: float | None = None
     epoch_done: bool = False
 
+    def advance(self, loss: float, save_every: int | None, steps_per_epoch: int) -> bool:
+        """Counts one training step of mean loss ``loss``; True when a mid-epoch save is due after it
+        (the epoch's last step is saved with the epoch instead)."""
+        self.step += 1
+        self.global_step += 1
+        self.epoch_loss += (loss - self.epoch_loss) / self.step
+        return bool(save_every) and self.global_step % save_every == 0 and self.step < steps_per_epoch
+
+    def next_epoch(self) -> Position:
+        return Position(epoch=self.epoch + 1, global_step=self.global_step, best=self.best)
+
     @classmethod
     def resumed(cls, checkpoint: dict | None) -> Position:
         """The position to continue from: after the checkpoint's step, or at the next epoch's start."""
         if checkpoint is None:
             return cls()
         saved = cls(**checkpoint["position"])
-        if saved.epoch_done:
-            return cls(epoch=saved.epoch + 1, global_step=saved.global_step, best=saved.best)
-        return saved
+        return saved.next_epoch() if saved.epoch_done else saved
 
 
 class EpochOrder(Sampler):

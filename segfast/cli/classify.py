@@ -112,10 +112,7 @@ def run_train(args) -> int:
             loss.backward()
             optimizer.step()
             schedule.step()
-            position.step += 1
-            position.global_step += 1
-            position.epoch_loss += (loss.item() - position.epoch_loss) / position.step
-            if args.save_every and position.global_step % args.save_every == 0 and position.step < steps_per_epoch:
+            if position.advance(loss.item(), args.save_every, steps_per_epoch):
                 save(None)
         test = evaluate(model, test_loader, loss_fn)
         print(
@@ -124,7 +121,7 @@ def run_train(args) -> int:
         )
         position.epoch_done = True
         save(test)
-        position = checkpoints.Position(epoch=position.epoch + 1, global_step=position.global_step, best=position.best)
+        position = position.next_epoch()
     if test is not None:
         print(f"test loss {test[0]:.4f}, test accuracy {100 * test[1]:.2f}%; checkpoint: {args.out}")
     return 0

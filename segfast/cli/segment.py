@@ -95,23 +95,20 @@ def _optimizer(model: nn.Module, args):
 
 
 class Progress:
-    """A one-line progress bar on stderr: batches done, running mean loss, images per second. A resumed
-    epoch starts at ``done`` batches with the running mean ``loss`` it had."""
+    """A one-line progress bar on stderr: the epoch's steps done, its running mean loss, images per second."""
 
-    def __init__(self, total: int, prefix: str, enabled: bool, done: int = 0, loss: float = 0.0):
+    def __init__(self, total: int, prefix: str, enabled: bool):
         self.total, self.prefix, self.enabled = total, prefix, enabled and total > 0
-        self.start, self.images, self.loss, self.done = time.perf_counter(), 0, loss, done
+        self.start, self.images = time.perf_counter(), 0
 
-    def update(self, loss: float, images: int) -> None:
-        self.done += 1
+    def update(self, position: checkpoints.Position, images: int) -> None:
         self.images += images
-        self.loss += (loss - self.loss) / self.done
         if self.enabled:
-            width, filled = 24, 24 * self.done // self.total
+            width, filled = 24, 24 * position.step // self.total
             rate = self.images / max(time.perf_counter() - self.start, 1e-9)
             print(
-                f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"loss {self.loss:.4f} {rate:.1f} img/s",
+                f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {position.step}/{self.total} "
+                f"loss {position.epoch_loss:.4f} {rate:.1f} img/s",
                 end="",
                 file=sys.stderr,
                 flush=True,
@@ -274,13 +271,7 @@ def run_train(args) -> int:
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * per_process)
         step_model.train()
-        progress = Progress(
-            steps_per_epoch,
-            f"epoch {position.epoch}",
-            main_process and not args.quiet,
-            done=position.step,
-            loss=position.epoch_loss,
-        )
+        progress = Progress(steps_per_epoch, f"epoch {position.epoch}", main_process and not args.quiet)
         for images, masks in train_loader:
             if position.step == steps_per_epoch:
                 break
@@ -298,25 +289,21 @@ def run_train(args) -> int:
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            progress.update(loss.item(), len(images))
-            position.step, position.global_step, position.epoch_loss = (
-                position.step + 1,
-                position.global_step + 1,
-                progress.loss,
-            )
-            if args.save_every and position.global_step % args.save_every == 0 and position.step < steps_per_epoch:
+            save_due = position.advance(loss.item(), args.save_every, steps_per_epoch)
+            progress.update(position, len(images))
+            if save_due:
                 save(None)
         progress.close()
         result = evaluate(step_model, val_loader, config, device, args.amp, args.channels_last)
         if main_process:
             print(
-                f"epoch {position.epoch:3d}  train loss {progress.loss:.4f}  val mIoU {result['miou']:.4f}  "
+                f"epoch {position.epoch:3d}  train loss {position.epoch_loss:.4f}  val mIoU {result['miou']:.4f}  "
                 f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ({time.perf_counter() - start:.1f} s)",
                 flush=True,
             )
         position.epoch_done = True
         save(result)
-        position = checkpoints.Position(epoch=position.epoch + 1, global_step=position.global_step, best=position.best)
+        position = position.next_epoch()
     if main_process and result:
         print(f"val mIoU {result['miou']:.4f}; checkpoint: {args.out}")
     if world > 1:
