@@ -1,6 +1,18 @@
 """segfast: fused CPU and CUDA kernels for image-segmentation training, as real torch ops.
 
-``segfast.ops`` mirrors ``torch.nn.functional``; ``segfast.nn`` mirrors ``torch.nn``.
+The library (what a user's own training code imports):
+
+- ``segfast.ops``: mirrors ``torch.nn.functional`` (each op a ``torch.ops.segfast.*`` op with a fake
+  kernel and autograd);
+- ``segfast.nn``: mirrors ``torch.nn`` (modules on those ops);
+- ``segfast.augment``, ``segfast.metrics``: joint image + mask augmentation, segmentation metrics;
+- ``segfast.convert`` / ``segfast.fold_batchnorm`` (``segfast.deploy``): swap segfast layers into
+  existing models, fold BatchNorm for export.
+
+The application built on it (the ``segfast`` command): ``segfast.models`` (SimpleCNN, UNet, FCN),
+``segfast.data`` (digits data sets, folders of images), ``segfast.cli`` (train / eval / predict /
+export / bench / info) and ``segfast.bench`` (the benchmark suites). Every module named here is
+reachable as an attribute of ``segfast``.
 """
 
 import importlib.metadata as _metadata
@@ -25,14 +37,22 @@ def _check_torch_version() -> None:
 
 _check_torch_version()
 
-from segfast import (  # noqa: E402
-    _C,  # noqa: E402,F401  (registers torch.ops.segfast.*)
-    nn,
-    ops,
-)
+from segfast import _C  # noqa: E402,F401,I001  (first: registers torch.ops.segfast.*)
+from segfast import augment, data, metrics, models, nn, ops  # noqa: E402
 from segfast._C import build_info  # noqa: E402
 from segfast.convert import ConversionReport, convert  # noqa: E402
 from segfast.deploy import fold_batchnorm  # noqa: E402
 
-__all__ = ["ConversionReport", "build_info", "convert", "fold_batchnorm", "nn", "ops"]
+__all__ = [
+    "ConversionReport",
+    "augment",
+    "build_info",
+    "convert",
+    "data",
+    "fold_batchnorm",
+    "metrics",
+    "models",
+    "nn",
+    "ops",
+]
 __version__ = _metadata.version("segfast")  # e.g. 0.1.0+cpu.torch2.13: what this build is for

@@ -10,6 +10,10 @@ inline at::MemoryFormat memory_format(const at::Tensor& t) {
   return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }
 
+inline at::MemoryFormat format_for(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // Kernels that read a tensor in place through its strides, and give their output the same strides
 // (empty_like), need it dense: an expanded or gapped view is copied first.
 inline at::Tensor dense(const at::Tensor& t) {
@@ -18,9 +22,8 @@ inline at::Tensor dense(const at::Tensor& t) {
 
 // The memory format F.conv2d gives its output: channels_last when input or weight is.
 inline at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
-  const bool channels_last =
-      memory_format(input) == at::MemoryFormat::ChannelsLast || memory_format(weight) == at::MemoryFormat::ChannelsLast;
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return format_for(memory_format(input) == at::MemoryFormat::ChannelsLast ||
+                    memory_format(weight) == at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace segfast

@@ -156,7 +156,7 @@ SEGFAST_HOST_DEVICE acc_t divide(acc_t sum, int64_t divisor) {
 // ------------------------------------------------------------------- host side, every backend
 
 inline at::MemoryFormat format_of(const Pool2d& p) {
-  return p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return format_for(p.channels_last);
 }
 
 inline bool is_channels_last(const at::Tensor& t) {

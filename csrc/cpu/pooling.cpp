@@ -92,7 +92,7 @@ SEGFAST_CPU_MULTIVERSION void max_pool_pixel_nhwc(const scalar_t* image, scalar_
 }
 
 template <typename scalar_t, typename index_t>
-void max_pool_forward(const Tensor& input, Tensor& out, Tensor& argmax, const Pool2d& p) {
+void max_pool2d_kernel(const Tensor& input, Tensor& out, Tensor& argmax, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -124,8 +124,7 @@ void max_pool_forward(const Tensor& input, Tensor& out, Tensor& argmax, const Po
 // Flat input index (torch's return_indices) of each output's compact argmax.
 template <typename index_t>
 Tensor flat_indices(const Tensor& argmax, const Pool2d& p) {
-  Tensor flat = at::empty(argmax.sizes(), argmax.options().dtype(at::kLong),
-                          p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor flat = at::empty(argmax.sizes(), argmax.options().dtype(at::kLong), format_of(p));
   const index_t* a = argmax.const_data_ptr<index_t>();
   int64_t* f = flat.mutable_data_ptr<int64_t>();
   const int64_t out_plane = p.h.out * p.w.out;
@@ -144,14 +143,14 @@ std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kern
                                           IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                           bool return_indices) {
   const bool cl = is_channels_last(input_);
-  const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const Tensor input = input_.contiguous(format_for(cl));
   const Pool2d p = make_pool(input.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
   const auto compact = p.taps() <= 256 ? at::kByte : at::kInt;
   Tensor out = empty_pooled(input, p, input.scalar_type());
   Tensor argmax = empty_pooled(input, p, compact);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
     dispatch_argmax(compact, [&](auto index) {
-      max_pool_forward<scalar_t, decltype(index)>(input, out, argmax, p);
+      max_pool2d_kernel<scalar_t, decltype(index)>(input, out, argmax, p);
       if (return_indices) argmax = flat_indices<decltype(index)>(argmax, p);
     });
   });
@@ -223,7 +222,7 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
 }
 
 template <typename scalar_t, typename index_t>
-void max_pool_backward(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p) {
+void max_pool2d_backward_kernel(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
   const index_t* a = argmax.const_data_ptr<index_t>();
@@ -259,7 +258,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
                                IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                bool ceil_mode) {
   const bool cl = is_channels_last(argmax_);
-  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto format = format_for(cl);
   const Tensor grad_out = grad_out_.contiguous(format), argmax = argmax_.contiguous(format);
   const Pool2d p = make_pool(input_size, cl, kernel, stride, padding, dilation, ceil_mode);
   check_grad_size("max_pool2d_backward", grad_out, p);
@@ -267,8 +266,9 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
                     " and grad_output ", grad_out.sizes(), " differ");
   Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
-    dispatch_argmax(argmax.scalar_type(),
-                    [&](auto index) { max_pool_backward<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p); });
+    dispatch_argmax(argmax.scalar_type(), [&](auto index) {
+      max_pool2d_backward_kernel<scalar_t, decltype(index)>(grad_out, argmax, grad_in, p);
+    });
   });
   return grad_in;
 }
@@ -325,33 +325,37 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
   for (int64_t c = 0; c < channels; ++c) out[c] = cpu::narrow<scalar_t>(divide(acc[c], div));
 }
 
+template <typename scalar_t>
+void avg_pool2d_kernel(const Tensor& input, Tensor& out, const Pool2d& p, const AvgDivisor& divisor) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  if (!p.channels_last) {
+    parallel_with_scratch<acc_t>(p.planes() * p.h.out, p.w.out, [&](int64_t row, acc_t* acc) {
+      const int64_t plane = row / p.h.out, oh = row % p.h.out;
+      avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
+                        width_counts.data(), acc);
+    });
+  } else {
+    parallel_with_scratch<acc_t>(p.batch * out_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+      const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
+      avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh, ow, divisor,
+                          acc);
+    });
+  }
+}
+
 Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
                       bool count_include_pad, std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(input_);
-  const Tensor input = input_.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const Tensor input = input_.contiguous(format_for(cl));
   const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
-  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
   Tensor out = empty_pooled(input, p, input.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = input.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
-    if (!cl) {
-      parallel_with_scratch<acc_t>(p.planes() * p.h.out, p.w.out, [&](int64_t row, acc_t* acc) {
-        const int64_t plane = row / p.h.out, oh = row % p.h.out;
-        avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
-                          width_counts.data(), acc);
-      });
-    } else {
-      parallel_with_scratch<acc_t>(p.batch * out_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
-        const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
-        avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh, ow,
-                            divisor, acc);
-      });
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d",
+                                 [&] { avg_pool2d_kernel<scalar_t>(input, out, p, divisor); });
   return out;
 }
 
@@ -403,36 +407,39 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
+template <typename scalar_t>
+void avg_pool2d_backward_kernel(const Tensor& grad_out, Tensor& grad_in, const Pool2d& p, const AvgDivisor& divisor) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
+  const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  if (!p.channels_last) {
+    parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in + p.w.out, [&](int64_t row, acc_t* acc) {
+      const int64_t plane = row / p.h.in, ih = row % p.h.in;
+      avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih, divisor,
+                                 width_counts.data(), acc);
+    });
+  } else {
+    parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+      const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
+      avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels, ih,
+                                   iw, divisor, width_counts.data(), acc);
+    });
+  }
+}
+
 Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel, IntArrayRef stride,
                                IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(grad_out_);
-  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const Tensor grad_out = grad_out_.contiguous(format);
+  const Tensor grad_out = grad_out_.contiguous(format_for(cl));
   const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
-  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
-  Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
-    const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
-    if (!cl) {
-      parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in + p.w.out, [&](int64_t row, acc_t* acc) {
-        const int64_t plane = row / p.h.in, ih = row % p.h.in;
-        avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih, divisor,
-                                   width_counts.data(), acc);
-      });
-    } else {
-      parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
-        const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
-        avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels, ih,
-                                     iw, divisor, width_counts.data(), acc);
-      });
-    }
-  });
+  Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format_of(p));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward",
+                                 [&] { avg_pool2d_backward_kernel<scalar_t>(grad_out, grad_in, p, divisor); });
   return grad_in;
 }
 

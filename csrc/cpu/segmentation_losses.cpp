@@ -61,6 +61,14 @@ void for_each_softmax_tile(const Tensor& input, const Tensor& target, int64_t ig
   });
 }
 
+// Calls f(scalar_t{}, target_t{}) for the logits' floating type and the target's class-index type.
+template <typename F>
+void dispatch_loss_types(const Tensor& input, const Tensor& target, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums or focal_loss", [&] {
+    dispatch_class_index(target.scalar_type(), "loss target", [&](auto index) { f(scalar_t{}, index); });
+  });
+}
+
 // softmax p(c, j) of a tile, recomputed from its log-sum-exp
 template <typename scalar_t, bool kUnit>
 at::opmath_type<scalar_t> prob(const Tile<scalar_t, kUnit>& t, const at::opmath_type<scalar_t>* lse, int64_t c,
@@ -177,10 +185,8 @@ Tensor dice_sums_cpu(const Tensor& input_, const Tensor& target, int64_t ignore_
   const Tensor input = dense(input_);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   Tensor sums = at::zeros({3, input.size(0), input.size(1)}, input.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums", [&] {
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      dice_sums_kernel<scalar_t, decltype(target_type)>(input, target, ignore_index, squared, sums);
-    });
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    dice_sums_kernel<decltype(logit), decltype(index)>(input, target, ignore_index, squared, sums);
   });
   return sums;
 }
@@ -209,12 +215,48 @@ Tensor dice_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_, co
   TORCH_CHECK_VALUE(grad_sums.sizes() == at::IntArrayRef({3, batch, classes}),
                     "dice_sums_backward: grad_sums must be (3, N, C), got ", grad_sums.sizes());
   Tensor grad = cpu::empty_like_cached(input);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dice_sums_backward", [&] {
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      dice_sums_backward_kernel<scalar_t, decltype(target_type)>(grad_sums, input, target, ignore_index, squared, grad);
-    });
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    dice_sums_backward_kernel<decltype(logit), decltype(index)>(grad_sums, input, target, ignore_index, squared, grad);
   });
   return grad;
+}
+
+// The per-class focal weight alpha_c (1 without alpha).
+struct FocalAlpha {
+  const double* alpha;
+  template <typename acc_t>
+  acc_t of(int64_t c) const {
+    return static_cast<acc_t>(alpha != nullptr ? alpha[c] : 1.0);
+  }
+};
+
+// Per pixel: the log-sum-exp (saved for backward) and the loss; per tile: the loss sum and the
+// counted pixels, for the fixed-order reduction.
+template <typename scalar_t, typename target_t>
+void focal_loss_kernel(const Tensor& input, const Tensor& target, int64_t ignore_index, FocalAlpha alpha, double gamma,
+                       at::opmath_type<scalar_t>* lse, scalar_t* loss, std::vector<double>& tile_loss,
+                       std::vector<double>& tile_pixels) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixels_per_image = input.size(2);
+  for_each_softmax_tile<scalar_t, target_t>(
+      input, target, ignore_index, "focal_loss",
+      [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int64_t* cls) {
+        double sum = 0, counted = 0;
+        for (int64_t j = 0; j < t.pixels; ++j) {
+          const int64_t at = n * pixels_per_image + s0 + j;
+          lse[at] = lse_tile[j];
+          acc_t value = 0;
+          if (cls[j] >= 0) {
+            const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+            value = focal_terms<acc_t>(log_pt, alpha.of<acc_t>(cls[j]), static_cast<acc_t>(gamma)).loss;
+            counted += 1;
+          }
+          if (loss != nullptr) loss[at] = cpu::narrow<scalar_t>(value);
+          sum += value;
+        }
+        tile_loss[tile] = sum;
+        tile_pixels[tile] = counted;
+      });
 }
 
 std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Tensor& target,
@@ -229,32 +271,12 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
   Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
   Tensor loss = reduction == Reduction::None ? at::empty({g.batch, g.pixels}, input.options()) : Tensor();
   std::vector<double> tile_loss(g.tiles()), tile_pixels(g.tiles());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "focal_loss", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
-      acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
-      scalar_t* loss_p = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-      for_each_softmax_tile<scalar_t, decltype(target_type)>(
-          input, target, ignore_index, "focal_loss",
-          [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int64_t* cls) {
-            double sum = 0, counted = 0;
-            for (int64_t j = 0; j < t.pixels; ++j) {
-              lse_p[n * g.pixels + s0 + j] = lse_tile[j];
-              acc_t value = 0;
-              if (cls[j] >= 0) {
-                const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-                value =
-                    focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0), static_cast<acc_t>(gamma)).loss;
-                counted += 1;
-              }
-              if (loss_p != nullptr) loss_p[n * g.pixels + s0 + j] = cpu::narrow<scalar_t>(value);
-              sum += value;
-            }
-            tile_loss[tile] = sum;
-            tile_pixels[tile] = counted;
-          });
-    });
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    using scalar_t = decltype(logit);
+    focal_loss_kernel<scalar_t, decltype(index)>(
+        input, target, ignore_index, FocalAlpha{alpha.defined() ? alpha.const_data_ptr<double>() : nullptr}, gamma,
+        lse.mutable_data_ptr<at::opmath_type<scalar_t>>(), loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr,
+        tile_loss, tile_pixels);
   });
   const double sum = cpu::sum_in_order(tile_loss), count = cpu::sum_in_order(tile_pixels);
   Tensor count_t = at::scalar_tensor(count, input.options().dtype(acc_type));
@@ -264,49 +286,57 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cpu(const Tensor& input_, const Te
   return {loss, lse, count_t};
 }
 
+// grad = scale * A * (onehot - softmax) per counted pixel, from the saved log-sum-exp; `grad_pixels`
+// per pixel (reduction none) or null with `grad_scale` for every pixel.
+template <typename scalar_t, typename target_t>
+void focal_loss_backward_kernel(const Tensor& input, const Tensor& target, int64_t ignore_index, FocalAlpha alpha,
+                                double gamma, const at::opmath_type<scalar_t>* lse,
+                                const at::opmath_type<scalar_t>* grad_pixels, at::opmath_type<scalar_t> grad_scale,
+                                scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TileGrid g = cpu::tile_grid(input);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const target_t* tp = target.const_data_ptr<target_t>();
+  cpu::dispatch_unit_stride(g, [&](auto unit) {
+    cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
+      const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x, g, n, s0, pixels);
+      const acc_t* lse_tile = lse + n * g.pixels + s0;
+      int64_t cls[kTile];
+      acc_t coef[kTile];  // scale * A
+      tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, "focal_loss", cls);
+      for (int64_t j = 0; j < pixels; ++j) {
+        if (cls[j] < 0) {
+          coef[j] = 0;
+          continue;
+        }
+        const acc_t scale = grad_pixels != nullptr ? grad_pixels[n * g.pixels + s0 + j] : grad_scale;
+        const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
+        coef[j] = scale * focal_terms<acc_t>(log_pt, alpha.of<acc_t>(cls[j]), static_cast<acc_t>(gamma)).a;
+      }
+      tile_focal_grad(t, lse_tile, cls, coef, grad + (t.data - x));
+    });
+  });
+}
+
 Tensor focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, const Tensor& target,
                                const std::optional<Tensor>& alpha_, double gamma, const Tensor& lse_,
                                const Tensor& count, c10::string_view reduction_, int64_t ignore_index) {
   check_loss_inputs("focal_loss", input_, target);
   const Tensor input = dense(input_);
   const Reduction reduction = parse_reduction(reduction_);
-  const TileGrid g = cpu::tile_grid(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
   Tensor grad = cpu::empty_like_cached(input);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "focal_loss_backward", [&] {
+  dispatch_loss_types(input, target, [&](auto logit, auto index) {
+    using scalar_t = decltype(logit);
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gl = g_loss.const_data_ptr<acc_t>();
-    const acc_t reduced = reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
-    dispatch_class_index(target.scalar_type(), "loss target", [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const scalar_t* x0 = input.const_data_ptr<scalar_t>();
-      const target_t* tp = target.const_data_ptr<target_t>();
-      const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
-      const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-      scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-      cpu::dispatch_unit_stride(g, [&](auto unit) {
-        cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
-          const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x0, g, n, s0, pixels);
-          const acc_t* lse_tile = lse_p + n * g.pixels + s0;
-          int64_t cls[kTile];
-          acc_t coef[kTile];  // scale * A
-          tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, "focal_loss", cls);
-          for (int64_t j = 0; j < pixels; ++j) {
-            if (cls[j] < 0) {
-              coef[j] = 0;
-              continue;
-            }
-            const acc_t scale = reduction == Reduction::None ? gl[n * g.pixels + s0 + j] : reduced;
-            const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-            coef[j] = scale *
-                      focal_terms<acc_t>(log_pt, static_cast<acc_t>(a ? a[cls[j]] : 1.0), static_cast<acc_t>(gamma)).a;
-          }
-          tile_focal_grad(t, lse_tile, cls, coef, out + (t.data - x0));
-        });
-      });
-    });
+    const acc_t grad_scale = reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
+    focal_loss_backward_kernel<scalar_t, decltype(index)>(
+        input, target, ignore_index, FocalAlpha{alpha.defined() ? alpha.const_data_ptr<double>() : nullptr}, gamma,
+        lse.const_data_ptr<acc_t>(), reduction == Reduction::None ? gl : nullptr, grad_scale,
+        grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }

@@ -38,8 +38,8 @@ __device__ bool count_pixel(int64_t i, const target_t* target, const Pixels& p, 
 }
 
 template <typename target_t, typename Predict>
-__global__ void confusion_kernel(const target_t* target, Pixels p, Predict predict, unsigned long long* matrix,
-                                 unsigned long long* bad_pixel) {
+__global__ void confusion_matrix_kernel(const target_t* target, Pixels p, Predict predict, unsigned long long* matrix,
+                                        unsigned long long* bad_pixel) {
   __shared__ unsigned long long shared[kSharedCells];
   const int64_t cells = p.num_classes * p.num_classes;
   const bool use_shared = cells <= kSharedCells;
@@ -95,7 +95,7 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
     using target_t = decltype(target_type);
     const target_t* t = target.const_data_ptr<target_t>();
     auto launch = [&](auto predict) {
-      confusion_kernel<<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(t, p, predict, m, bad);
+      confusion_matrix_kernel<<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(t, p, predict, m, bad);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (logits) {

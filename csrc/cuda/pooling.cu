@@ -55,7 +55,7 @@ SEGFAST_HOST_DEVICE Layout output_layout(const Pool2d& p) {
 
 // argmax: the tap (kh * kW + kw) for compact codes, torch's flat plane offset for int64.
 template <typename scalar_t, typename index_t>
-__global__ void max_pool_kernel(const scalar_t* in, scalar_t* out, index_t* argmax, Pool2d p, int64_t count) {
+__global__ void max_pool2d_kernel(const scalar_t* in, scalar_t* out, index_t* argmax, Pool2d p, int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout il = input_layout(p), ol = output_layout(p);
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
@@ -80,8 +80,8 @@ __global__ void max_pool_kernel(const scalar_t* in, scalar_t* out, index_t* argm
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void max_pool_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in, Pool2d p,
-                                         int64_t count) {
+__global__ void max_pool2d_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in, Pool2d p,
+                                           int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout il = input_layout(p), ol = output_layout(p);
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
     dispatch_argmax(argmax_type, [&](auto index) {
       using index_t = decltype(index);
-      max_pool_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+      max_pool2d_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
           input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<index_t>(), p,
           count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -141,7 +141,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
     dispatch_argmax(argmax.scalar_type(), [&](auto index) {
       using index_t = decltype(index);
-      max_pool_backward_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+      max_pool2d_backward_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
           grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<index_t>(), grad_in.mutable_data_ptr<scalar_t>(),
           p, count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -153,7 +153,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
 // ---------------------------------------------------------------------------------------- avg
 
 template <typename scalar_t>
-__global__ void avg_pool_kernel(const scalar_t* in, scalar_t* out, Pool2d p, AvgDivisor divisor, int64_t count) {
+__global__ void avg_pool2d_kernel(const scalar_t* in, scalar_t* out, Pool2d p, AvgDivisor divisor, int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout il = input_layout(p), ol = output_layout(p);
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
@@ -169,8 +169,8 @@ __global__ void avg_pool_kernel(const scalar_t* in, scalar_t* out, Pool2d p, Avg
 }
 
 template <typename scalar_t>
-__global__ void avg_pool_backward_kernel(const scalar_t* grad_out, scalar_t* grad_in, Pool2d p, AvgDivisor divisor,
-                                         int64_t count) {
+__global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* grad_in, Pool2d p, AvgDivisor divisor,
+                                           int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
   const Layout il = input_layout(p), ol = output_layout(p);
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
@@ -202,7 +202,7 @@ Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef str
   const int64_t count = out.numel();
   if (count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
-    avg_pool_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+    avg_pool2d_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
         input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, divisor, count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -222,7 +222,7 @@ Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size,
   const int64_t count = grad_in.numel();
   if (count == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
-    avg_pool_backward_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+    avg_pool2d_backward_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
         grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), p, divisor, count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -115,8 +115,8 @@ __global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelInde
 }
 
 template <typename scalar_t, typename target_t>
-__global__ void dice_backward_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
-                                     const at::opmath_type<scalar_t>* grad_sums, scalar_t* grad) {
+__global__ void dice_sums_backward_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
+                                          const at::opmath_type<scalar_t>* grad_sums, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
     const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
@@ -187,7 +187,7 @@ Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, c
     using scalar_t = decltype(logit);
     using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    dice_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
+    dice_sums_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
         input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
         grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -198,9 +198,9 @@ Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, c
 // ---------------------------------------------------------------------------------------- focal
 
 template <typename scalar_t, typename target_t>
-__global__ void focal_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma, PixelIndexing g,
-                             at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out, at::opmath_type<scalar_t>* partial,
-                             unsigned long long* bad) {
+__global__ void focal_loss_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma,
+                                  PixelIndexing g, at::opmath_type<scalar_t>* lse_out, scalar_t* loss_out,
+                                  at::opmath_type<scalar_t>* partial, unsigned long long* bad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t loss = 0, counted = 0;
@@ -228,10 +228,10 @@ __global__ void focal_kernel(const scalar_t* x, const target_t* t, const double*
 }
 
 template <typename scalar_t, typename target_t>
-__global__ void focal_backward_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma,
-                                      PixelIndexing g, const at::opmath_type<scalar_t>* lse,
-                                      const at::opmath_type<scalar_t>* grad_loss, bool per_pixel,
-                                      const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
+__global__ void focal_loss_backward_kernel(const scalar_t* x, const target_t* t, const double* alpha, double gamma,
+                                           PixelIndexing g, const at::opmath_type<scalar_t>* lse,
+                                           const at::opmath_type<scalar_t>* grad_loss, bool per_pixel,
+                                           const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
     const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
@@ -271,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
       using scalar_t = decltype(logit);
       using target_t = decltype(index);
       using acc_t = at::opmath_type<scalar_t>;
-      focal_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
+      focal_loss_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
           input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
           alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
           loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(), bad.flag());
@@ -306,7 +306,7 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
     using scalar_t = decltype(logit);
     using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    focal_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
+    focal_loss_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
         input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
         alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
         g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,

@@ -129,7 +129,12 @@ class Checkpoints:
     def best_path(self) -> Path:
         return self.out.with_name(f"{self.out.stem}-best{self.out.suffix}")
 
-    def save(self, payload: dict, position: Position, improved: bool) -> None:
+    def save(self, payload: dict, position: Position, score: float | None = None) -> None:
+        """Writes ``payload`` and the position; ``score`` (validation, higher is better; None mid-epoch)
+        updates the best, whose checkpoint is kept."""
+        improved = score is not None and (position.best is None or score > position.best)
+        if improved:
+            position.best = score
         buffer = io.BytesIO()
         torch.save({"kind": KIND, **payload, "position": asdict(position)}, buffer)
         data = buffer.getbuffer()
@@ -158,6 +163,21 @@ class Checkpoints:
         steps = sorted(p for p in self.out.parent.iterdir() if pattern.match(p.name))
         for old in steps[: -self.keep]:
             old.unlink(missing_ok=True)
+
+
+def run_state(config: dict, backend: str, position: Position, model, optimizer, schedule, **extra) -> dict:
+    """What a checkpoint of either task holds besides the position: config, weights, optimizer and
+    schedule, the global RNG, and ``extra`` (task results, GradScaler, ...)."""
+    return {
+        "config": config,
+        "backend": backend,
+        "epoch": position.epoch,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        **extra,
+    }
 
 
 def load(path: Path) -> dict:

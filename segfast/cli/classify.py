@@ -76,24 +76,9 @@ def run_train(args) -> int:
     loss_fn = _loss(args.backend)
 
     def save(test: tuple[float, float] | None) -> None:
-        improved = test is not None and (position.best is None or test[1] > position.best)
-        if improved:
-            position.best = test[1]
-        saver.save(
-            {
-                "config": config,
-                "backend": args.backend,
-                "epoch": position.epoch,
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(),
-                "test_loss": test[0] if test else None,
-                "test_accuracy": test[1] if test else None,
-            },
-            position,
-            improved,
-        )
+        results = {"test_loss": test[0] if test else None, "test_accuracy": test[1] if test else None}
+        state = checkpoints.run_state(config, args.backend, position, model, optimizer, schedule, **results)
+        saver.save(state, position, test[1] if test else None)
 
     print(
         f"training {args.model} ({args.backend} layers) on {args.data}: {len(train_set)} train / "

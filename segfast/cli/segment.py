@@ -232,25 +232,9 @@ def run_train(args) -> int:
     def save(result: dict | None) -> None:
         """Rank 0 writes; every rank waits for it, so a checkpoint is a cut all ranks have passed."""
         if main_process:
-            improved = result is not None and (position.best is None or result["miou"] > position.best)
-            if improved:
-                position.best = result["miou"]
-            saver.save(
-                {
-                    "config": config,
-                    "backend": args.backend,
-                    "epoch": position.epoch,
-                    "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "val": result,
-                    "args": _recorded(args),
-                },
-                position,
-                improved,
-            )
+            extra = {"scaler": scaler.state_dict(), "val": result, "args": _recorded(args)}
+            state = checkpoints.run_state(config, args.backend, position, model, optimizer, schedule, **extra)
+            saver.save(state, position, result["miou"] if result else None)
         if world > 1:
             dist.barrier()
 
