@@ -30,13 +30,13 @@ TORCH_LIBRARY(segfast, m) {
       "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
   m.def(
-      "max_pool2d_backward(Tensor grad_output, Tensor argmax, int[4] input_size, "
+      "max_pool2d_backward(Tensor grad_output, Tensor argmax, SymInt[4] input_size, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   m.def(
       "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def(
-      "avg_pool2d_backward(Tensor grad_output, int[4] input_size, int[2] kernel_size, "
+      "avg_pool2d_backward(Tensor grad_output, SymInt[4] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
       "int? divisor_override) -> Tensor");
 

@@ -81,36 +81,48 @@ struct Pool2d {
   SEGFAST_HOST_DEVICE int64_t planes() const { return batch * channels; }
 };
 
-inline void check_pool_args(c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+// The window arguments, checked as F.max_pool2d / F.avg_pool2d check them; `op` names the op in
+// the errors (the Python faces leave these checks to the kernels).
+inline void check_pool_args(const char* op, c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
                             c10::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": kernel_size, stride, padding and dilation must have 2 values each");
   for (int d = 0; d < 2; ++d) {
-    TORCH_CHECK_VALUE(kernel[d] > 0, "kernel_size must be positive, got ", kernel);
-    TORCH_CHECK_VALUE(stride[d] > 0, "stride must be positive, got ", stride);
-    TORCH_CHECK_VALUE(dilation[d] > 0, "dilation must be positive, got ", dilation);
-    TORCH_CHECK_VALUE(padding[d] >= 0 && padding[d] <= kernel[d] / 2,
-                      "padding must be in [0, kernel_size / 2], got padding=", padding, " for kernel_size=", kernel);
+    TORCH_CHECK_VALUE(kernel[d] >= 1, op, ": kernel_size must be >= 1, got ", kernel);
+    TORCH_CHECK_VALUE(stride[d] >= 1, op, ": stride must be >= 1, got ", stride);
+    TORCH_CHECK_VALUE(dilation[d] >= 1, op, ": dilation must be >= 1, got ", dilation);
+    TORCH_CHECK_VALUE(padding[d] >= 0, op, ": padding must be >= 0, got ", padding);
+    TORCH_CHECK_VALUE(padding[d] <= kernel[d] / 2, op,
+                      ": padding must be at most half of kernel_size, got padding=", padding,
+                      " for kernel_size=", kernel);
   }
 }
 
-inline Pool2d make_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                        c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK_VALUE(size.size() == 4, "pooling kernels take 4-D (N, C, H, W) input, got ", size);
-  check_pool_args(kernel, stride, padding, dilation);
+// The pooling of a (N, C, H, W) input of `size` (or, for a backward, the input it had).
+inline Pool2d make_pool(const char* op, c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel,
+                        c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK_VALUE(size.size() == 4, op, ": kernels take 4-D (N, C, H, W) input, got ", size);
+  check_pool_args(op, kernel, stride, padding, dilation);
+  TORCH_CHECK_VALUE(size[1] > 0 && size[2] > 0 && size[3] > 0, op,
+                    ": input must have non-empty channel and spatial dims, got ", size);
   auto axis = [&](int d) {
     const int64_t in = size[2 + d];
     const int64_t out = pool_output_size(in, kernel[d], stride[d], padding[d], dilation[d], ceil_mode);
-    TORCH_CHECK_VALUE(out > 0, "pooling output would be empty: input ", size, ", kernel_size ", kernel, ", stride ",
-                      stride, ", padding ", padding, ", dilation ", dilation);
+    TORCH_CHECK_VALUE(out > 0, op, ": input ", d == 0 ? "height " : "width ", in,
+                      " is too small for kernel_size=", kernel, ", padding=", padding, ", dilation=", dilation,
+                      ": the output would be empty");
     return PoolAxis{in, out, kernel[d], stride[d], padding[d], dilation[d]};
   };
   return {size[0], size[1], axis(0), axis(1), channels_last};
 }
 
-inline Pool2d make_avg_pool(c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                            c10::IntArrayRef padding, bool ceil_mode, std::optional<int64_t> divisor_override) {
-  TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, "divisor_override must be non-zero");
+inline Pool2d make_avg_pool(const char* op, c10::IntArrayRef size, bool channels_last, c10::IntArrayRef kernel,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, bool ceil_mode,
+                            std::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override || *divisor_override != 0, op,
+                    ": divisor_override must be a non-zero int or None, got 0");
   const int64_t no_dilation[2] = {1, 1};
-  return make_pool(size, channels_last, kernel, stride, padding, no_dilation, ceil_mode);
+  return make_pool(op, size, channels_last, kernel, stride, padding, no_dilation, ceil_mode);
 }
 
 // Running max over a window's taps; NaN wins, and a later NaN replaces an earlier one (torch's rule).
@@ -157,6 +169,15 @@ SEGFAST_HOST_DEVICE acc_t divide(acc_t sum, int64_t divisor) {
 
 inline at::MemoryFormat format_of(const Pool2d& p) {
   return format_for(p.channels_last);
+}
+
+// The dtypes pooling takes: float32, float64, bfloat16, and float16 on CUDA.
+inline void check_pool_dtype(const char* op, const at::Tensor& input) {
+  const auto t = input.scalar_type();
+  const bool half_ok = input.is_cuda() || input.is_meta();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || (half_ok && t == at::kHalf), op,
+                   ": input dtype must be one of float32, float64, bfloat16", half_ok ? ", float16" : "", ", got ",
+                   c10::getDtypeNames(t).first);
 }
 
 inline bool is_channels_last(const at::Tensor& t) {

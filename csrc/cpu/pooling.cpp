@@ -142,9 +142,10 @@ Tensor flat_indices(const Tensor& argmax, const Pool2d& p) {
 std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride,
                                           IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                           bool return_indices) {
+  check_pool_dtype("max_pool2d", input_);
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(format_for(cl));
-  const Pool2d p = make_pool(input.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
+  const Pool2d p = make_pool("max_pool2d", input.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
   const auto compact = p.taps() <= 256 ? at::kByte : at::kInt;
   Tensor out = empty_pooled(input, p, input.scalar_type());
   Tensor argmax = empty_pooled(input, p, compact);
@@ -260,7 +261,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_out_, const Tensor& argmax_, I
   const bool cl = is_channels_last(argmax_);
   const auto format = format_for(cl);
   const Tensor grad_out = grad_out_.contiguous(format), argmax = argmax_.contiguous(format);
-  const Pool2d p = make_pool(input_size, cl, kernel, stride, padding, dilation, ceil_mode);
+  const Pool2d p = make_pool("max_pool2d_backward", input_size, cl, kernel, stride, padding, dilation, ceil_mode);
   check_grad_size("max_pool2d_backward", grad_out, p);
   TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
                     " and grad_output ", grad_out.sizes(), " differ");
@@ -349,9 +350,10 @@ void avg_pool2d_kernel(const Tensor& input, Tensor& out, const Pool2d& p, const 
 
 Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
                       bool count_include_pad, std::optional<int64_t> divisor_override) {
+  check_pool_dtype("avg_pool2d", input_);
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(format_for(cl));
-  const Pool2d p = make_avg_pool(input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
+  const Pool2d p = make_avg_pool("avg_pool2d", input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   Tensor out = empty_pooled(input, p, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d",
@@ -434,7 +436,8 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
                                std::optional<int64_t> divisor_override) {
   const bool cl = is_channels_last(grad_out_);
   const Tensor grad_out = grad_out_.contiguous(format_for(cl));
-  const Pool2d p = make_avg_pool(input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
+  const Pool2d p =
+      make_avg_pool("avg_pool2d_backward", input_size, cl, kernel, stride, padding, ceil_mode, divisor_override);
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format_of(p));

@@ -106,8 +106,9 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
                                            IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                            bool return_indices) {
   const c10::cuda::CUDAGuard guard(input_.device());
+  check_pool_dtype("max_pool2d", input_);
   const bool cl = is_channels_last(input_);
-  const Pool2d p = make_pool(input_.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
+  const Pool2d p = make_pool("max_pool2d", input_.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
   const Tensor input = input_.contiguous(format_of(p));
   const auto argmax_type = return_indices ? at::kLong : (p.taps() <= 256 ? at::kByte : at::kInt);
   Tensor out = empty_pooled(input, p, input.scalar_type());
@@ -130,7 +131,8 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
                                 IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                 bool ceil_mode) {
   const c10::cuda::CUDAGuard guard(grad_out_.device());
-  const Pool2d p = make_pool(input_size, is_channels_last(argmax_), kernel, stride, padding, dilation, ceil_mode);
+  const Pool2d p = make_pool("max_pool2d_backward", input_size, is_channels_last(argmax_), kernel, stride, padding,
+                             dilation, ceil_mode);
   const Tensor grad_out = grad_out_.contiguous(format_of(p)), argmax = argmax_.contiguous(format_of(p));
   check_grad_size("max_pool2d_backward", grad_out, p);
   TORCH_CHECK_VALUE(argmax.sizes() == grad_out.sizes(), "max_pool2d_backward: argmax ", argmax.sizes(),
@@ -194,8 +196,9 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* g
 Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                        bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
   const c10::cuda::CUDAGuard guard(input_.device());
-  const Pool2d p =
-      make_avg_pool(input_.sizes(), is_channels_last(input_), kernel, stride, padding, ceil_mode, divisor_override);
+  check_pool_dtype("avg_pool2d", input_);
+  const Pool2d p = make_avg_pool("avg_pool2d", input_.sizes(), is_channels_last(input_), kernel, stride, padding,
+                                 ceil_mode, divisor_override);
   const Tensor input = input_.contiguous(format_of(p));
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   Tensor out = empty_pooled(input, p, input.scalar_type());
@@ -213,8 +216,8 @@ Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size,
                                 IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                 std::optional<int64_t> divisor_override) {
   const c10::cuda::CUDAGuard guard(grad_out_.device());
-  const Pool2d p =
-      make_avg_pool(input_size, is_channels_last(grad_out_), kernel, stride, padding, ceil_mode, divisor_override);
+  const Pool2d p = make_avg_pool("avg_pool2d_backward", input_size, is_channels_last(grad_out_), kernel, stride,
+                                 padding, ceil_mode, divisor_override);
   const Tensor grad_out = grad_out_.contiguous(format_of(p));
   check_grad_size("avg_pool2d_backward", grad_out, p);
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};

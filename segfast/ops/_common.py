@@ -39,7 +39,7 @@ def is_int(v) -> bool:
 
 def pair(op: str, name: str, value, *, minimum: int | None = None) -> list[int]:
     """``value`` (an int or a sequence of 1 or 2 ints) as a list of two ints."""
-    if is_int(value):
+    if type(value) is int or is_int(value):  # the type test first: the common case, at a fraction of the cost
         values = [value, value]
     elif isinstance(value, Sequence) and len(value) in (1, 2) and all(is_int(v) for v in value):
         values = list(value) * (2 // len(value))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._common import check_kernel_available, check_tensor, float_dtypes, is_int, memory_format, pair
+from segfast import _C
+from segfast.ops._common import check_kernel_available, is_int, memory_format, pair
 
 
 def _pooled_size(size, kernel, stride, padding, dilation, ceil_mode):
@@ -59,59 +60,36 @@ def _avg_pool2d_backward_fake(
     )
 
 
-def _max_setup_context(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, ceil_mode, _return_indices = inputs
-    ctx.save_for_backward(output[1])  # the compact argmax: 1 byte per output for windows <= 256
-    ctx.pool_args = (list(input.shape), kernel_size, stride, padding, dilation, ceil_mode)
+# autograd of both ops: csrc/autograd/pooling.cpp (C++, registered for the Autograd key)
 
 
-def _max_backward(ctx, grad_out, _grad_argmax):
-    (argmax,) = ctx.saved_tensors
-    return (torch.ops.segfast.max_pool2d_backward(grad_out, argmax, *ctx.pool_args),) + (None,) * 6
-
-
-def _avg_setup_context(ctx, inputs, output):
-    input, *pool_args = inputs
-    ctx.input_size = list(input.shape)
-    ctx.pool_args = pool_args  # avg pooling saves no tensor
-
-
-def _avg_backward(ctx, grad_out):
-    return (torch.ops.segfast.avg_pool2d_backward(grad_out, ctx.input_size, *ctx.pool_args),) + (None,) * 6
-
-
-torch.library.register_autograd("segfast::max_pool2d", _max_backward, setup_context=_max_setup_context)
-torch.library.register_autograd("segfast::avg_pool2d", _avg_backward, setup_context=_avg_setup_context)
-
-
-def _pool_args(op, input, kernel_size, stride, padding, dilation, ceil_mode):
-    """Validated (batched input, kernel, stride, padding, dilation, unbatched)."""
-    check_tensor(op, "input", input, dims=(3, 4), dtypes=float_dtypes(input))
-    check_kernel_available(op, f"segfast::{op}", input)
-    kernel = pair(op, "kernel_size", kernel_size, minimum=1)
-    stride = (
-        kernel
-        if stride is None or (not isinstance(stride, int) and len(stride) == 0)
-        else pair(op, "stride", stride, minimum=1)
-    )
-    padding = pair(op, "padding", padding, minimum=0)
-    dilation = pair(op, "dilation", dilation, minimum=1)
-    if any(p > k // 2 for p, k in zip(padding, kernel)):
-        raise ValueError(
-            f"{op}: padding must be at most half of kernel_size, got padding={tuple(padding)} "
-            f"for kernel_size={tuple(kernel)}"
-        )
+def _pool_args(op, input, kernel_size, stride, padding, dilation):
+    """(batched input, kernel, stride, padding, dilation, unbatched) as the op takes them. Their
+    values are checked by the kernels, with the messages of F.max_pool2d's checks
+    (csrc/common/pooling.h), so that an eager call pays for the checks once, in C++."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
     unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
-    if any(s == 0 for s in x.shape[1:]):
-        raise ValueError(f"{op}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
-    for d, name in ((0, "height"), (1, "width")):
-        if _pooled_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) < 1:
-            raise ValueError(
-                f"{op}: input {name} {x.shape[2 + d]} is too small for kernel_size={tuple(kernel)}, "
-                f"padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be empty"
-            )
-    return x, kernel, stride, padding, dilation, unbatched
+    if not unbatched and input.dim() != 4:
+        raise ValueError(f"{op}: input must be 3-D or 4-D, got {input.dim()}-D with shape {tuple(input.shape)}")
+    if not input.is_cpu:
+        check_kernel_available(op, f"segfast::{op}", input)
+    kernel = pair(op, "kernel_size", kernel_size)
+    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    stride = kernel if no_stride else pair(op, "stride", stride)
+    return (
+        input.unsqueeze(0) if unbatched else input,
+        kernel,
+        stride,
+        pair(op, "padding", padding),
+        pair(op, "dilation", dilation),
+        unbatched,
+    )
+
+
+def _entry(name: str):
+    """The op to call: _C's typed entry in eager mode, torch.ops.segfast where dynamo traces."""
+    return getattr(torch.ops.segfast, name).default if torch.compiler.is_compiling() else getattr(_C, name)
 
 
 def max_pool2d(
@@ -138,11 +116,9 @@ def max_pool2d(
     most 256 elements (int32 above), 8x smaller than torch's int64 indices; the input is not kept.
     """
     x, kernel, stride, padding, dilation, unbatched = _pool_args(
-        "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode
+        "max_pool2d", input, kernel_size, stride, padding, dilation
     )
-    out, indices = torch.ops.segfast.max_pool2d(
-        x, kernel, stride, padding, dilation, bool(ceil_mode), bool(return_indices)
-    )
+    out, indices = _entry("max_pool2d")(x, kernel, stride, padding, dilation, bool(ceil_mode), bool(return_indices))
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -168,12 +144,8 @@ def avg_pool2d(
     Returns:
         (N, C, H_out, W_out) in input's dtype. Backward saves no tensor.
     """
-    x, kernel, stride, padding, _, unbatched = _pool_args(
-        "avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode
-    )
-    if divisor_override is not None and (not is_int(divisor_override) or divisor_override == 0):
+    x, kernel, stride, padding, _, unbatched = _pool_args("avg_pool2d", input, kernel_size, stride, padding, 1)
+    if divisor_override is not None and not is_int(divisor_override):
         raise ValueError(f"avg_pool2d: divisor_override must be a non-zero int or None, got {divisor_override!r}")
-    out = torch.ops.segfast.avg_pool2d(
-        x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override
-    )
+    out = _entry("avg_pool2d")(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override)
     return out.squeeze(0) if unbatched else out

@@ -1,0 +1,134 @@
+// Autograd of max_pool2d and avg_pool2d, registered in C++ for the Autograd key: forward and
+// backward run without entering Python (segfast/ops/pooling.py keeps the fake kernels and docs).
+// Each forward calls the op below autograd (the CPU or CUDA kernel, or the fake one under
+// torch.compile) and saves what backward needs: the compact argmax for max pooling, nothing for avg.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace segfast {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using MaxPool2dSignature = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
+                                                      bool, bool);
+using MaxPool2dBackwardSignature = Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                                          IntArrayRef, IntArrayRef, bool);
+using AvgPool2dSignature = Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool,
+                                  std::optional<int64_t>);
+using AvgPool2dBackwardSignature = Tensor(const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
+                                          bool, bool, std::optional<int64_t>);
+
+const c10::TypedOperatorHandle<MaxPool2dSignature>& max_pool2d_op() {
+  static const auto op = op_handle<MaxPool2dSignature>("segfast::max_pool2d");
+  return op;
+}
+
+const c10::TypedOperatorHandle<AvgPool2dSignature>& avg_pool2d_op() {
+  static const auto op = op_handle<AvgPool2dSignature>("segfast::avg_pool2d");
+  return op;
+}
+
+// The window arguments both poolings keep for backward, as IValues in the context.
+void save_window(AutogradContext* ctx, const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
+                 IntArrayRef padding) {
+  ctx->saved_data["input_size"] = c10::IValue(input.sym_sizes().vec());
+  ctx->saved_data["kernel"] = kernel.vec();
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+}
+
+struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
+                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode, bool return_indices) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, argmax] = max_pool2d_op().call(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
+    save_window(ctx, input, kernel, stride, padding);
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["ceil_mode"] = ceil_mode;
+    ctx->save_for_backward({argmax});  // 1 byte per output for windows of at most 256 taps
+    ctx->mark_non_differentiable({argmax});
+    return {out, argmax};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<MaxPool2dBackwardSignature>("segfast::max_pool2d_backward");
+    Tensor grad_input;
+    if (grads[0].defined()) {
+      const auto& d = ctx->saved_data;
+      grad_input = op.call(grads[0], ctx->get_saved_variables()[0], d.at("input_size").toSymIntVector(),
+                           d.at("kernel").toIntVector(), d.at("stride").toIntVector(), d.at("padding").toIntVector(),
+                           d.at("dilation").toIntVector(), d.at("ceil_mode").toBool());
+    }
+    return {grad_input, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct AvgPool2d : torch::autograd::Function<AvgPool2d> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
+                               IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                               std::optional<int64_t> divisor_override) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor out = avg_pool2d_op().call(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
+    save_window(ctx, input, kernel, stride, padding);  // avg pooling saves no tensor
+    ctx->saved_data["ceil_mode"] = ceil_mode;
+    ctx->saved_data["count_include_pad"] = count_include_pad;
+    ctx->saved_data["divisor_override"] = divisor_override;
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<AvgPool2dBackwardSignature>("segfast::avg_pool2d_backward");
+    Tensor grad_input;
+    if (grads[0].defined()) {
+      const auto& d = ctx->saved_data;
+      grad_input = op.call(grads[0], d.at("input_size").toSymIntVector(), d.at("kernel").toIntVector(),
+                           d.at("stride").toIntVector(), d.at("padding").toIntVector(), d.at("ceil_mode").toBool(),
+                           d.at("count_include_pad").toBool(), d.at("divisor_override").toOptional<int64_t>());
+    }
+    return {grad_input, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
+                                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
+                                               bool return_indices) {
+  if (!torch::autograd::compute_requires_grad(input)) {  // no graph to record: skip the Function's bookkeeping
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return max_pool2d_op().call(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
+  }
+  const variable_list out = MaxPool2d::apply(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
+  return {out[0], out[1]};
+}
+
+Tensor avg_pool2d_autograd(const Tensor& input, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                           bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
+  if (!torch::autograd::compute_requires_grad(input)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return avg_pool2d_op().call(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
+  }
+  return AvgPool2d::apply(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
+  m.impl("max_pool2d", &max_pool2d_autograd);
+  m.impl("avg_pool2d", &avg_pool2d_autograd);
+}
+
+}  // namespace segfast
