@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from segfast.bench import augment, models, ops, report
+from segfast.bench import augment, models, ops, overhead, report
 from segfast.bench.cases import Case, Settings
 from segfast.bench.measure import (
     MachineLimits,
@@ -27,7 +27,7 @@ from segfast.bench.measure import (
     timed_call,
 )
 
-SUITES = {"ops": ops, "models": models, "augment": augment}
+SUITES = {"ops": ops, "models": models, "augment": augment, "overhead": overhead}
 __all__ = ["SUITES", "Row", "Settings", "report", "run"]
 
 

@@ -250,7 +250,7 @@ def segmentation_losses(settings: Settings) -> Iterator[Case]:
         settings,
         "dice_loss",
         f"{n}x{c}x{h}x{w}",
-        _stock_dice,
+        stock_dice,
         segfast.ops.dice_loss,
         [logits, target],
         [logits],
@@ -263,7 +263,7 @@ def segmentation_losses(settings: Settings) -> Iterator[Case]:
         settings,
         "focal_loss",
         f"{n}x{c}x{h}x{w}",
-        _stock_focal,
+        stock_focal,
         segfast.ops.focal_loss,
         [logits, target],
         [logits],
@@ -274,7 +274,7 @@ def segmentation_losses(settings: Settings) -> Iterator[Case]:
     )
 
 
-def _stock_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def stock_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """MONAI's DiceLoss(softmax=True, to_onehot_y=True) written in stock PyTorch."""
     probs = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
@@ -284,7 +284,7 @@ def _stock_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5
     return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
-def _stock_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def stock_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
     return (-((1 - log_p.exp()) ** gamma) * log_p).mean()
 

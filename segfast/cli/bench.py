@@ -47,7 +47,12 @@ def run(args) -> int:
 
 def _only(spec: str, suites: list[str], known: dict) -> dict[str, list[str]]:
     """--only names, each sent to the suite that knows it (suites left without a name do not run)."""
-    names = {"ops": list(known["ops"].FAMILIES), "models": ["unet", "fcn"], "augment": ["int64", "uint8"]}
+    names = {
+        "ops": list(known["ops"].FAMILIES),
+        "models": ["unet", "fcn"],
+        "augment": ["int64", "uint8"],
+        "overhead": known["overhead"].NAMES,
+    }
     only: dict[str, list[str]] = {}
     for name in filter(None, spec.split(",")):
         owners = [s for s in suites if name in names[s]]

@@ -219,7 +219,11 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "action", nargs="*", metavar="compare A.json B.json", help="compare two result files instead of running"
     )
-    p.add_argument("--suite", default="ops,models,augment", help="comma-separated: ops, models, augment")
+    p.add_argument(
+        "--suite",
+        default="ops,models,augment",
+        help="comma-separated: ops, models, augment, overhead (per-call cost at tiny sizes)",
+    )
     p.add_argument(
         "--only",
         default="",
