@@ -36,6 +36,8 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     traced: bool = False  # whether the torch.fx pass ran (and the result is a GraphModule)
+    # layer name -> "what follows it": a BatchNorm between a layer and its activation keeps it unfused
+    _followed_by: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
         lines = [
@@ -176,6 +178,10 @@ def _fuse_in_sequentials(model: nn.Module, report: ConversionReport) -> None:
                 continue
             activation = _activation_of_module(act)
             qualified = f"{parent_name}.{first}" if parent_name else first
+            if isinstance(act, nn.modules.batchnorm._BatchNorm):
+                report._followed_by[qualified] = (
+                    f"{_describe(act)} ({parent_name + '.' if parent_name else ''}{second})"
+                )
             if activation is None or _fusable(layer) is not None:
                 continue  # the fx pass (or the final sweep) reports it
             parent._modules[first] = _fused(layer, *activation)
@@ -208,6 +214,9 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
         if node.op != "call_module" or type(modules[node.target]) not in (nn.Conv2d, nn.Linear):
             continue
         users = list(node.users)
+        follower = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        if isinstance(follower, nn.modules.batchnorm._BatchNorm):
+            report._followed_by[node.target] = f"{_describe(follower)} ({users[0].target})"
         activation = _activation_of_node(users[0], modules) if len(users) == 1 else None
         # a layer called from several places keeps its class: the activation follows only one call
         if activation is None or calls[node.target] != 1 or _fusable(modules[node.target]) is not None:
@@ -235,7 +244,13 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
 def _report_unfused(model: nn.Module, report: ConversionReport) -> None:
     for name, m in model.named_modules():
         if type(m) in (nn.Conv2d, nn.Linear):
-            reason = _fusable(m) or "no activation that segfast fuses exactly follows it as its only user"
+            follower = report._followed_by.get(name)
+            reason = _fusable(m) or (
+                f"its output goes to {follower}, which segfast does not fuse in training "
+                "(segfast.fold_batchnorm folds it into the convolution for inference)"
+                if follower
+                else "no activation that segfast fuses exactly follows it as its only user"
+            )
             report.kept.append(f"{name}: {_describe(m)}: {reason}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is already a single kernel
@@ -159,6 +161,16 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
+def _as_buffer(value) -> torch.Tensor | None:
+    """A loss's class weights as a buffer (it follows the module's .to()): a tensor as given, a number
+    (0-D) or a sequence of numbers as a float tensor; the op reads a 0-D one by MONAI's rule."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+        raise TypeError(f"class weights must be a number, a sequence of numbers or a tensor, got {value!r}")
+    return torch.tensor(value, dtype=torch.get_default_dtype())
+
+
 class DiceLoss(nn.Module):
     """Soft Dice loss with the softmax fused in; arguments as :func:`segfast.ops.dice_loss`."""
 
@@ -169,12 +181,12 @@ class DiceLoss(nn.Module):
         smooth_dr: float = 1e-5,
         squared_pred: bool = False,
         ignore_index: int = -100,
-        weight: torch.Tensor | None = None,
+        weight: torch.Tensor | float | Sequence[float] | None = None,
         batch: bool = False,
         reduction: str = "mean",
     ):
         super().__init__()
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", _as_buffer(weight))
         self.options = dict(
             include_background=include_background,
             smooth_nr=smooth_nr,
@@ -193,10 +205,14 @@ class FocalLoss(nn.Module):
     """Multi-class focal loss with the softmax fused in; arguments as :func:`segfast.ops.focal_loss`."""
 
     def __init__(
-        self, gamma: float = 2.0, alpha: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"
+        self,
+        gamma: float = 2.0,
+        alpha: torch.Tensor | float | Sequence[float] | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
     ):
         super().__init__()
-        self.register_buffer("alpha", alpha)
+        self.register_buffer("alpha", _as_buffer(alpha))
         self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -221,7 +237,9 @@ class DiceCELoss(nn.Module):
         super().__init__()
         self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
         self.dice = DiceLoss(ignore_index=ignore_index, weight=weight, **dice_options)
-        self.ce = CrossEntropyLoss(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        # one number weighs every class alike: a weighted mean over pixels does not change
+        ce_weight = self.dice.weight if self.dice.weight is not None and self.dice.weight.dim() == 1 else None
+        self.ce = CrossEntropyLoss(weight=ce_weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.lambda_dice * self.dice(input, target) + self.lambda_ce * self.ce(input, target)

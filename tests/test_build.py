@@ -27,7 +27,20 @@ def test_parallel_for_really_uses_every_thread():
 
 def test_info_command_prints_build():
     out = subprocess.run([sys.executable, "-m", "segfast", "info"], capture_output=True, text=True, check=True).stdout
-    assert "built against torch" in out and "conv2d_act" in out and "cross_entropy" in out
+    assert "built against torch" in out
+    listed = next(line for line in out.splitlines() if line.startswith("ops")).split(None, 1)[1].split(", ")
+    public = {"affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy", "dice_sums"}
+    public |= {"focal_loss", "linear_act", "max_pool2d"}
+    assert public <= set(listed), listed
+
+
+def test_every_module_of_the_package_is_an_attribute():
+    """The README writes segfast.metrics.SegmentationMetrics(21): it works after import segfast alone."""
+    code = (
+        "import segfast; segfast.metrics.SegmentationMetrics(21); segfast.augment.RandomAffine(rotate=10); "
+        "segfast.models.UNet(1, 2, base_width=4, depth=1); segfast.data.DigitsSegmentation; segfast.nn; segfast.ops"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 OPS = ("conv2d_act", "linear_act", "max_pool2d", "avg_pool2d", "cross_entropy")

@@ -176,3 +176,21 @@ def test_torchvision_models_when_installed(factory):
     if isinstance(expected, dict):
         expected, got = expected["out"], got["out"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class ConvBatchNormReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.block(torch.relu(self.bn(self.conv(x))))
+
+
+def test_report_names_the_batchnorm_between_a_convolution_and_its_activation():
+    _, report = segfast.convert(ConvBatchNormReLU())
+    kept = "\n".join(report.kept)
+    assert "conv: Conv2d: its output goes to BatchNorm2d (bn)" in kept  # found by the fx pass
+    assert "block.0: Conv2d: its output goes to BatchNorm2d (block.1)" in kept  # in a Sequential
+    assert "fold_batchnorm" in kept

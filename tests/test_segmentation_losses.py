@@ -119,6 +119,39 @@ def test_dice_ce_combines_both():
     torch.testing.assert_close(loss, expected)
 
 
+def test_class_weights_as_numbers_and_sequences_read_as_monai_reads_them():
+    x, t, _ = _case(shape=(2, 4, 5, 5))
+    # focal alpha a: 1 - a for the background class 0, a for every other class (softmax focal loss)
+    expected = reference_focal(x, t, alpha=torch.tensor([0.75, 0.25, 0.25, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(segfast.nn.FocalLoss(alpha=0.25).double()(x, t), expected)
+    torch.testing.assert_close(segfast.ops.focal_loss(x, t, alpha=0.25), expected)
+    torch.testing.assert_close(segfast.nn.FocalLoss(alpha=[0.75, 0.25, 0.25, 0.25]).double()(x, t), expected)
+    # Dice weight: a sequence per class, one number for every class
+    w = [1.0, 2.0, 0.5, 3.0]
+    expected = reference_dice(x, t, weight=torch.tensor(w, dtype=torch.float64))
+    torch.testing.assert_close(segfast.nn.DiceLoss(weight=w).double()(x, t), expected)
+    torch.testing.assert_close(segfast.nn.DiceLoss(weight=2.0).double()(x, t), 2 * reference_dice(x, t))
+    torch.testing.assert_close(
+        segfast.nn.DiceCELoss(weight=w).double()(x, t),
+        reference_dice(x, t, weight=torch.tensor(w, dtype=torch.float64))
+        + F.cross_entropy(x, t, weight=torch.tensor(w, dtype=torch.float64)),
+    )
+    state = segfast.nn.FocalLoss(alpha=[0.1, 0.2, 0.3, 0.4]).state_dict()
+    assert torch.equal(state["alpha"], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    with pytest.raises(ValueError, match=r"alpha must have shape \(4,\)"):
+        segfast.ops.focal_loss(x, t, alpha=[0.5, 0.5])
+    with pytest.raises(TypeError, match="must be a number, a sequence"):
+        segfast.nn.DiceLoss(weight="heavy")
+
+
+@pytest.mark.parametrize("loss", [segfast.ops.dice_loss, segfast.ops.focal_loss])
+def test_one_channel_softmax_is_refused(loss):
+    """Softmax over one channel is 1 everywhere: MONAI warns, segfast refuses instead of returning 0."""
+    x, t = torch.randn(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="one channel"):
+        loss(x, t)
+
+
 def test_bfloat16_at_512_does_not_overflow():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 512, 512, generator=g)

@@ -46,5 +46,5 @@ def dynamic_metadata(field: str, settings: Mapping[str, Any]):
     if field == "version":
         return settings["base-version"] if found is None else f"{settings['base-version']}+{found[0]}"
     if field == "dependencies":
-        return [SUPPORTED_TORCH if found is None else found[1], "numpy"]
+        return [SUPPORTED_TORCH if found is None else found[1], "numpy", "tqdm"]
     raise ValueError(f"wheel_metadata provides version and dependencies, not {field}")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+from tqdm import tqdm
 
 from segfast.bench import augment, models, ops, overhead, report
 from segfast.bench.cases import Case, Settings
@@ -57,35 +58,24 @@ class Row:
 
 
 class Progress:
-    """A one-line progress bar on stderr: done/total timed calls and the case being timed."""
+    """tqdm over the timed calls (ETA, rate) on a terminal; elsewhere (CI logs) one line per case."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.start, self.label = total, 0, time.perf_counter(), ""
-        self.enabled, self.redraw = enabled, sys.stderr.isatty()  # not a terminal: one line per case
+        on_terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="call", disable=not (enabled and on_terminal), leave=False)
+        self.lines, self.done, self.total, self.start = enabled and not on_terminal, 0, total, time.perf_counter()
 
     def case(self, label: str) -> None:
-        self.label = label
-        if self.enabled and not self.redraw:
+        self.bar.set_description(label[:60])
+        if self.lines:
             sys.stderr.write(f"... {self.done}/{self.total} {time.perf_counter() - self.start:.0f} s {label}\n")
-        self.draw()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        self.draw()
-
-    def draw(self) -> None:
-        if not (self.enabled and self.redraw):
-            return
-        filled = int(30 * self.done / max(self.total, 1))
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {elapsed:5.0f} s  {self.label[:60]:<60}"
-        )
-        sys.stderr.flush()
+        self.bar.update(n)
 
     def close(self) -> None:
-        if self.enabled and self.redraw:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def _first_calls(case: Case) -> tuple[dict[str, float], list[str]]:

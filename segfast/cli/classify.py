@@ -3,11 +3,13 @@ with the same checkpoints and ``--resume`` as segmentation (cli/checkpoint.py)."
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import segfast
 from segfast.cli import checkpoint as checkpoints
@@ -89,6 +91,14 @@ def run_train(args) -> int:
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * args.batch_size)
         model.train()
+        progress = tqdm(
+            total=steps_per_epoch,
+            initial=position.step,
+            desc=f"epoch {position.epoch}",
+            unit="step",
+            disable=args.quiet or not sys.stderr.isatty(),
+            leave=False,
+        )
         for images, labels in train_loader:
             if position.step == steps_per_epoch:
                 break
@@ -97,8 +107,11 @@ def run_train(args) -> int:
             loss.backward()
             optimizer.step()
             schedule.step()
-            if position.advance(loss.item(), args.save_every, steps_per_epoch):
+            save_due = position.advance(loss.item(), args.save_every, steps_per_epoch)
+            progress.update()
+            if save_due:
                 save(None)
+        progress.close()
         test = evaluate(model, test_loader, loss_fn)
         print(
             f"epoch {position.epoch:3d}  train loss {position.epoch_loss:.4f}  test loss {test[0]:.4f}  "

@@ -33,11 +33,12 @@ def _info(args) -> int:
         "CUDA kernels": "yes (" + ", ".join(info["cuda_archs"]) + ")" if info["cuda"] else "no",
         "OpenMP": "yes" if info["openmp"] else "no",
         "threads": f"{info['num_threads']} (at::parallel_for uses {info['parallel_for_threads']})",
+        # every registered segfast op (torch.ops.segfast lists only the ones already looked up)
         "ops": ", ".join(
             sorted(
-                n
-                for n in dir(torch.ops.segfast)
-                if not n.startswith("_") and not n.endswith("_backward") and n not in ("name", "dispatch")
+                name.removeprefix("segfast::")
+                for name in torch._C._dispatch_get_all_op_names()
+                if name.startswith("segfast::") and not name.endswith("_backward")
             )
         ),
     }

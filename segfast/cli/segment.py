@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
 
 import segfast
 from segfast.augment import parse_augment
@@ -92,31 +93,6 @@ def _optimizer(model: nn.Module, args):
         nesterov=args.nesterov,
         weight_decay=args.weight_decay,
     )
-
-
-class Progress:
-    """A one-line progress bar on stderr: the epoch's steps done, its running mean loss, images per second."""
-
-    def __init__(self, total: int, prefix: str, enabled: bool):
-        self.total, self.prefix, self.enabled = total, prefix, enabled and total > 0
-        self.start, self.images = time.perf_counter(), 0
-
-    def update(self, position: checkpoints.Position, images: int) -> None:
-        self.images += images
-        if self.enabled:
-            width, filled = 24, 24 * position.step // self.total
-            rate = self.images / max(time.perf_counter() - self.start, 1e-9)
-            print(
-                f"\r{self.prefix} [{'#' * filled}{'.' * (width - filled)}] {position.step}/{self.total} "
-                f"loss {position.epoch_loss:.4f} {rate:.1f} img/s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr, flush=True)
 
 
 def _autocast(device: torch.device, amp: str | None):
@@ -255,7 +231,15 @@ def run_train(args) -> int:
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * per_process)
         step_model.train()
-        progress = Progress(steps_per_epoch, f"epoch {position.epoch}", main_process and not args.quiet)
+        # tqdm: ETA and rate; quiet off rank 0, with --quiet, and when stderr is not a terminal
+        progress = tqdm(
+            total=steps_per_epoch,
+            initial=position.step,
+            desc=f"epoch {position.epoch}",
+            unit="step",
+            disable=not main_process or args.quiet or not sys.stderr.isatty(),
+            leave=False,
+        )
         for images, masks in train_loader:
             if position.step == steps_per_epoch:
                 break
@@ -274,7 +258,8 @@ def run_train(args) -> int:
             scaler.update()
             schedule.step()
             save_due = position.advance(loss.item(), args.save_every, steps_per_epoch)
-            progress.update(position, len(images))
+            progress.update()
+            progress.set_postfix(loss=f"{position.epoch_loss:.4f}", refresh=False)
             if save_due:
                 save(None)
         progress.close()

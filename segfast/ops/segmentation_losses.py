@@ -5,6 +5,7 @@ or one float per pixel (focal), never a probability tensor."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -95,6 +96,11 @@ def _pixels(op, kernel, input, target):
         raise ValueError(f"{op}: input must be (N, C, d1, ...) logits, got shape {tuple(input.shape)}")
     if input.shape[1] == 0:
         raise ValueError(f"{op}: input has no classes (shape {tuple(input.shape)})")
+    if input.shape[1] == 1:  # softmax over one channel is 1 everywhere: loss constant, gradient 0
+        raise ValueError(
+            f"{op}: input has one channel, but the softmax of one channel is 1 everywhere (the loss would be "
+            "constant and its gradient 0); give the logits of every class, background included (C >= 2)"
+        )
     pixel_shape = input.shape[:1] + input.shape[2:]
     if target.shape != pixel_shape:
         raise ValueError(f"{op}: target must have shape {tuple(pixel_shape)}, got {tuple(target.shape)}")
@@ -108,15 +114,34 @@ def _pixels(op, kernel, input, target):
     return input.reshape(n, c, pixels), target.reshape(n, pixels)
 
 
-def _check_class_vector(op, name, value, classes, input):
+def _class_vector(op, name, value, classes, input, scalar_rule):
+    """``value`` as a (C,) tensor on input's device: a tensor or a sequence of C numbers as given, a
+    number (or 0-D tensor) expanded by ``scalar_rule(value, classes)``, as MONAI reads these arguments."""
     if value is None:
         return None
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+            raise TypeError(
+                f"{op}: {name} must be a number, a sequence of {classes} numbers or a tensor, got {value!r}"
+            )
+        value = torch.tensor(value, dtype=torch.float64, device=input.device)
+    if value.dim() == 0:
+        value = scalar_rule(value, classes)
     check_tensor(op, name, value, dims=(1,))
     if value.shape[0] != classes:
         raise ValueError(f"{op}: {name} must have shape ({classes},), got {tuple(value.shape)}")
     if value.device != input.device:
         raise ValueError(f"{op}: {name} is on {value.device} but input is on {input.device}")
     return value
+
+
+def _every_class(value, classes):
+    return value.expand(classes)
+
+
+def _background_one_minus(value, classes):
+    """MONAI's scalar focal alpha: 1 - alpha for the background class 0, alpha for the others."""
+    return torch.cat([1 - value.reshape(1), value.expand(classes - 1)])
 
 
 def dice_loss(
@@ -128,7 +153,7 @@ def dice_loss(
     smooth_dr: float = 1e-5,
     squared_pred: bool = False,
     ignore_index: int = -100,
-    weight: torch.Tensor | None = None,
+    weight: torch.Tensor | float | Sequence[float] | None = None,
     batch: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -144,7 +169,8 @@ def dice_loss(
             accumulate in float32 (float64 for float64), so 16-bit inputs at 512x512 cannot overflow.
         target: class indices (N, d1, ...) int64/int32/uint8 in [0, C) or ``ignore_index``.
         include_background: keep class 0 in the loss.
-        weight: (C,) class weights multiplying each class's loss (before dropping the background).
+        weight: class weights multiplying each class's loss (before dropping the background): a (C,)
+            tensor, a sequence of C numbers, or one number for every class (MONAI's rule).
         reduction: "mean" / "sum" over (sample, class) losses, or "none": (N, C') (or (1, C') with batch).
 
     Backward saves nothing but the caller's logits and targets; it recomputes the softmax.
@@ -153,7 +179,7 @@ def dice_loss(
     check_reduction("dice_loss", reduction)
     smooth_nr = check_float_arg("dice_loss", "smooth_nr", smooth_nr, 0.0)
     smooth_dr = check_float_arg("dice_loss", "smooth_dr", smooth_dr, 0.0)
-    weight = _check_class_vector("dice_loss", "weight", weight, x.shape[1], input)
+    weight = _class_vector("dice_loss", "weight", weight, x.shape[1], input, _every_class)
     if not include_background and x.shape[1] < 2:
         raise ValueError("dice_loss: include_background=False needs at least 2 classes")
     inter, pred, truth = torch.ops.segfast.dice_sums(x, t, ignore_index, bool(squared_pred))
@@ -173,7 +199,7 @@ def focal_loss(
     target: torch.Tensor,
     *,
     gamma: float = 2.0,
-    alpha: torch.Tensor | None = None,
+    alpha: torch.Tensor | float | Sequence[float] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -183,7 +209,9 @@ def focal_loss(
     Args:
         input: logits (N, C, d1, ...); target: (N, d1, ...) class indices, as ``dice_loss``.
         gamma: focusing parameter >= 0 (0 with no alpha is cross-entropy).
-        alpha: (C,) class weights, or None.
+        alpha: class weights alpha_c: a (C,) tensor or a sequence of C numbers; or one number a,
+            which weighs the background class 0 by 1 - a and every other class by a (MONAI's rule
+            for softmax focal loss); or None.
         reduction: "mean" (over the non-ignored pixels), "sum", or "none" (target's shape).
 
     Backward keeps one float per pixel (the log-sum-exp), as cross_entropy.
@@ -191,7 +219,7 @@ def focal_loss(
     x, t = _pixels("focal_loss", "focal_loss", input, target)
     check_reduction("focal_loss", reduction)
     gamma = check_float_arg("focal_loss", "gamma", gamma, 0.0)
-    alpha = _check_class_vector("focal_loss", "alpha", alpha, x.shape[1], input)
+    alpha = _class_vector("focal_loss", "alpha", alpha, x.shape[1], input, _background_one_minus)
     if alpha is not None and alpha.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("focal_loss: alpha must not require grad")
     loss, _, _ = torch.ops.segfast.focal_loss(x, t, alpha, gamma, reduction, ignore_index)
