@@ -109,6 +109,9 @@ void bind_ops(pybind11::module& m) {
       m, "focal_loss");
   OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>::bind(
       m, "affine_augment");
+  OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, OptionalTensor, OptionalTensor, OptionalTensor,
+                                             OptionalTensor, bool, double, double, Str, double,
+                                             OptionalTensor)>::bind(m, "batch_norm_act");
 }
 
 }  // namespace

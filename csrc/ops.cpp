@@ -83,4 +83,18 @@ TORCH_LIBRARY(segfast, m) {
   m.def(
       "affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
       "-> (Tensor, Tensor)");
+
+  // act(BatchNorm(input) [+ residual]), F.batch_norm's arguments. Training: batch statistics, and
+  // running_mean / running_var (when given) updated in place with `momentum` (unbiased variance).
+  // Returns (output, mean, invstd): the statistics the output was normalised with (the running
+  // ones in eval mode), saved for backward with the input.
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, float negative_slope, "
+      "Tensor? residual) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_residual, grad_weight, grad_bias); one not asked for in output_mask is empty.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, Tensor? residual, bool training, str activation, float negative_slope, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

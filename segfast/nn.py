@@ -9,9 +9,11 @@ from torch import nn
 from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is already a single kernel
 
 from segfast import ops
+from segfast.ops._activation import check_activation
 
 __all__ = [
     "AvgPool2d",
+    "BatchNormAct2d",
     "Conv2dAct",
     "CrossEntropyLoss",
     "DiceCELoss",
@@ -136,6 +138,63 @@ class AvgPool2d(nn.AvgPool2d):
             self.count_include_pad,
             self.divisor_override,
         )
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by an activation, as one fused op (``segfast.ops.batch_norm_act``).
+
+    Arguments are ``nn.BatchNorm2d``'s plus ``activation`` (default "relu"), ``negative_slope``
+    (leaky_relu) and ``inplace`` (InPlace-ABN; not implemented yet). The state_dict keys are
+    BatchNorm2d's (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``),
+    so weights load both ways. ``forward(input, residual=None)`` adds ``residual`` before the
+    activation (ResNet's bn2 -> + identity -> relu).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        inplace: bool = False,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        check_activation("BatchNormAct2d", activation, negative_slope)
+        if inplace:
+            raise NotImplementedError("BatchNormAct2d: inplace=True (InPlace-ABN) is not implemented yet")
+        self.activation, self.negative_slope, self.inplace = activation, negative_slope, inplace
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        # nn.BatchNorm2d's rules for the momentum and for which statistics are used and updated
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return ops.batch_norm_act(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

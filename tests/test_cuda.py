@@ -395,3 +395,51 @@ def test_affine_augment_matches_cpu(dtype):
         rtol=1e-2 if dtype != torch.float32 else 1e-5,
         atol=1e-2 if dtype != torch.float32 else 1e-6,
     )
+
+
+def test_mixed_devices_are_refused_without_touching_the_context():
+    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
+    memory access that ends the CUDA context (issue 15, defect 8)."""
+    x = torch.randn(2, 4, 8, device="cuda")
+    t = torch.randint(0, 4, (2, 8), device="cuda")
+    cases = [
+        lambda: torch.ops.segfast.cross_entropy(x, t, torch.ones(4), "mean", -100, 0.0),
+        lambda: torch.ops.segfast.cross_entropy(x, torch.softmax(x, 1).cpu(), None, "mean", -100, 0.0),
+        lambda: torch.ops.segfast.focal_loss(x, t, torch.ones(4), 2.0, "mean", -100),
+        lambda: torch.ops.segfast.dice_sums(x, t.cpu(), -100, False),
+        lambda: torch.ops.segfast.confusion_matrix(x, t.cpu(), 4, -100),
+    ]
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+    assert torch.ops.segfast.dice_sums(x, t, -100, False).isfinite().all()
+
+
+def test_masked_classes_at_minus_infinity_match_cpu():
+    """A first logit of -inf (a masked class) gives the CPU's finite loss, not NaN; +inf gives NaN
+    as torch does (issue 15, defect 1)."""
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    x[:, 0] = float("-inf")
+    t = torch.randint(1, 5, (3, 16))
+    for name in ("cross_entropy", "dice_loss", "focal_loss"):
+        op = getattr(segfast.ops, name)
+        cpu, gpu = op(x, t), op(x.cuda(), t.cuda()).cpu()
+        assert cpu.isfinite() and gpu.isfinite(), name
+        torch.testing.assert_close(gpu, cpu, msg=name)
+    x[0, 2, 3] = float("inf")
+    assert segfast.ops.cross_entropy(x.cuda(), t.cuda()).isnan()
+
+
+def test_focal_mean_with_every_pixel_ignored_has_zero_gradient():
+    x = torch.randn(2, 3, 8, device="cuda", requires_grad=True)
+    t = torch.full((2, 8), -100, device="cuda")
+    (grad,) = torch.autograd.grad(segfast.ops.focal_loss(x, t), x)
+    assert torch.equal(grad, torch.zeros_like(grad))  # issue 15, defect 2: was NaN
+
+
+def test_dice_on_more_images_than_a_grid_row_holds():
+    """(N, C) input with N > 65535: one launch (issue 15, defect 3: dim3(chunks, N) was invalid)."""
+    x = torch.randn(70000, 3, dtype=torch.float64)
+    t = torch.randint(0, 3, (70000,))
+    torch.testing.assert_close(segfast.ops.dice_loss(x.cuda(), t.cuda()).cpu(), segfast.ops.dice_loss(x, t))

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <type_traits>
+
 #include "common/macros.h"
 
 namespace segfast {
@@ -12,17 +14,28 @@ namespace segfast {
 // Unfused double multiply and add: nvcc would contract a * b + c into an FMA (one rounding fewer),
 // moving the nearest pixel at exact halves away from the CPU kernel's and the float64 reference's.
 // (The CPU file is compiled with -ffp-contract=off for the same reason.)
-SEGFAST_HOST_DEVICE double mul_rn(double a, double b) {
+// float and double; the bilinear sums use them too, in the accumulation type.
+template <typename T>
+SEGFAST_HOST_DEVICE T mul_rn(T a, T b) {
 #ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
 
-SEGFAST_HOST_DEVICE double add_rn(double a, double b) {
+template <typename T>
+SEGFAST_HOST_DEVICE T add_rn(T a, T b) {
 #ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif
@@ -65,7 +78,7 @@ struct BilinearTaps {
   SEGFAST_HOST_DEVICE acc_t apply(const scalar_t* plane) const {
     acc_t v = 0;
     for (int k = 0; k < 4; ++k) {
-      if (offset[k] >= 0) v += weight[k] * static_cast<acc_t>(plane[offset[k]]);
+      if (offset[k] >= 0) v = add_rn(v, mul_rn(weight[k], static_cast<acc_t>(plane[offset[k]])));
     }
     return v;
   }

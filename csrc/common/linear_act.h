@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/devices.h"
 #include "common/grads.h"
 
 namespace segfast {
@@ -58,6 +59,7 @@ struct LinearAct {
                                             const std::optional<Tensor>& bias, c10::string_view activation,
                                             double negative_slope) {
     check_linear_args(input, weight, bias);
+    check_same_device("linear_act", {named("input", input), named("weight", weight), named("bias", bias)});
     const Activation act = parse_activation(activation);
     const Tensor rows = as_rows(input);
     const Tensor z =
@@ -76,6 +78,8 @@ struct LinearAct {
                                                      c10::string_view activation, double negative_slope,
                                                      std::array<bool, 3> output_mask) {
     check_linear_args(input, weight, std::nullopt);
+    check_same_device("linear_act_backward", {named("input", input), named("weight", weight),
+                                              named("grad_output", grad_output), named("saved", saved)});
     const Activation act = parse_activation(activation);
     const Tensor grad = as_rows(grad_output).contiguous();
     Tensor grad_z = grad, grad_bias;

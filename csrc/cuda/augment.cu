@@ -9,6 +9,7 @@
 #include "common/affine.h"
 #include "common/augment.h"
 #include "common/class_index.h"
+#include "common/devices.h"
 #include "common/layout.h"
 #include "cuda/launch.cuh"
 
@@ -51,6 +52,7 @@ Strides4 strides_of(const Tensor& t) {
 std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor& mask, const Tensor& theta_,
                                                int64_t out_h, int64_t out_w, int64_t ignore_index) {
   check_augment_args(image, mask, theta_, out_h, out_w);
+  check_same_device("affine_augment", {named("image", image), named("mask", mask)});
   const c10::cuda::CUDAGuard guard(image.device());
   const Tensor theta = theta_.to(image.device(), at::kDouble).contiguous();
   const int64_t batch = image.size(0), channels = image.size(1);

@@ -14,6 +14,7 @@
 
 #include "common/activation.h"
 #include "common/conv2d_act.h"
+#include "common/devices.h"
 #include "common/grads.h"
 #include "common/layout.h"
 #include "cuda/activation_pass.cuh"
@@ -36,6 +37,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& we
                                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                            int64_t groups, c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias);
+  check_same_device("conv2d_act", {named("input", input), named("weight", weight), named("bias", bias)});
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
@@ -60,6 +62,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cuda(const Tensor& grad_o
                                                             c10::string_view activation, double negative_slope,
                                                             std::array<bool, 3> output_mask) {
   check_conv_args(input, weight, std::nullopt);
+  check_same_device("conv2d_act_backward", {named("input", input), named("weight", weight),
+                                            named("grad_output", grad_output), named("saved", saved)});
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);

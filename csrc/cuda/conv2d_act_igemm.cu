@@ -54,6 +54,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     igemm_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
                  const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, scalar_t* __restrict__ preact, Shape s,
                  float slope) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 / f16 WMMA needs sm_80; chosen() never launches this below it
+#else
   namespace wmma = nvcuda::wmma;
   using T = typename TensorCoreType<scalar_t>::type;
   __shared__ __align__(32) T a_tile[kTileM][kTileK + kSkew];  // (pixel, k)
@@ -112,6 +115,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     if (preact != nullptr) preact[m * s.out_c + oc] = z;
     out[m * s.out_c + oc] = static_cast<scalar_t>(activate<A>(static_cast<float>(z), slope));
   }
+#endif
 }
 
 bool aligned(const Tensor& t) {
@@ -143,9 +147,16 @@ bool eligible(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
          input.size(2) + 2 * padding[0] >= k && input.size(3) + 2 * padding[1] >= k;
 }
 
+// The WMMA tiles take bf16 / f16 tensor cores: sm_80 or newer.
+bool has_tensor_cores(const Tensor& input) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, input.get_device()));
+  return major >= 8;
+}
+
 bool chosen(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
             at::IntArrayRef dilation, int64_t groups, at::MemoryFormat format) {
-  if (!eligible(input, weight, stride, padding, dilation, groups, format)) return false;
+  if (!eligible(input, weight, stride, padding, dilation, groups, format) || !has_tensor_cores(input)) return false;
   if (forced_by_environment()) return true;
   for (const MeasuredFaster& row : kMeasuredFaster) {
     if (row.kernel == weight.size(2) && row.in_channels == input.size(1) && row.out_channels == weight.size(0)) {

@@ -20,6 +20,7 @@
 
 #include "common/class_index.h"
 #include "common/cross_entropy.h"
+#include "common/devices.h"
 #include "common/layout.h"
 #include "common/macros.h"
 #include "common/reduction.h"
@@ -218,6 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
                                                       const std::optional<Tensor>& weight, c10::string_view reduction_,
                                                       int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
+  check_same_device("cross_entropy", {named("input", input), named("target", target_), named("weight", weight)});
   const Operands in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
   const auto acc_type = at::toOpMathType(input.scalar_type());
@@ -259,6 +261,9 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
                                    const std::optional<Tensor>& weight, const Tensor& lse_, const Tensor& total_weight,
                                    c10::string_view reduction_, int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
+  check_same_device("cross_entropy_backward",
+                    {named("input", input), named("target", target_), named("weight", weight),
+                     named("grad_loss", grad_loss), named("lse", lse_), named("total_weight", total_weight)});
   const Operands in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
   const auto acc_type = at::toOpMathType(input.scalar_type());

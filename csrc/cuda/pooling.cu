@@ -11,6 +11,7 @@
 
 #include <limits>
 
+#include "common/devices.h"
 #include "common/layout.h"
 #include "common/pooling.h"
 #include "cuda/launch.cuh"
@@ -131,6 +132,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
                                 IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                 bool ceil_mode) {
   const c10::cuda::CUDAGuard guard(grad_out_.device());
+  check_same_device("max_pool2d_backward", {named("grad_output", grad_out_), named("argmax", argmax_)});
   const Pool2d p = make_pool("max_pool2d_backward", input_size, is_channels_last(argmax_), kernel, stride, padding,
                              dilation, ceil_mode);
   const Tensor grad_out = grad_out_.contiguous(format_of(p)), argmax = argmax_.contiguous(format_of(p));

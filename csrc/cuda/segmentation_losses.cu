@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "common/class_index.h"
+#include "common/devices.h"
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
@@ -64,8 +65,7 @@ struct LossOperands {
 
 LossOperands prepare_loss(const char* op, const Tensor& input_, const Tensor& target, int64_t ignore_index) {
   check_loss_inputs(op, input_, target);
-  TORCH_CHECK_VALUE(target.device() == input_.device(), op, ": target is on ", target.device(), " but input is on ",
-                    input_.device());
+  check_same_device(op, {named("input", input_), named("target", target)});
   const Tensor input = dense(input_);
   return {input, indexing_of(input, target, ignore_index)};
 }
@@ -174,6 +174,7 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
 Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                                int64_t ignore_index, bool squared) {
   const c10::cuda::CUDAGuard guard(input_.device());
+  check_same_device("dice_sums_backward", {named("input", input_), named("grad_sums", grad_sums_)});
   const LossOperands in = prepare_loss("dice_sums", input_, target, ignore_index);
   const Tensor& input = in.input;
   const PixelIndexing& g = in.g;
@@ -255,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
                                                    const std::optional<Tensor>& alpha_, double gamma,
                                                    c10::string_view reduction_, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(input_.device());
+  check_same_device("focal_loss", {named("input", input_), named("alpha", alpha_)});
   const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
   const Tensor& input = in.input;
   const PixelIndexing& g = in.g;
@@ -291,6 +293,8 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
                                 const std::optional<Tensor>& alpha_, double gamma, const Tensor& lse_,
                                 const Tensor& count, c10::string_view reduction_, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(input_.device());
+  check_same_device("focal_loss_backward", {named("input", input_), named("alpha", alpha_),
+                                            named("grad_loss", grad_loss), named("lse", lse_), named("count", count)});
   const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
   const Tensor& input = in.input;
   const PixelIndexing& g = in.g;

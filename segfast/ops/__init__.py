@@ -8,6 +8,7 @@ from torch.nn.functional import l1_loss
 
 from segfast.ops._activation import ACTIVATIONS
 from segfast.ops.augment import affine_augment
+from segfast.ops.batch_norm_act import batch_norm_act
 from segfast.ops.conv2d_act import conv2d_act
 from segfast.ops.cross_entropy import cross_entropy
 from segfast.ops.linear_act import linear_act
@@ -19,6 +20,7 @@ __all__ = [
     "ACTIVATIONS",
     "affine_augment",
     "avg_pool2d",
+    "batch_norm_act",
     "confusion_matrix",
     "conv2d_act",
     "cross_entropy",

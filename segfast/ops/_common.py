@@ -108,3 +108,12 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
             return torch.contiguous_format
         smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
     return torch.channels_last
+
+
+def entry(name: str):
+    """How a Python face calls segfast::<name>: in eager mode through ``segfast._C.<name>``, a typed
+    entry that goes through the dispatcher without torch.ops' Python-side argument parsing
+    (csrc/bindings.cpp); where dynamo traces, through ``torch.ops.segfast.<name>.default``."""
+    from segfast import _C
+
+    return getattr(torch.ops.segfast, name).default if torch.compiler.is_compiling() else getattr(_C, name)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from segfast import _C
-from segfast.ops._common import check_kernel_available, is_int, memory_format, pair
+from segfast.ops._common import check_kernel_available, entry, is_int, memory_format, pair
 
 
 def _pooled_size(size, kernel, stride, padding, dilation, ceil_mode):
@@ -87,11 +86,6 @@ def _pool_args(op, input, kernel_size, stride, padding, dilation):
     )
 
 
-def _entry(name: str):
-    """The op to call: _C's typed entry in eager mode, torch.ops.segfast where dynamo traces."""
-    return getattr(torch.ops.segfast, name).default if torch.compiler.is_compiling() else getattr(_C, name)
-
-
 def max_pool2d(
     input: torch.Tensor,
     kernel_size,
@@ -118,7 +112,7 @@ def max_pool2d(
     x, kernel, stride, padding, dilation, unbatched = _pool_args(
         "max_pool2d", input, kernel_size, stride, padding, dilation
     )
-    out, indices = _entry("max_pool2d")(x, kernel, stride, padding, dilation, bool(ceil_mode), bool(return_indices))
+    out, indices = entry("max_pool2d")(x, kernel, stride, padding, dilation, bool(ceil_mode), bool(return_indices))
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -147,5 +141,5 @@ def avg_pool2d(
     x, kernel, stride, padding, _, unbatched = _pool_args("avg_pool2d", input, kernel_size, stride, padding, 1)
     if divisor_override is not None and not is_int(divisor_override):
         raise ValueError(f"avg_pool2d: divisor_override must be a non-zero int or None, got {divisor_override!r}")
-    out = _entry("avg_pool2d")(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override)
+    out = entry("avg_pool2d")(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), divisor_override)
     return out.squeeze(0) if unbatched else out

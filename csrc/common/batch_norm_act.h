@@ -1,0 +1,89 @@
+#pragma once
+// batch_norm_act: act(BatchNorm(x) [+ residual]) — what the CPU and CUDA kernels share.
+//
+// Per channel c, z = x * scale_c + shift_c (+ residual) with scale_c = weight_c * invstd_c and
+// shift_c = bias_c - mean_c * scale_c (torch's batch_norm transform, same rounding), and out = act(z).
+// Backward recomputes z from the saved input, g = grad_out * act'(z), and, over the channel's M
+// values, sum_g = sum g, sum_gxhat = sum g * xhat (xhat = (x - mean) * invstd):
+//   grad_input = weight * invstd * (g - sum_g / M - xhat * sum_gxhat / M)   (training)
+//              = weight * invstd * g                                         (eval)
+//   grad_weight = sum_gxhat, grad_bias = sum_g, grad_residual = g.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/activation.h"
+#include "common/macros.h"
+
+namespace segfast {
+
+// act'(z) from z (the activations whose derivative torch takes from the output are evaluated first).
+template <Activation A, typename T>
+SEGFAST_HOST_DEVICE T derivative_at(T z, T negative_slope) {
+  if constexpr (A == Activation::Sigmoid) {
+    return activation_derivative<A>(activate<A>(z, negative_slope), negative_slope);
+  } else {
+    return activation_derivative<A>(z, negative_slope);
+  }
+}
+
+// ------------------------------------------------------------------- host side, every backend
+
+// (N, C, *) input: N * prod(*) values per channel.
+inline int64_t values_per_channel(const at::Tensor& input) {
+  return input.numel() / input.size(1);
+}
+
+inline void check_batch_norm_act_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& running_mean,
+                                      const std::optional<at::Tensor>& running_var, bool training,
+                                      const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "batch_norm_act";
+  TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 4, op, ": input must be (N, C), (N, C, L) or (N, C, H, W), got ",
+                    input.sizes());
+  const auto t = input.scalar_type();
+  const bool half_ok = input.is_cuda() || input.is_meta();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || (half_ok && t == at::kHalf), op,
+                   ": input dtype must be one of float32, float64, bfloat16", half_ok ? ", float16" : "", ", got ",
+                   c10::getDtypeNames(t).first);
+  const int64_t channels = input.size(1);
+  auto check_vector = [&](const std::optional<at::Tensor>& v, const char* name) {
+    if (!v || !v->defined()) return;
+    TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == channels, op, ": ", name, " must have shape (", channels,
+                      ",), got ", v->sizes());
+    TORCH_CHECK_VALUE(v->device() == input.device(), op, ": ", name, " is on ", v->device(), " but input is on ",
+                      input.device());
+  };
+  check_vector(weight, "weight");
+  check_vector(bias, "bias");
+  check_vector(running_mean, "running_mean");
+  check_vector(running_var, "running_var");
+  for (const auto* stat : {&running_mean, &running_var}) {
+    if (*stat && (*stat)->defined()) {
+      TORCH_CHECK_TYPE((*stat)->is_floating_point(), op, ": running statistics must be floating point, got ",
+                       c10::getDtypeNames((*stat)->scalar_type()).first);
+    }
+  }
+  TORCH_CHECK_VALUE((running_mean && running_mean->defined()) == (running_var && running_var->defined()), op,
+                    ": running_mean and running_var must be given together");
+  TORCH_CHECK_VALUE(training || (running_mean && running_mean->defined()), op,
+                    ": eval mode (training=False) needs running_mean and running_var");
+  if (training) {
+    TORCH_CHECK_VALUE(values_per_channel(input) > 1, op,
+                      ": expected more than 1 value per channel when training, got input of size ", input.sizes());
+  }
+  if (residual && residual->defined()) {
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), op, ": residual must have input's shape ", input.sizes(),
+                      ", got ", residual->sizes());
+    TORCH_CHECK_TYPE(residual->scalar_type() == t, op, ": residual dtype ",
+                     c10::getDtypeNames(residual->scalar_type()).first, " differs from input dtype ",
+                     c10::getDtypeNames(t).first);
+    TORCH_CHECK_VALUE(residual->device() == input.device(), op, ": residual is on ", residual->device(),
+                      " but input is on ", input.device());
+  }
+}
+
+}  // namespace segfast

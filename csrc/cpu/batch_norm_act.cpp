@@ -1,0 +1,418 @@
+// batch_norm_act on CPU: act(BatchNorm(x) [+ residual]) for (N, C), (N, C, L) and (N, C, H, W)
+// input, NCHW and channels_last read in place (math: common/batch_norm_act.h).
+//
+// Forward: one statistics pass (training), one normalise + activate pass. Backward: one pass for
+// the two per-channel sums with the activation derivative fused in (training), one pass writing
+// grad_input (and grad_residual). Per-channel sums are taken in double, in a fixed order: NCHW
+// channels are reduced by one thread each; channels_last rows in fixed blocks whose partials are
+// added in block order. The results are the same bits whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/batch_norm_act.h"
+#include "common/layout.h"
+#include "cpu/output_cache.h"
+#include "cpu/vec_math.h"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRowsPerBlock = 256;  // channels_last reduction blocks: fixed, so sums do not depend on threads
+
+// The input as channel-major planes (NCHW: channel c of image n is `inner` contiguous values) or as
+// rows of `channels` values (channels_last: batch * inner rows).
+struct ChannelView {
+  int64_t batch, channels, inner;
+  bool channels_last;
+
+  int64_t values() const { return batch * inner; }  // per channel
+  int64_t rows() const { return batch * inner; }
+  int64_t blocks() const { return (rows() + kRowsPerBlock - 1) / kRowsPerBlock; }
+};
+
+ChannelView view_of(const Tensor& t) {
+  int64_t inner = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) inner *= t.size(d);
+  return {t.size(0), t.size(1), inner, memory_format(t) == at::MemoryFormat::ChannelsLast};
+}
+
+// Per channel, two sums over the channel's values, in double, in a fixed order: `plane(base, c,
+// count, s1, s2)` adds an NCHW plane's, `row(base, s1, s2)` a channels_last row's (every channel).
+template <typename Plane, typename Row>
+void channel_sums(const ChannelView& v, std::vector<double>& first, std::vector<double>& second, Plane&& plane,
+                  Row&& row) {
+  first.assign(v.channels, 0.0);
+  second.assign(v.channels, 0.0);
+  if (!v.channels_last) {
+    at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int64_t n = 0; n < v.batch; ++n) {
+          const int64_t base = (n * v.channels + c) * v.inner;
+          plane(base, c, v.inner, s1, s2);
+        }
+        first[c] = s1;
+        second[c] = s2;
+      }
+    });
+    return;
+  }
+  std::vector<double> partial(v.blocks() * 2 * v.channels, 0.0);
+  at::parallel_for(0, v.blocks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double* p1 = partial.data() + b * 2 * v.channels;
+      double* p2 = p1 + v.channels;
+      const int64_t r1 = std::min(v.rows(), (b + 1) * kRowsPerBlock);
+      for (int64_t r = b * kRowsPerBlock; r < r1; ++r) row(r * v.channels, p1, p2);
+    }
+  });
+  for (int64_t b = 0; b < v.blocks(); ++b) {
+    for (int64_t c = 0; c < v.channels; ++c) {
+      first[c] += partial[b * 2 * v.channels + c];
+      second[c] += partial[(b * 2 + 1) * v.channels + c];
+    }
+  }
+}
+
+// Sums of (x - shift) and its square over `count` values of one channel, and over one channels_last
+// row (per channel): the variance from them does not cancel catastrophically.
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void moment_plane(const scalar_t* x, double shift, int64_t count, double& s1, double& s2) {
+  double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < count; ++i) {
+    const double d = static_cast<double>(cpu::widen<at::opmath_type<scalar_t>>(x[i])) - shift;
+    a += d;
+    b += d * d;
+  }
+  s1 += a;
+  s2 += b;
+}
+
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void moment_row(const scalar_t* x, const double* shift, int64_t channels, double* s1,
+                                         double* s2) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const double d = static_cast<double>(cpu::widen<at::opmath_type<scalar_t>>(x[c])) - shift[c];
+    s1[c] += d;
+    s2[c] += d * d;
+  }
+}
+
+// Batch mean and 1 / sqrt(biased variance + eps) per channel, and the running statistics updated as
+// torch updates them (momentum, unbiased variance).
+template <typename scalar_t>
+void batch_statistics_kernel(const Tensor& input, const ChannelView& v, double eps, double momentum, Tensor& mean,
+                             Tensor& invstd, const std::optional<Tensor>& running_mean,
+                             const std::optional<Tensor>& running_var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  std::vector<double> shift(v.channels);
+  for (int64_t c = 0; c < v.channels; ++c) {
+    shift[c] = static_cast<double>(cpu::widen<acc_t>(x[v.channels_last ? c : c * v.inner]));
+  }
+  std::vector<double> sum, sum_sq;
+  channel_sums(
+      v, sum, sum_sq,
+      [&](int64_t base, int64_t c, int64_t count, double& s1, double& s2) {
+        moment_plane(x + base, shift[c], count, s1, s2);
+      },
+      [&](int64_t base, double* s1, double* s2) { moment_row(x + base, shift.data(), v.channels, s1, s2); });
+  const double count = static_cast<double>(v.values());
+  acc_t* m = mean.mutable_data_ptr<acc_t>();
+  acc_t* is = invstd.mutable_data_ptr<acc_t>();
+  std::vector<double> var(v.channels);
+  for (int64_t c = 0; c < v.channels; ++c) {
+    const double centred = sum[c] / count;
+    m[c] = static_cast<acc_t>(shift[c] + centred);
+    var[c] = std::max(0.0, sum_sq[c] / count - centred * centred);
+    is[c] = static_cast<acc_t>(1.0 / std::sqrt(var[c] + eps));
+  }
+  if (running_mean && running_mean->defined()) {
+    // torch: running = momentum * batch + (1 - momentum) * running, with the unbiased variance
+    Tensor rm = running_mean->to(at::kDouble), rv = running_var->to(at::kDouble);
+    double* rmp = rm.mutable_data_ptr<double>();
+    double* rvp = rv.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < v.channels; ++c) {
+      rmp[c] = momentum * static_cast<double>(m[c]) + (1 - momentum) * rmp[c];
+      rvp[c] = momentum * var[c] * count / (count - 1) + (1 - momentum) * rvp[c];
+    }
+    running_mean->copy_(rm);
+    running_var->copy_(rv);
+  }
+}
+
+// Per channel: scale = weight * invstd, shift = bias - mean * scale (torch's transform).
+template <typename acc_t>
+void channel_affine(const ChannelView& v, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                    const std::optional<Tensor>& bias, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const Tensor w = weight && weight->defined() ? weight->to(mean.scalar_type()).contiguous() : Tensor();
+  const Tensor b = bias && bias->defined() ? bias->to(mean.scalar_type()).contiguous() : Tensor();
+  const acc_t* m = mean.const_data_ptr<acc_t>();
+  const acc_t* is = invstd.const_data_ptr<acc_t>();
+  scale.resize(v.channels);
+  shift.resize(v.channels);
+  for (int64_t c = 0; c < v.channels; ++c) {
+    scale[c] = (w.defined() ? w.const_data_ptr<acc_t>()[c] : acc_t(1)) * is[c];
+    shift[c] = (b.defined() ? b.const_data_ptr<acc_t>()[c] : acc_t(0)) - m[c] * scale[c];
+  }
+}
+
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void normalize_span(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t count,
+                                             const at::opmath_type<scalar_t>* scale,
+                                             const at::opmath_type<scalar_t>* shift, int64_t channel_step,
+                                             at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // channel_step 0: one channel (an NCHW plane); 1: one channels_last row
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t c = i * channel_step;
+    acc_t z = cpu::widen<acc_t>(x[i]) * scale[c] + shift[c];
+    if (r != nullptr) z += cpu::widen<acc_t>(r[i]);
+    out[i] = cpu::narrow<scalar_t>(activate<A>(z, slope));
+  }
+}
+
+template <Activation A, typename scalar_t>
+void batch_norm_act_kernel(const Tensor& input, const Tensor* residual, const ChannelView& v,
+                           const std::vector<at::opmath_type<scalar_t>>& scale,
+                           const std::vector<at::opmath_type<scalar_t>>& shift, double negative_slope, Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const scalar_t* r = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const auto slope = static_cast<acc_t>(negative_slope);
+  if (!v.channels_last) {
+    at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t base = plane * v.inner, c = plane % v.channels;
+        normalize_span<A>(x + base, r ? r + base : nullptr, o + base, v.inner, scale.data() + c, shift.data() + c, 0,
+                          slope);
+      }
+    });
+  } else {
+    at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * v.channels;
+        normalize_span<A>(x + base, r ? r + base : nullptr, o + base, v.channels, scale.data(), shift.data(), 1, slope);
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cpu(const Tensor& input_, const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& running_mean,
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double momentum, double eps, c10::string_view activation,
+                                                      double negative_slope, const std::optional<Tensor>& residual_) {
+  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual_);
+  const Activation act = parse_activation(activation);
+  const Tensor input = input_.contiguous(memory_format(input_));
+  const ChannelView v = view_of(input);
+  const bool has_residual = residual_ && residual_->defined();
+  const Tensor residual = has_residual ? residual_->contiguous(memory_format(input)) : Tensor();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  Tensor mean = at::empty({v.channels}, input.options().dtype(acc_type));
+  Tensor invstd = at::empty({v.channels}, input.options().dtype(acc_type));
+  Tensor out = cpu::empty_like_cached(input);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training) {
+      batch_statistics_kernel<scalar_t>(input, v, eps, momentum, mean, invstd, running_mean, running_var);
+    } else {
+      mean.copy_(*running_mean);
+      invstd.copy_(running_var->to(at::kDouble).add(eps).rsqrt());
+    }
+    std::vector<acc_t> scale, shift;
+    channel_affine<acc_t>(v, mean, invstd, weight, bias, scale, shift);
+    dispatch_activation(act, [&](auto a) {
+      batch_norm_act_kernel<decltype(a)::value, scalar_t>(input, has_residual ? &residual : nullptr, v, scale, shift,
+                                                          negative_slope, out);
+    });
+  });
+  return {out, mean, invstd};
+}
+
+// ---------------------------------------------------------------------------------------- backward
+
+// What the backward passes read: g = grad_out * act'(z), z recomputed from x (and the residual).
+template <typename scalar_t>
+struct BackwardInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *x, *r, *grad_out;
+  const acc_t *scale, *shift, *mean, *invstd;
+  acc_t slope;
+};
+
+// Sums of g and g * xhat over `count` values of channel c from `base`, and over one channels_last row.
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void grad_sums_plane(const BackwardInputs<scalar_t>& s, int64_t base, int64_t c, int64_t count,
+                                              double& s1, double& s2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t xv = cpu::widen<acc_t>(s.x[base + i]);
+    acc_t z = xv * s.scale[c] + s.shift[c];
+    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + i]);
+    const acc_t g = cpu::widen<acc_t>(s.grad_out[base + i]) * derivative_at<A>(z, s.slope);
+    a += static_cast<double>(g);
+    b += static_cast<double>(g * ((xv - s.mean[c]) * s.invstd[c]));
+  }
+  s1 += a;
+  s2 += b;
+}
+
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, int64_t base, int64_t channels,
+                                            double* s1, double* s2) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t xv = cpu::widen<acc_t>(s.x[base + c]);
+    acc_t z = xv * s.scale[c] + s.shift[c];
+    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + c]);
+    const acc_t g = cpu::widen<acc_t>(s.grad_out[base + c]) * derivative_at<A>(z, s.slope);
+    s1[c] += static_cast<double>(g);
+    s2[c] += static_cast<double>(g * ((xv - s.mean[c]) * s.invstd[c]));
+  }
+}
+
+// grad_input = a_c g + b_c + k_c xhat (training; eval: b = k = 0), grad_residual = g.
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void grad_span(const BackwardInputs<scalar_t>& s, int64_t base, int64_t count,
+                                        int64_t first_channel, int64_t channel_step, const at::opmath_type<scalar_t>* a,
+                                        const at::opmath_type<scalar_t>* b, const at::opmath_type<scalar_t>* k,
+                                        scalar_t* grad_in, scalar_t* grad_res) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t c = first_channel + i * channel_step;
+    const acc_t xv = cpu::widen<acc_t>(s.x[base + i]);
+    acc_t z = xv * s.scale[c] + s.shift[c];
+    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + i]);
+    const acc_t g = cpu::widen<acc_t>(s.grad_out[base + i]) * derivative_at<A>(z, s.slope);
+    if (grad_in != nullptr)
+      grad_in[base + i] = cpu::narrow<scalar_t>(a[c] * g + b[c] + k[c] * ((xv - s.mean[c]) * s.invstd[c]));
+    if (grad_res != nullptr) grad_res[base + i] = cpu::narrow<scalar_t>(g);
+  }
+}
+
+template <Activation A, typename scalar_t>
+void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const ChannelView& v, bool training,
+                                    const at::opmath_type<scalar_t>* weight, Tensor& grad_in, Tensor& grad_res,
+                                    Tensor& grad_weight, Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<double> sum_g, sum_gxhat;
+  const bool need_sums = training || grad_weight.defined() || grad_bias.defined();
+  if (need_sums) {
+    channel_sums(
+        v, sum_g, sum_gxhat,
+        [&](int64_t base, int64_t c, int64_t count, double& s1, double& s2) {
+          grad_sums_plane<A>(s, base, c, count, s1, s2);
+        },
+        [&](int64_t base, double* s1, double* s2) { grad_sums_row<A>(s, base, v.channels, s1, s2); });
+  }
+  std::vector<acc_t> a(v.channels), b(v.channels, acc_t(0)), k(v.channels, acc_t(0));
+  const double count = static_cast<double>(v.values());
+  for (int64_t c = 0; c < v.channels; ++c) {
+    const acc_t wk = (weight ? weight[c] : acc_t(1)) * s.invstd[c];
+    a[c] = wk;
+    if (training) {
+      b[c] = static_cast<acc_t>(-static_cast<double>(wk) * sum_g[c] / count);
+      k[c] = static_cast<acc_t>(-static_cast<double>(wk) * sum_gxhat[c] / count);
+    }
+  }
+  if (grad_weight.defined()) {
+    for (int64_t c = 0; c < v.channels; ++c)
+      grad_weight.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(sum_gxhat[c]);
+  }
+  if (grad_bias.defined()) {
+    for (int64_t c = 0; c < v.channels; ++c) grad_bias.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(sum_g[c]);
+  }
+  scalar_t* gi = grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gr = grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+  if (gi == nullptr && gr == nullptr) return;
+  if (!v.channels_last) {
+    at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        grad_span<A>(s, plane * v.inner, v.inner, plane % v.channels, 0, a.data(), b.data(), k.data(), gi, gr);
+      }
+    });
+  } else {
+    at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        grad_span<A>(s, row * v.channels, v.channels, 0, 1, a.data(), b.data(), k.data(), gi, gr);
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_output, const Tensor& input_, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& residual_,
+    bool training, c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask) {
+  const Activation act = parse_activation(activation);
+  const at::MemoryFormat format = memory_format(input_);
+  const Tensor input = input_.contiguous(format), grad_out = grad_output.contiguous(format);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
+                    " and input ", input.sizes(), " differ");
+  const ChannelView v = view_of(input);
+  const bool has_residual = residual_ && residual_->defined();
+  const Tensor residual = has_residual ? residual_->contiguous(format) : Tensor();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor m = mean.to(acc_type).contiguous(), is = invstd.to(acc_type).contiguous();
+  Tensor grad_in = output_mask[0] ? cpu::empty_like_cached(input) : Tensor();
+  Tensor grad_res = output_mask[1] ? cpu::empty_like_cached(input) : Tensor();
+  const bool affine = weight && weight->defined();
+  Tensor grad_weight = output_mask[2] && affine ? at::empty({v.channels}, input.options().dtype(acc_type)) : Tensor();
+  Tensor grad_bias = output_mask[3] && affine ? at::empty({v.channels}, input.options().dtype(acc_type)) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_act_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> scale, shift;
+    channel_affine<acc_t>(v, m, is, weight, bias, scale, shift);
+    const Tensor w = affine ? weight->to(acc_type).contiguous() : Tensor();
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation kAct = decltype(a)::value;
+      const BackwardInputs<scalar_t> sums{input.const_data_ptr<scalar_t>(),
+                                          has_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                          grad_out.const_data_ptr<scalar_t>(),
+                                          scale.data(),
+                                          shift.data(),
+                                          m.const_data_ptr<acc_t>(),
+                                          is.const_data_ptr<acc_t>(),
+                                          static_cast<acc_t>(negative_slope)};
+      batch_norm_act_backward_kernel<kAct, scalar_t>(sums, v, training, affine ? w.const_data_ptr<acc_t>() : nullptr,
+                                                     grad_in, grad_res, grad_weight, grad_bias);
+    });
+  });
+  auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
+  const Tensor like_weight = affine ? *weight : input;
+  return {or_empty(grad_in, input), or_empty(grad_res, input),
+          or_empty(grad_weight.defined() ? grad_weight.to(like_weight.scalar_type()) : grad_weight, like_weight),
+          or_empty(grad_bias.defined() ? grad_bias.to(like_weight.scalar_type()) : grad_bias, like_weight)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CPU, m) {
+  m.impl("batch_norm_act", &batch_norm_act_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+}
+
+}  // namespace segfast

@@ -1,0 +1,231 @@
+"""batch_norm_act against F.batch_norm + activation (+ residual) in float64: values, gradients and
+running statistics over several steps, every mode and layout; the module; the op's contracts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ACTIVATION_REFERENCES, assert_close_to_reference
+
+import segfast
+
+ACTS = ["none", "relu", "leaky_relu", "silu", "gelu", "sigmoid"]
+SHAPES = [(6, 5), (4, 3, 7), (3, 4, 5, 6)]
+
+
+def reference(x, rm, rv, w, b, training, momentum, eps, activation, slope, residual):
+    z = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return ACTIVATION_REFERENCES[activation](z, slope)
+
+
+def _inputs(shape, dtype=torch.float64, layout=torch.contiguous_format, seed=0, affine=True, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64) + 2).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=layout)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
+    if r is not None and r.dim() == 4:
+        r = r.contiguous(memory_format=layout)
+    stats = (torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    return x, w, b, r, stats
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_matches_batch_norm_then_activation_float64(shape, activation, training, layout, residual):
+    if layout == torch.channels_last and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual)
+    leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
+    ours_rm, ours_rv, ref_rm, ref_rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
+    ours = segfast.ops.batch_norm_act(x, ours_rm, ours_rv, w, b, training, 0.3, 1e-5, activation, 0.2, r)
+    ref = reference(x, ref_rm, ref_rv, w, b, training, 0.3, 1e-5, activation, 0.2, r)
+    torch.testing.assert_close(ours, ref)
+    assert ours.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(ours_rm, ref_rm)
+    torch.testing.assert_close(ours_rv, ref_rv)
+    grad = torch.randn_like(ref)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_low_precision_within_twice_stock_error(dtype, layout):
+    x64, w64, b64, _, (rm, rv) = _inputs((4, 8, 9, 10), layout=layout)
+    low = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+    # the float64 reference of the same (rounded) inputs: the statistics' gradients are so sensitive to
+    # input rounding that a reference of the unrounded inputs would measure the rounding, not the op
+    ref = [t.to(dtype).double().requires_grad_() for t in (x64, w64, b64)]
+
+    def run(fn, x, w, b):
+        stats = x.dtype  # stock batch_norm wants the statistics in the parameters' dtype
+        return fn(x, rm.to(stats), rv.to(stats), w, b, True, 0.1, 1e-5, "relu", 0.0, None)
+
+    ours, stock = run(segfast.ops.batch_norm_act, *low), run(reference, *low)
+    exact = run(reference, *ref)
+    assert_close_to_reference(ours, stock, exact, "output")
+    grad = torch.randn_like(exact)
+    for name, a, s, e in zip(
+        ("input", "weight", "bias"),
+        torch.autograd.grad(ours, low, grad.to(dtype)),
+        torch.autograd.grad(stock, low, grad.to(dtype)),
+        torch.autograd.grad(exact, ref, grad),
+    ):
+        assert_close_to_reference(a, s, e, name)
+
+
+def test_module_over_steps_equals_batchnorm2d_and_relu_and_loads_its_weights():
+    torch.manual_seed(0)
+    for momentum in (0.1, None):  # None: the cumulative average, counted by num_batches_tracked
+        stock = torch.nn.Sequential(torch.nn.BatchNorm2d(6, momentum=momentum), torch.nn.ReLU()).double()
+        ours = segfast.nn.BatchNormAct2d(6, momentum=momentum).double()
+        ours.load_state_dict(stock[0].state_dict())
+        assert ours.state_dict().keys() == stock[0].state_dict().keys()
+        for _ in range(3):
+            x = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 2 + 1
+            torch.testing.assert_close(ours(x), stock(x))
+        for name, value in stock[0].state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], value, msg=name)
+        ours.eval(), stock.eval()
+        x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), stock(x))
+        stock[0].load_state_dict(ours.state_dict())  # and back
+
+
+def test_no_running_statistics_and_no_affine():
+    x, _, _, _, _ = _inputs((3, 4, 5, 6))
+    torch.testing.assert_close(
+        segfast.ops.batch_norm_act(x, None, None, training=True, activation="silu"),
+        F.silu(F.batch_norm(x, None, None, training=True)),
+    )
+    module = segfast.nn.BatchNormAct2d(4, affine=False, track_running_stats=False).double()
+    torch.testing.assert_close(module(x), F.relu(F.batch_norm(x, None, None, training=True)))
+
+
+def test_deterministic_and_thread_count_independent():
+    x, w, b, _, (rm, rv) = _inputs((8, 16, 20, 20), dtype=torch.float32, layout=torch.channels_last)
+    x.requires_grad_()
+
+    def run():
+        out = segfast.ops.batch_norm_act(x, rm.float().clone(), rv.float().clone(), w, b, True)
+        return out, torch.autograd.grad(out, x, torch.ones_like(out))[0]
+
+    threads = torch.get_num_threads()
+    first = run()
+    torch.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(first, single):
+        assert torch.equal(a, b_)
+
+
+def test_saves_one_activation_sized_tensor():
+    from conftest import SavedBytes
+
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    w, b = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    with SavedBytes([x, w, b]) as saved:
+        segfast.ops.batch_norm_act(x, torch.zeros(8), torch.ones(8), w, b, True)
+    assert saved.total <= 2 * 8 * 4  # the input is the caller's; new state: mean and invstd
+
+
+def test_gradcheck_opcheck_compile():
+    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True)
+    args = [t.requires_grad_() for t in (x, w, b, r)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: segfast.ops.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, "silu", 0.01, r), args
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: segfast.ops.batch_norm_act(x, rm, rv, w, b, False, 0.1, 1e-5, "leaky_relu", 0.1, r), args
+    )
+    op = torch.ops.segfast.batch_norm_act.default
+    torch.library.opcheck(op, (x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, "relu", 0.0, r))
+    torch.library.opcheck(op, (x, w, b, rm.clone(), rv.clone(), False, 0.1, 1e-5, "gelu", 0.0, None))
+    torch.library.opcheck(
+        op,
+        (
+            x.detach().contiguous(memory_format=torch.channels_last),
+            None,
+            None,
+            None,
+            None,
+            True,
+            0.1,
+            1e-5,
+            "sigmoid",
+            0.0,
+            None,
+        ),
+    )
+
+    def f(x, w, b):
+        return segfast.ops.batch_norm_act(x, None, None, w, b, True).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(x, w, b), [x, w, b]), torch.autograd.grad(f(x, w, b), [x, w, b])
+    )
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), torch.zeros(4), torch.ones(4)),
+            ValueError,
+            r"running_mean must have shape \(3,\)",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(1, 3), None, None, training=True),
+            ValueError,
+            "more than 1 value per channel",
+        ),
+        (lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), None, None, training=False), ValueError, "eval mode"),
+        (
+            lambda: segfast.ops.batch_norm_act(
+                torch.randn(2, 3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+            ),
+            TypeError,
+            "floating point",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), None, None, training=True, residual=torch.ones(3)),
+            ValueError,
+            "residual must have input's shape",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), None, None, training=True, activation="tanh"),
+            ValueError,
+            "activation must be one of",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4).long(), None, None, training=True),
+            TypeError,
+            "dtype",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), None, None, training=True, inplace=True),
+            NotImplementedError,
+            "InPlace-ABN",
+        ),
+    ],
+)
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_positional_mistake_is_a_clear_type_error():
+    with pytest.raises(TypeError, match="running_mean must be a Tensor or None, got bool"):
+        segfast.ops.batch_norm_act(torch.randn(2, 3, 4), True, None)
