@@ -17,6 +17,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/batch_norm_act.h"
@@ -260,19 +261,34 @@ struct BackwardInputs {
 };
 
 // Sums of g and g * xhat over `count` values of channel c from `base`, and over one channels_last row.
+// The channel's constants and the pointers are hoisted into locals: read through the struct, GCC
+// reloads them every iteration and does not vectorise the loop.
 template <Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_plane(const BackwardInputs<scalar_t>& s, int64_t base, int64_t c, int64_t count,
                                               double& s1, double& s2) {
   using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x = s.x + base;
+  const scalar_t* __restrict__ go = s.grad_out + base;
+  const scalar_t* __restrict__ r = s.r != nullptr ? s.r + base : nullptr;
+  const acc_t scale = s.scale[c], shift = s.shift[c], mean = s.mean[c], invstd = s.invstd[c], slope = s.slope;
   double a = 0, b = 0;
+  if (r != nullptr) {
 #pragma omp simd reduction(+ : a, b)
-  for (int64_t i = 0; i < count; ++i) {
-    const acc_t xv = cpu::widen<acc_t>(s.x[base + i]);
-    acc_t z = xv * s.scale[c] + s.shift[c];
-    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + i]);
-    const acc_t g = cpu::widen<acc_t>(s.grad_out[base + i]) * derivative_at<A>(z, s.slope);
-    a += static_cast<double>(g);
-    b += static_cast<double>(g * ((xv - s.mean[c]) * s.invstd[c]));
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t xv = cpu::widen<acc_t>(x[i]);
+      const acc_t z = xv * scale + shift + cpu::widen<acc_t>(r[i]);
+      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
+      a += static_cast<double>(g);
+      b += static_cast<double>(g * ((xv - mean) * invstd));
+    }
+  } else {
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t xv = cpu::widen<acc_t>(x[i]);
+      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(xv * scale + shift, slope);
+      a += static_cast<double>(g);
+      b += static_cast<double>(g * ((xv - mean) * invstd));
+    }
   }
   s1 += a;
   s2 += b;
@@ -293,24 +309,42 @@ SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, i
   }
 }
 
-// grad_input = a_c g + b_c + k_c xhat (training; eval: b = k = 0), grad_residual = g.
-template <Activation A, typename scalar_t>
-SEGFAST_CPU_MULTIVERSION void grad_span(const BackwardInputs<scalar_t>& s, int64_t base, int64_t count,
-                                        int64_t first_channel, int64_t channel_step, const at::opmath_type<scalar_t>* a,
-                                        const at::opmath_type<scalar_t>* b, const at::opmath_type<scalar_t>* k,
-                                        scalar_t* grad_in, scalar_t* grad_res) {
+// grad_input = a_c g + b_c + k_c xhat (training; eval: b = k = 0) and grad_residual = g, over `count`
+// values from `base`: one NCHW plane of channel c (kRow false: the channel's constants are scalars)
+// or one channels_last row (kRow: they are indexed by the value's position). Which outputs are
+// written and whether a residual is read are template flags: conditional stores inside the loop
+// keep GCC from vectorising it.
+template <Activation A, bool kRow, bool kResidual, bool kGradIn, bool kGradRes, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void grad_span(const BackwardInputs<scalar_t>& s, int64_t base, int64_t count, int64_t c0,
+                                        const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
+                                        const at::opmath_type<scalar_t>* k, scalar_t* grad_in, scalar_t* grad_res) {
   using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x = s.x + base;
+  const scalar_t* __restrict__ go = s.grad_out + base;
+  const scalar_t* __restrict__ r = kResidual ? s.r + base : nullptr;
+  scalar_t* __restrict__ gi = kGradIn ? grad_in + base : nullptr;
+  scalar_t* __restrict__ gr = kGradRes ? grad_res + base : nullptr;
+  const acc_t* __restrict__ scale = s.scale + c0, * __restrict__ shift = s.shift + c0, * __restrict__ mean = s.mean + c0;
+  const acc_t* __restrict__ invstd = s.invstd + c0, * __restrict__ ac = a + c0, * __restrict__ bc = b + c0;
+  const acc_t* __restrict__ kc = k + c0;
+  const acc_t slope = s.slope;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t c = first_channel + i * channel_step;
-    const acc_t xv = cpu::widen<acc_t>(s.x[base + i]);
-    acc_t z = xv * s.scale[c] + s.shift[c];
-    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + i]);
-    const acc_t g = cpu::widen<acc_t>(s.grad_out[base + i]) * derivative_at<A>(z, s.slope);
-    if (grad_in != nullptr)
-      grad_in[base + i] = cpu::narrow<scalar_t>(a[c] * g + b[c] + k[c] * ((xv - s.mean[c]) * s.invstd[c]));
-    if (grad_res != nullptr) grad_res[base + i] = cpu::narrow<scalar_t>(g);
+    const int64_t c = kRow ? i : 0;
+    const acc_t xv = cpu::widen<acc_t>(x[i]);
+    acc_t z = xv * scale[c] + shift[c];
+    if constexpr (kResidual) z += cpu::widen<acc_t>(r[i]);
+    const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
+    if constexpr (kGradIn) gi[i] = cpu::narrow<scalar_t>(ac[c] * g + bc[c] + kc[c] * ((xv - mean[c]) * invstd[c]));
+    if constexpr (kGradRes) gr[i] = cpu::narrow<scalar_t>(g);
   }
+}
+
+// Calls f(kResidual, kGradIn, kGradRes) as compile-time flags.
+template <typename F>
+void dispatch_grad_outputs(bool residual, bool grad_in, bool grad_res, F&& f) {
+  auto flag = [](bool v, auto&& g) { return v ? g(std::true_type{}) : g(std::false_type{}); };
+  flag(residual, [&](auto r) { flag(grad_in, [&](auto i) { flag(grad_res, [&](auto o) { f(r, i, o); }); }); });
 }
 
 template <Activation A, typename scalar_t>
@@ -348,19 +382,23 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
   scalar_t* gi = grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gr = grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
   if (gi == nullptr && gr == nullptr) return;
-  if (!v.channels_last) {
-    at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        grad_span<A>(s, plane * v.inner, v.inner, plane % v.channels, 0, a.data(), b.data(), k.data(), gi, gr);
-      }
-    });
-  } else {
-    at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        grad_span<A>(s, row * v.channels, v.channels, 0, 1, a.data(), b.data(), k.data(), gi, gr);
-      }
-    });
-  }
+  dispatch_grad_outputs(s.r != nullptr, gi != nullptr, gr != nullptr, [&](auto res, auto in, auto out) {
+    constexpr bool kRes = decltype(res)::value, kIn = decltype(in)::value, kOut = decltype(out)::value;
+    if (!v.channels_last) {
+      at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          grad_span<A, false, kRes, kIn, kOut>(s, plane * v.inner, v.inner, plane % v.channels, a.data(), b.data(),
+                                               k.data(), gi, gr);
+        }
+      });
+    } else {
+      at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          grad_span<A, true, kRes, kIn, kOut>(s, row * v.channels, v.channels, 0, a.data(), b.data(), k.data(), gi, gr);
+        }
+      });
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
