@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -167,6 +168,24 @@ def _swap_simple_layers(model: nn.Module, report: ConversionReport) -> None:
                 report.converted.append(f"{qualified}: {_describe(child)} -> segfast.nn.{type(new).__name__}")
 
 
+def _batch_norm_act(bn: nn.BatchNorm2d, activation: str, negative_slope: float) -> snn.BatchNormAct2d:
+    """``bn`` and the activation after it as one BatchNormAct2d with bn's state (same keys)."""
+    w = bn.running_mean if bn.running_mean is not None else bn.weight
+    fused = snn.BatchNormAct2d(
+        bn.num_features,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
+        device=w.device if w is not None else None,
+        dtype=w.dtype if w is not None else None,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
+    fused.load_state_dict(bn.state_dict())
+    return fused.train(bn.training)
+
+
 def _fuse_in_sequentials(model: nn.Module, report: ConversionReport) -> None:
     for parent_name, parent in list(model.named_modules()):
         if not isinstance(parent, nn.Sequential):
@@ -174,6 +193,15 @@ def _fuse_in_sequentials(model: nn.Module, report: ConversionReport) -> None:
         names = list(parent._modules)
         for first, second in zip(names, names[1:]):
             layer, act = parent._modules[first], parent._modules[second]
+            if type(layer) is nn.BatchNorm2d and _activation_of_module(act) is not None:
+                qualified = f"{parent_name}.{first}" if parent_name else first
+                parent._modules[first] = _batch_norm_act(layer, *_activation_of_module(act))
+                parent._modules[second] = nn.Identity()
+                report.converted.append(
+                    f"{qualified}: BatchNorm2d + {_describe(act)} -> segfast.nn.BatchNormAct2d"
+                    f"({_activation_of_module(act)[0]!r})"
+                )
+                continue
             if type(layer) not in (nn.Conv2d, nn.Linear):
                 continue
             activation = _activation_of_module(act)
@@ -233,6 +261,7 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
             f"{node.target}: {_describe(layer)} + {act_name} -> "
             f"segfast.nn.{type(fused).__name__}({activation[0]!r}) [fx]"
         )
+    fused_any |= _fuse_batch_norms_in_graph(gm, modules, calls, report)
     if not fused_any:
         return model
     gm.graph.lint()
@@ -241,17 +270,70 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
     return gm
 
 
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _added_to(node: fx.Node, add: fx.Node) -> fx.Node | None:
+    """The other operand when ``add`` is a plain two-tensor sum with ``node`` as one operand."""
+    plain = (add.op == "call_function" and add.target in _ADDS) or (add.op == "call_method" and add.target == "add")
+    if not plain or add.kwargs or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0] if add.args[1] is node else None
+    return other if isinstance(other, fx.Node) else None
+
+
+def _fuse_batch_norms_in_graph(gm: fx.GraphModule, modules: dict, calls: Counter, report: ConversionReport) -> bool:
+    """BatchNorm2d -> activation, and BatchNorm2d -> + residual -> activation (torchvision's BasicBlock
+    and Bottleneck, smp's ResNet encoders), each into one BatchNormAct2d call."""
+    fused_any = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
+            continue
+        if calls[node.target] != 1 or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        user = next(iter(node.users))
+        residual = _added_to(node, user) if len(user.users) == 1 else None
+        act_node = next(iter(user.users)) if residual is not None else user
+        activation = _activation_of_node(act_node, modules)
+        if activation is None or (residual is not None and len(act_node.args) < 1):
+            continue
+        bn = modules[node.target]
+        parent_name, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, _batch_norm_act(bn, *activation))
+        # the fused call goes after the activation's input is complete: the residual may be computed
+        # after the BatchNorm in the traced order (torchvision's downsample)
+        with gm.graph.inserting_after(act_node):
+            args = (node.args[0],) if residual is None else (node.args[0], residual)
+            fused = gm.graph.call_module(node.target, args)
+        act_node.replace_all_uses_with(fused)
+        for dead in (act_node, user, node) if residual is not None else (act_node, node):
+            gm.graph.erase_node(dead)
+        act_name = _describe(modules[act_node.target]) if act_node.op == "call_module" else str(act_node.target)
+        report.converted.append(
+            f"{node.target}: BatchNorm2d{' + residual' if residual is not None else ''} + {act_name} -> "
+            f"segfast.nn.BatchNormAct2d({activation[0]!r}) [fx]"
+        )
+        fused_any = True
+    return fused_any
+
+
 def _report_unfused(model: nn.Module, report: ConversionReport) -> None:
     for name, m in model.named_modules():
         if type(m) in (nn.Conv2d, nn.Linear):
             follower = report._followed_by.get(name)
             reason = _fusable(m) or (
-                f"its output goes to {follower}, which segfast does not fuse in training "
-                "(segfast.fold_batchnorm folds it into the convolution for inference)"
+                f"its output goes to {follower}: the convolution stays the vendor's and the BatchNorm is fused "
+                "with the activation after it where there is one (segfast.fold_batchnorm folds the BatchNorm "
+                "into the convolution for inference)"
                 if follower
                 else "no activation that segfast fuses exactly follows it as its only user"
             )
             report.kept.append(f"{name}: {_describe(m)}: {reason}")
+        elif type(m) is nn.BatchNorm2d:
+            report.kept.append(
+                f"{name}: BatchNorm2d: no activation that segfast fuses follows it (directly, or after adding a "
+                "residual) as its only user"
+            )
 
 
 def convert(model: nn.Module, inplace: bool = False, *, fx_trace: bool = True) -> tuple[nn.Module, ConversionReport]:
@@ -271,7 +353,7 @@ def convert(model: nn.Module, inplace: bool = False, *, fx_trace: bool = True) -
     model = model if inplace else copy.deepcopy(model)
     _fuse_in_sequentials(model, report)
     _swap_simple_layers(model, report)
-    if fx_trace and any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules()):
+    if fx_trace and any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in model.modules()):
         model = _fuse_in_graph(model, report)
     _report_unfused(model, report)
     return model, report

@@ -50,7 +50,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         plain_conv
         and conv.padding_mode == "zeros"
-        and type(bn) is nn.BatchNorm2d
+        and type(bn) in (nn.BatchNorm2d, snn.BatchNormAct2d)
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels
     )
@@ -58,7 +58,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Folds every eval-mode ``BatchNorm2d`` that directly follows a convolution into it, and fuses
-    the activation after it: ``conv -> BatchNorm2d [-> ReLU/LeakyReLU/SiLU/GELU/Sigmoid]`` becomes
+    the activation after it (or, for ``segfast.nn.BatchNormAct2d``, its own):
+    ``conv -> BatchNorm2d [-> ReLU/LeakyReLU/SiLU/GELU/Sigmoid]`` becomes
     one ``segfast.nn.Conv2dAct``; the BatchNorm and activation slots become ``nn.Identity`` (so
     module names stay). Covers ``nn.Sequential`` runs and segfast's models' conv/norm/act blocks.
 
@@ -84,10 +85,13 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
             conv, bn = parent._modules[slots[i]], parent._modules[slots[i + 1]]
             if not _foldable(conv, bn):
                 continue
-            after = parent._modules[slots[i + 2]] if i + 2 < len(slots) else None
-            activation = _activation_of_module(after) if after is not None else None
+            if isinstance(bn, snn.BatchNormAct2d):  # its activation is its own
+                activation, after = (bn.activation, bn.negative_slope), None
+            else:
+                after = parent._modules[slots[i + 2]] if i + 2 < len(slots) else None
+                activation = _activation_of_module(after) if after is not None else None
             parent._modules[slots[i]] = _folded(conv, bn, activation)
             parent._modules[slots[i + 1]] = nn.Identity()
-            if activation is not None:
+            if after is not None and activation is not None:
                 parent._modules[slots[i + 2]] = nn.Identity()
     return model

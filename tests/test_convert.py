@@ -1,5 +1,7 @@
 """segfast.convert: the converted model computes what the original did, and says what it changed."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,5 +194,74 @@ def test_report_names_the_batchnorm_between_a_convolution_and_its_activation():
     _, report = segfast.convert(ConvBatchNormReLU())
     kept = "\n".join(report.kept)
     assert "conv: Conv2d: its output goes to BatchNorm2d (bn)" in kept  # found by the fx pass
-    assert "block.0: Conv2d: its output goes to BatchNorm2d (block.1)" in kept  # in a Sequential
+    assert "block.0: Conv2d: its output goes to BatchNormAct2d (block.1)" in kept  # fused in its Sequential
     assert "fold_batchnorm" in kept
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, written out (conv-bn-relu, conv-bn, += identity, relu)."""
+
+    def __init__(self, channels, downsample=False):
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.conv1 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+            if downsample
+            else None
+        )
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.layer1 = BasicBlock(8)
+        self.layer2 = BasicBlock(8, downsample=True)
+
+    def forward(self, x):
+        return self.layer2(self.layer1(self.stem(x)))
+
+
+def _bn_state(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_activation_and_residual_blocks_are_fused(training):
+    torch.manual_seed(0)
+    model = _bn_state(TinyResNet()).double().train(training)
+    converted, report = segfast.convert(model)
+    fused = [n for n, m in converted.named_modules() if isinstance(m, segfast.nn.BatchNormAct2d)]
+    # stem (Sequential), bn1 of both blocks, and bn2 + residual + relu of both blocks (fx)
+    assert sorted(fused) == ["layer1.bn1", "layer1.bn2", "layer2.bn1", "layer2.bn2", "stem.1"], report
+    assert "layer2.downsample.1: BatchNorm2d: no activation" in "\n".join(report.kept)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(converted(x), reference(x))
+    grads = torch.autograd.grad(converted(x).square().sum(), [x, *converted.parameters()])
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *reference.parameters()])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    for (name, ours), theirs in zip(converted.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, msg=name)  # running statistics updated alike

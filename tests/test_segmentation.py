@@ -27,11 +27,13 @@ TINY = ["--base-width", "4", "--depth", "2", "--quiet"]
     ],
 )
 def test_backends_share_names_and_outputs(make):
+    # float64: the deep BatchNorm layers of these tiny models see 2-8 values per channel, where
+    # float32 gradients of both backends are far from the exact ones (ill-conditioned, not wrong)
     torch.manual_seed(0)
-    ours, stock = make("segfast"), make("torch")
+    ours, stock = make("segfast").double(), make("torch").double()
     assert ours.state_dict().keys() == stock.state_dict().keys()
     stock.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, 37, 41)  # odd sizes: the models pad / interpolate to fit
+    x = torch.randn(2, 3, 37, 41, dtype=torch.float64)  # odd sizes: the models pad / interpolate to fit
     out = ours(x)
     assert out.shape == (2, 5, 37, 41)
     torch.testing.assert_close(out, stock(x), rtol=1e-4, atol=1e-5)

@@ -20,8 +20,9 @@ def check_choice(model: str, name: str, value: str, choices) -> None:
 class ConvNormAct(nn.Module):
     """conv k x k -> [BatchNorm] -> activation, as ``conv`` / ``norm`` / ``act`` submodules.
 
-    segfast without norm: one ``Conv2dAct`` (activation fused) and ``act`` is Identity. With
-    BatchNorm the activation follows the norm, so it stays a separate module on both backends.
+    segfast without norm: one ``Conv2dAct`` (activation fused) and ``act`` is Identity; with
+    BatchNorm: the convolution, then ``BatchNormAct2d`` (BatchNorm and activation fused, BatchNorm2d's
+    parameter names) and ``act`` is Identity. The torch backend keeps three stock modules.
     """
 
     def __init__(
@@ -45,8 +46,11 @@ class ConvNormAct(nn.Module):
             )
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none")
-        self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
-        self.act = nn.Identity() if fused else _TORCH_ACTIVATIONS[activation]()
+        if norm == "batch" and backend == "segfast":
+            self.norm = snn.BatchNormAct2d(out_channels, activation=activation)
+        else:
+            self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
+        self.act = nn.Identity() if backend == "segfast" else _TORCH_ACTIVATIONS[activation]()
 
     def forward(self, x):
         return self.act(self.norm(self.conv(x)))
