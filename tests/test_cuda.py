@@ -443,3 +443,24 @@ def test_dice_on_more_images_than_a_grid_row_holds():
     x = torch.randn(70000, 3, dtype=torch.float64)
     t = torch.randint(0, 3, (70000,))
     torch.testing.assert_close(segfast.ops.dice_loss(x.cuda(), t.cuda()).cpu(), segfast.ops.dice_loss(x, t))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_id)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "silu", "sigmoid"])
+def test_batch_norm_act_matches_cpu_float64(layout, training, activation):
+    x = _randn(3, 5, 6, 7, layout=layout, scale=2.0)
+    r = _randn(3, 5, 6, 7, seed=1, layout=layout)
+    w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, b, r)]
+        stats = [rm.to(device), rv.to(device)]
+        out = segfast.ops.batch_norm_act(
+            leaves[0], *stats, leaves[1], leaves[2], training, 0.2, 1e-5, activation, 0.01, leaves[3]
+        )
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append([t.cpu() for t in (out, *grads, *stats)])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)

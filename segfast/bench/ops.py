@@ -190,6 +190,22 @@ def linear_act(settings: Settings) -> Iterator[Case]:
         )
 
 
+def batch_norm_act(settings: Settings) -> Iterator[Case]:
+    # a U-Net's first stage and a deep ResNet stage; training mode, as in a training step
+    shapes = [(4, 32, 64, 64)] if settings.quick else [(8, 64, 128, 128), (8, 256, 32, 32)]
+    for n, c, h, w in shapes:
+        stock = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        ours = segfast.nn.BatchNormAct2d(c, activation="relu")
+        for m in (stock, ours):
+            m.to(settings.device, settings.torch_dtype)
+        x = _image(settings, n, c, h, w)
+        grad = torch.randn_like(x)
+        params = [*stock.parameters(), *ours.parameters()]
+        yield from _module_cases(
+            settings, "batch_norm_act relu", f"{n}x{c}x{h}x{w}", stock, ours, x, True, grad, params, n, nbytes(x, x)
+        )
+
+
 def _module_cases(
     settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, params, items, fwd_bytes
 ) -> Iterator[Case]:
@@ -313,6 +329,7 @@ def confusion_matrix(settings: Settings) -> Iterator[Case]:
 
 
 FAMILIES = {
+    "batch_norm_act": batch_norm_act,
     "cross_entropy": cross_entropy,
     "pooling": pooling,
     "conv2d_act": conv2d_act,

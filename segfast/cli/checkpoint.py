@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Sampler
+from tqdm import tqdm
 
 KIND = "segfast-checkpoint"
 # a test hook: the save at this global step stops with half of the file written, for a minute (tests kill
@@ -58,6 +59,19 @@ class Position:
             return cls()
         saved = cls(**checkpoint["position"])
         return saved.next_epoch() if saved.epoch_done else saved
+
+
+def epoch_progress(position: Position, steps_per_epoch: int, enabled: bool) -> tqdm:
+    """The epoch's progress bar (tqdm: ETA, rate), from the step a resumed epoch starts at; quiet when
+    not enabled or when stderr is not a terminal."""
+    return tqdm(
+        total=steps_per_epoch,
+        initial=position.step,
+        desc=f"epoch {position.epoch}",
+        unit="step",
+        disable=not enabled or not sys.stderr.isatty(),
+        leave=False,
+    )
 
 
 class EpochOrder(Sampler):

@@ -3,13 +3,11 @@ with the same checkpoints and ``--resume`` as segmentation (cli/checkpoint.py)."
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import segfast
 from segfast.cli import checkpoint as checkpoints
@@ -91,14 +89,7 @@ def run_train(args) -> int:
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * args.batch_size)
         model.train()
-        progress = tqdm(
-            total=steps_per_epoch,
-            initial=position.step,
-            desc=f"epoch {position.epoch}",
-            unit="step",
-            disable=args.quiet or not sys.stderr.isatty(),
-            leave=False,
-        )
+        progress = checkpoints.epoch_progress(position, steps_per_epoch, not args.quiet)
         for images, labels in train_loader:
             if position.step == steps_per_epoch:
                 break

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 import segfast
 from segfast.augment import parse_augment
@@ -231,15 +229,7 @@ def run_train(args) -> int:
     while position.epoch <= args.epochs:
         order.set_epoch(position.epoch, skip=position.step * per_process)
         step_model.train()
-        # tqdm: ETA and rate; quiet off rank 0, with --quiet, and when stderr is not a terminal
-        progress = tqdm(
-            total=steps_per_epoch,
-            initial=position.step,
-            desc=f"epoch {position.epoch}",
-            unit="step",
-            disable=not main_process or args.quiet or not sys.stderr.isatty(),
-            leave=False,
-        )
+        progress = checkpoints.epoch_progress(position, steps_per_epoch, main_process and not args.quiet)
         for images, masks in train_loader:
             if position.step == steps_per_epoch:
                 break

@@ -1,0 +1,282 @@
+// batch_norm_act on CUDA (math: common/batch_norm_act.h). Per-channel sums: one block per channel,
+// a fixed tree (cuda::block_sum), no atomics, so results are the same run to run. Elementwise passes
+// are grid-stride loops; NCHW and channels_last are read in place.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "common/batch_norm_act.h"
+#include "common/devices.h"
+#include "common/layout.h"
+#include "cuda/launch.cuh"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+
+// Where value i (of channel c) of a channel lives: NCHW planes or channels_last rows.
+struct ChannelIndexing {
+  int64_t batch, channels, inner;
+  bool channels_last;
+
+  __device__ int64_t values() const { return batch * inner; }
+  // offset of value j (0 <= j < values()) of channel c
+  __device__ int64_t offset(int64_t c, int64_t j) const {
+    return channels_last ? j * channels + c : (j / inner * channels + c) * inner + j % inner;
+  }
+  __device__ int64_t channel_of(int64_t offset) const {
+    return channels_last ? offset % channels : offset / inner % channels;
+  }
+};
+
+ChannelIndexing indexing_of(const Tensor& t) {
+  int64_t inner = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) inner *= t.size(d);
+  return {t.size(0), t.size(1), inner, memory_format(t) == at::MemoryFormat::ChannelsLast};
+}
+
+// Block c: the batch mean and invstd of channel c (sums of values shifted by the channel's first,
+// so the variance does not cancel), and its running statistics updated as torch updates them.
+template <typename scalar_t, typename stat_t>
+__global__ void batch_norm_stats_kernel(const scalar_t* x, ChannelIndexing ix, double eps, double momentum,
+                                        at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* invstd,
+                                        stat_t* running_mean, stat_t* running_var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x, count = ix.values();
+  const acc_t shift = static_cast<acc_t>(x[ix.offset(c, 0)]);
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
+    const acc_t d = static_cast<acc_t>(x[ix.offset(c, j)]) - shift;
+    s1 += d;
+    s2 += d * d;
+  }
+  s1 = cuda::block_sum(s1);
+  s2 = cuda::block_sum(s2);
+  if (threadIdx.x == 0) {
+    const double n = static_cast<double>(count), centred = static_cast<double>(s1) / n;
+    const double var = max(0.0, static_cast<double>(s2) / n - centred * centred);
+    mean[c] = static_cast<acc_t>(static_cast<double>(shift) + centred);
+    invstd[c] = static_cast<acc_t>(1.0 / sqrt(var + eps));
+    if (running_mean != nullptr) {
+      running_mean[c] = static_cast<stat_t>(momentum * static_cast<double>(mean[c]) +
+                                            (1 - momentum) * static_cast<double>(running_mean[c]));
+      running_var[c] =
+          static_cast<stat_t>(momentum * var * n / (n - 1) + (1 - momentum) * static_cast<double>(running_var[c]));
+    }
+  }
+}
+
+// What the elementwise passes read per channel: z = x * scale + shift (+ residual).
+template <typename acc_t>
+struct ChannelAffine {
+  const acc_t *mean, *invstd, *weight, *bias;  // weight, bias: null without affine
+
+  __device__ acc_t scale(int64_t c) const { return (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c]; }
+  __device__ acc_t shift(int64_t c) const { return (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * scale(c); }
+};
+
+template <Activation A, typename scalar_t>
+__global__ void batch_norm_act_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, ChannelIndexing ix,
+                                      ChannelAffine<at::opmath_type<scalar_t>> affine, int64_t n,
+                                      at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SEGFAST_CUDA_KERNEL_LOOP(i, n) {
+    const int64_t c = ix.channel_of(i);
+    acc_t z = static_cast<acc_t>(x[i]) * affine.scale(c) + affine.shift(c);
+    if (residual != nullptr) z += static_cast<acc_t>(residual[i]);
+    out[i] = static_cast<scalar_t>(activate<A>(z, slope));
+  }
+}
+
+template <Activation A, typename scalar_t>
+__device__ at::opmath_type<scalar_t> grad_z(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
+                                            const ChannelAffine<at::opmath_type<scalar_t>>& affine, int64_t c,
+                                            int64_t i, at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t z = static_cast<acc_t>(x[i]) * affine.scale(c) + affine.shift(c);
+  if (residual != nullptr) z += static_cast<acc_t>(residual[i]);
+  return static_cast<acc_t>(grad_out[i]) * derivative_at<A>(z, slope);
+}
+
+// Block c: sum_g and sum_gxhat of channel c.
+template <Activation A, typename scalar_t>
+__global__ void batch_norm_act_sums_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
+                                           ChannelIndexing ix, ChannelAffine<at::opmath_type<scalar_t>> affine,
+                                           at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* sum_g,
+                                           at::opmath_type<scalar_t>* sum_gxhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x, count = ix.values();
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
+    const int64_t i = ix.offset(c, j);
+    const acc_t g = grad_z<A>(x, residual, grad_out, affine, c, i, slope);
+    s1 += g;
+    s2 += g * ((static_cast<acc_t>(x[i]) - affine.mean[c]) * affine.invstd[c]);
+  }
+  s1 = cuda::block_sum(s1);
+  s2 = cuda::block_sum(s2);
+  if (threadIdx.x == 0) {
+    sum_g[c] = s1;
+    sum_gxhat[c] = s2;
+  }
+}
+
+template <Activation A, typename scalar_t>
+__global__ void batch_norm_act_backward_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
+                                               ChannelIndexing ix, ChannelAffine<at::opmath_type<scalar_t>> affine,
+                                               at::opmath_type<scalar_t> slope, const at::opmath_type<scalar_t>* sum_g,
+                                               const at::opmath_type<scalar_t>* sum_gxhat, int64_t n,
+                                               scalar_t* grad_input, scalar_t* grad_residual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t count = static_cast<acc_t>(ix.values());
+  SEGFAST_CUDA_KERNEL_LOOP(i, n) {
+    const int64_t c = ix.channel_of(i);
+    const acc_t g = grad_z<A>(x, residual, grad_out, affine, c, i, slope);
+    if (grad_residual != nullptr) grad_residual[i] = static_cast<scalar_t>(g);
+    if (grad_input == nullptr) continue;
+    const acc_t k = (affine.weight != nullptr ? affine.weight[c] : acc_t(1)) * affine.invstd[c];
+    acc_t gi = k * g;
+    if (sum_g != nullptr) {  // training: the statistics' own gradient
+      const acc_t xhat = (static_cast<acc_t>(x[i]) - affine.mean[c]) * affine.invstd[c];
+      gi -= k * (sum_g[c] + xhat * sum_gxhat[c]) / count;
+    }
+    grad_input[i] = static_cast<scalar_t>(gi);
+  }
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, bool training,
+                                                       double momentum, double eps, c10::string_view activation,
+                                                       double negative_slope, const std::optional<Tensor>& residual_) {
+  const c10::cuda::CUDAGuard guard(input_.device());
+  check_same_device("batch_norm_act", {named("input", input_), named("weight", weight), named("bias", bias),
+                                       named("running_mean", running_mean), named("running_var", running_var),
+                                       named("residual", residual_)});
+  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual_);
+  const Activation act = parse_activation(activation);
+  const Tensor input = input_.contiguous(memory_format(input_));
+  const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(memory_format(input)) : Tensor();
+  const ChannelIndexing ix = indexing_of(input);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  Tensor mean = at::empty({ix.channels}, input.options().dtype(acc_type));
+  Tensor invstd = at::empty({ix.channels}, input.options().dtype(acc_type));
+  Tensor out = at::empty_like(input);
+  const int64_t n = input.numel();
+  if (!training) {
+    mean.copy_(*running_mean);
+    invstd.copy_(running_var->to(at::kDouble).add(eps).rsqrt());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training && ix.channels > 0) {
+      const bool running = running_mean && running_mean->defined();
+      const Tensor rm = running ? running_mean->to(at::kDouble) : Tensor();
+      const Tensor rv = running ? running_var->to(at::kDouble) : Tensor();
+      batch_norm_stats_kernel<scalar_t, double>
+          <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
+              input.const_data_ptr<scalar_t>(), ix, eps, momentum, mean.mutable_data_ptr<acc_t>(),
+              invstd.mutable_data_ptr<acc_t>(), running ? rm.mutable_data_ptr<double>() : nullptr,
+              running ? rv.mutable_data_ptr<double>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (running) {
+        running_mean->copy_(rm);
+        running_var->copy_(rv);
+      }
+    }
+    if (n == 0) return;
+    const Tensor w = weight && weight->defined() ? weight->to(acc_type).contiguous() : Tensor();
+    const Tensor b = bias && bias->defined() ? bias->to(acc_type).contiguous() : Tensor();
+    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                      data_or_null<acc_t>(w), data_or_null<acc_t>(b)};
+    dispatch_activation(act, [&](auto a) {
+      batch_norm_act_kernel<decltype(a)::value, scalar_t><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
+          input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), out.mutable_data_ptr<scalar_t>(), ix,
+          affine, n, static_cast<acc_t>(negative_slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
+    const Tensor& grad_output, const Tensor& input_, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean_, const Tensor& invstd_,
+    const std::optional<Tensor>& residual_, bool training, c10::string_view activation, double negative_slope,
+    std::array<bool, 4> output_mask) {
+  const c10::cuda::CUDAGuard guard(input_.device());
+  check_same_device("batch_norm_act_backward", {named("input", input_), named("grad_output", grad_output),
+                                                named("weight", weight), named("bias", bias), named("mean", mean_),
+                                                named("invstd", invstd_), named("residual", residual_)});
+  const Activation act = parse_activation(activation);
+  const at::MemoryFormat format = memory_format(input_);
+  const Tensor input = input_.contiguous(format), grad_out = grad_output.contiguous(format);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
+                    " and input ", input.sizes(), " differ");
+  const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(format) : Tensor();
+  const ChannelIndexing ix = indexing_of(input);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor mean = mean_.to(acc_type).contiguous(), invstd = invstd_.to(acc_type).contiguous();
+  const bool affine_params = weight && weight->defined();
+  Tensor grad_in = output_mask[0] ? at::empty_like(input) : Tensor();
+  Tensor grad_res = output_mask[1] ? at::empty_like(input) : Tensor();
+  const bool need_sums = training || (affine_params && (output_mask[2] || output_mask[3]));
+  Tensor sums = at::empty({2, ix.channels}, input.options().dtype(acc_type));
+  const int64_t n = input.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor w = affine_params ? weight->to(acc_type).contiguous() : Tensor();
+    const Tensor b = bias && bias->defined() ? bias->to(acc_type).contiguous() : Tensor();
+    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                      data_or_null<acc_t>(w), data_or_null<acc_t>(b)};
+    const auto slope = static_cast<acc_t>(negative_slope);
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation kAct = decltype(a)::value;
+      acc_t* sum_g = sums.mutable_data_ptr<acc_t>();
+      if (need_sums && ix.channels > 0) {
+        batch_norm_act_sums_kernel<kAct, scalar_t>
+            <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
+                input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
+                ix, affine, slope, sum_g, sum_g + ix.channels);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (n == 0 || (!grad_in.defined() && !grad_res.defined())) return;
+      batch_norm_act_backward_kernel<kAct, scalar_t><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
+          input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(), ix,
+          affine, slope, training ? sum_g : nullptr, training ? sum_g + ix.channels : nullptr, n,
+          grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr,
+          grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  const Tensor& like_weight = affine_params ? *weight : input;
+  auto param_grad = [&](bool wanted, int row) {
+    return wanted && affine_params ? sums[row].to(like_weight.scalar_type()) : at::empty({0}, like_weight.options());
+  };
+  return {grad_in.defined() ? grad_in : at::empty({0}, input.options()),
+          grad_res.defined() ? grad_res : at::empty({0}, input.options()), param_grad(output_mask[2], 1),
+          param_grad(output_mask[3], 0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+  m.impl("batch_norm_act", &batch_norm_act_cuda);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
+}
+
+}  // namespace segfast
