@@ -43,7 +43,7 @@ def test_every_module_of_the_package_is_an_attribute():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-OPS = ("conv2d_act", "linear_act", "max_pool2d", "avg_pool2d", "cross_entropy")
+OPS = ("conv2d_act", "linear_act", "max_pool2d", "avg_pool2d", "cross_entropy", "batch_norm_act")
 
 
 def test_ops_are_registered_with_the_dispatcher():

@@ -13,6 +13,7 @@ import segfast
 from segfast import ops
 
 OPS = [
+    "batch_norm_act",
     "conv2d_act",
     "linear_act",
     "max_pool2d",
@@ -63,6 +64,9 @@ def check_ops_on_cpu() -> None:
     image, mask = ops.affine_augment(x.detach(), target.new_zeros(2, 9, 9), identity)
     torch.testing.assert_close(image, x.detach())
     assert (mask == 0).all()
+    running = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    expected = F.relu(F.batch_norm(x, running[0].clone(), running[1].clone(), training=True) + x)
+    torch.testing.assert_close(ops.batch_norm_act(x, *running, training=True, residual=x), expected)
     print("every op ran on CPU and matched stock PyTorch")
 
 
