@@ -103,6 +103,8 @@ void bind_ops(pybind11::module& m) {
   OpEntry<Tensor(const Tensor&, Ints, Ints, Ints, bool, bool, std::optional<int64_t>)>::bind(m, "avg_pool2d");
   OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, Str, int64_t, double)>::bind(
       m, "cross_entropy");
+  OpEntry<Tensor(const Tensor&, const Tensor&, OptionalTensor, Str, int64_t, double, bool)>::bind(m,
+                                                                                                  "cross_entropy_loss");
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, int64_t)>::bind(m, "confusion_matrix");
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, bool)>::bind(m, "dice_sums");
   OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, double, Str, int64_t)>::bind(

@@ -1,7 +1,8 @@
 // The segfast operator library: every op's schema, and nothing else. Kernels register per backend
 // beside their family: csrc/cpu/<family>.cpp (CPU), csrc/cuda/<family>.cu (CUDA),
-// csrc/composite/<family>.cpp (ops built from other segfast ops, any backend). Fake kernels and
-// autograd live in segfast/ops/<family>.py; csrc/bindings.cpp is the pybind11 module (helpers only).
+// csrc/composite/<family>.cpp (ops built from other segfast ops, any backend). Autograd is C++ in
+// csrc/autograd/<family>.cpp (Autograd key) or, for the families not moved yet, Python beside the
+// fake kernels in segfast/ops/<family>.py; csrc/bindings.cpp is the pybind11 module (helpers only).
 #include <torch/library.h>
 
 TORCH_LIBRARY(segfast, m) {
@@ -50,6 +51,12 @@ TORCH_LIBRARY(segfast, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, str reduction, int ignore_index, "
       "float label_smoothing) -> Tensor");
+  // F.cross_entropy's face: (C,), (N, C) or (N, C, d1, ...) logits, every argument checked, the
+  // gradient-in-forward mode when asked for and a gradient will be needed. Built from the ops here
+  // (csrc/composite/cross_entropy.cpp); the loss has the target's shape for reduction "none".
+  m.def(
+      "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, str reduction, int ignore_index, "
+      "float label_smoothing, bool grad_in_forward) -> Tensor");
   // The gradient-in-forward mode (reduction mean or sum): returns (loss, d loss / d input), so
   // that backward is one multiply and keeps neither the logits nor the log-sum-exp alive.
   m.def(

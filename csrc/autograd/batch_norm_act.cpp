@@ -2,7 +2,6 @@
 // tensor: backward recomputes z from it), the residual if any (the caller's own tensor), the affine
 // parameters and the per-channel mean and invstd the forward normalised with.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -11,6 +10,8 @@
 #include <optional>
 #include <string>
 #include <tuple>
+
+#include "autograd/autograd.h"
 
 namespace segfast {
 namespace {
@@ -29,8 +30,7 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tenso
                                                                      std::array<bool, 4>);
 
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("segfast::batch_norm_act", "").typed<ForwardSignature>();
+  static const auto op = op_handle<ForwardSignature>("segfast::batch_norm_act");
   return op;
 }
 
@@ -58,9 +58,7 @@ struct BatchNormAct : torch::autograd::Function<BatchNormAct> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("segfast::batch_norm_act_backward", "")
-                               .typed<BackwardSignature>();
+    static const auto op = op_handle<BackwardSignature>("segfast::batch_norm_act_backward");
     const variable_list saved = ctx->get_saved_variables();
     auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
     const auto& d = ctx->saved_data;

@@ -3,13 +3,14 @@
 // Each forward calls the op below autograd (the CPU or CUDA kernel, or the fake one under
 // torch.compile) and saves what backward needs: the compact argmax for max pooling, nothing for avg.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "autograd/autograd.h"
 
 namespace segfast {
 namespace {
@@ -18,11 +19,6 @@ using at::IntArrayRef;
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using MaxPool2dSignature = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
                                                       bool, bool);

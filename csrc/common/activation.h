@@ -18,7 +18,7 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "silu") return Activation::SiLU;
   if (name == "gelu") return Activation::GELU;
   if (name == "sigmoid") return Activation::Sigmoid;
-  TORCH_CHECK_VALUE(false, "activation: expected one of none, relu, leaky_relu, silu, gelu, sigmoid; got '", name, "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of none, relu, leaky_relu, silu, gelu, sigmoid; got '", name, "'");
 }
 
 // Backward needs one activation-sized tensor: the output y where the derivative is a function of

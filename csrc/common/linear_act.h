@@ -19,22 +19,29 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/checks.h"
 #include "common/devices.h"
 #include "common/grads.h"
 
 namespace segfast {
 
-inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "linear_act: input must have at least one dimension");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(-1), "linear_act: weight must be (out, ",
-                    input.size(-1), "), got ", weight.sizes());
-  TORCH_CHECK_VALUE(input.scalar_type() == weight.scalar_type(), "linear_act: input dtype ", input.scalar_type(),
-                    " and weight dtype ", weight.scalar_type(), " differ");
+// Every argument as F.linear checks it, with the messages of the Python face (which leaves these
+// checks to the kernels; it broadcasts a one-element bias itself, as F.linear does).
+inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              double negative_slope) {
+  constexpr const char* op = "linear_act";
+  check_float_dtype(op, "input", input);
+  check_dims(op, "weight", weight, 2);
+  if (bias && bias->defined()) check_dims(op, "bias", *bias, 1);
+  check_same_dtype_and_device(op, named("input", input), {named("weight", weight), named("bias", bias)});
+  check_finite(op, "negative_slope", negative_slope);
+  TORCH_CHECK_VALUE(input.dim() >= 1, op,
+                    ": input must have at least one dimension (*, in_features), got a 0-D tensor");
+  TORCH_CHECK_VALUE(input.size(-1) == weight.size(1), op, ": input has ", input.size(-1), " features but weight ",
+                    weight.sizes(), " expects ", weight.size(1));
   if (bias && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type(),
-                      "linear_act: bias must be (", weight.size(0), ",) of the input's dtype, got ", bias->sizes(), " ",
-                      bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), op, ": bias must have shape (", weight.size(0), ",), got ",
+                      bias->sizes());
   }
 }
 
@@ -58,8 +65,7 @@ struct LinearAct {
   static std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& weight,
                                             const std::optional<Tensor>& bias, c10::string_view activation,
                                             double negative_slope) {
-    check_linear_args(input, weight, bias);
-    check_same_device("linear_act", {named("input", input), named("weight", weight), named("bias", bias)});
+    check_linear_args(input, weight, bias, negative_slope);
     const Activation act = parse_activation(activation);
     const Tensor rows = as_rows(input);
     const Tensor z =
@@ -77,7 +83,7 @@ struct LinearAct {
                                                      const Tensor& input, const Tensor& weight,
                                                      c10::string_view activation, double negative_slope,
                                                      std::array<bool, 3> output_mask) {
-    check_linear_args(input, weight, std::nullopt);
+    check_linear_args(input, weight, std::nullopt, negative_slope);
     check_same_device("linear_act_backward", {named("input", input), named("weight", weight),
                                               named("grad_output", grad_output), named("saved", saved)});
     const Activation act = parse_activation(activation);

@@ -171,15 +171,6 @@ inline at::MemoryFormat format_of(const Pool2d& p) {
   return format_for(p.channels_last);
 }
 
-// The dtypes pooling takes: float32, float64, bfloat16, and float16 on CUDA.
-inline void check_pool_dtype(const char* op, const at::Tensor& input) {
-  const auto t = input.scalar_type();
-  const bool half_ok = input.is_cuda() || input.is_meta();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || (half_ok && t == at::kHalf), op,
-                   ": input dtype must be one of float32, float64, bfloat16", half_ok ? ", float16" : "", ", got ",
-                   c10::getDtypeNames(t).first);
-}
-
 inline bool is_channels_last(const at::Tensor& t) {
   return memory_format(t) == at::MemoryFormat::ChannelsLast;
 }

@@ -11,7 +11,7 @@ enum class Reduction { None, Mean, Sum };
 inline Reduction parse_reduction(std::string_view name) {
   if (name == "none") return Reduction::None;
   if (name == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(name == "sum", "reduction: expected 'none', 'mean' or 'sum', got '", name, "'");
+  TORCH_CHECK_VALUE(name == "sum", "reduction must be one of none, mean, sum; got '", name, "'");
   return Reduction::Sum;
 }
 

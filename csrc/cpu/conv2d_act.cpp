@@ -166,7 +166,7 @@ bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef s
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                           IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                           c10::string_view activation, double negative_slope) {
-  check_conv_args(input, weight, bias);
+  check_conv_args(input, weight, bias, stride, padding, dilation, groups, negative_slope);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
   const Tensor empty = at::empty({0}, input.options());
@@ -196,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_ou
                                                            IntArrayRef dilation, int64_t groups,
                                                            c10::string_view activation, double negative_slope,
                                                            std::array<bool, 3> output_mask) {
-  check_conv_args(input, weight, std::nullopt);
+  check_conv_args(input, weight, std::nullopt, stride, padding, dilation, groups, negative_slope);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = backward_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};

@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/layout.h"
 #include "common/pooling.h"
 #include "cpu/output_cache.h"
@@ -142,7 +143,7 @@ Tensor flat_indices(const Tensor& argmax, const Pool2d& p) {
 std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride,
                                           IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                           bool return_indices) {
-  check_pool_dtype("max_pool2d", input_);
+  check_float_dtype("max_pool2d", "input", input_);
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(format_for(cl));
   const Pool2d p = make_pool("max_pool2d", input.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
@@ -350,7 +351,7 @@ void avg_pool2d_kernel(const Tensor& input, Tensor& out, const Pool2d& p, const 
 
 Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
                       bool count_include_pad, std::optional<int64_t> divisor_override) {
-  check_pool_dtype("avg_pool2d", input_);
+  check_float_dtype("avg_pool2d", "input", input_);
   const bool cl = is_channels_last(input_);
   const Tensor input = input_.contiguous(format_for(cl));
   const Pool2d p = make_avg_pool("avg_pool2d", input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);

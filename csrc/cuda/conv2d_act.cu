@@ -36,8 +36,7 @@ int64_t channel_inner(const Tensor& t, MemoryFormat format) {
 std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                            int64_t groups, c10::string_view activation, double negative_slope) {
-  check_conv_args(input, weight, bias);
-  check_same_device("conv2d_act", {named("input", input), named("weight", weight), named("bias", bias)});
+  check_conv_args(input, weight, bias, stride, padding, dilation, groups, negative_slope);
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
@@ -61,7 +60,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cuda(const Tensor& grad_o
                                                             IntArrayRef dilation, int64_t groups,
                                                             c10::string_view activation, double negative_slope,
                                                             std::array<bool, 3> output_mask) {
-  check_conv_args(input, weight, std::nullopt);
+  check_conv_args(input, weight, std::nullopt, stride, padding, dilation, groups, negative_slope);
   check_same_device("conv2d_act_backward", {named("input", input), named("weight", weight),
                                             named("grad_output", grad_output), named("saved", saved)});
   const c10::cuda::CUDAGuard guard(input.device());

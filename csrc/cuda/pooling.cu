@@ -11,6 +11,7 @@
 
 #include <limits>
 
+#include "common/checks.h"
 #include "common/devices.h"
 #include "common/layout.h"
 #include "common/pooling.h"
@@ -107,7 +108,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
                                            IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                            bool return_indices) {
   const c10::cuda::CUDAGuard guard(input_.device());
-  check_pool_dtype("max_pool2d", input_);
+  check_float_dtype("max_pool2d", "input", input_);
   const bool cl = is_channels_last(input_);
   const Pool2d p = make_pool("max_pool2d", input_.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
   const Tensor input = input_.contiguous(format_of(p));
@@ -198,7 +199,7 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* g
 Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                        bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
   const c10::cuda::CUDAGuard guard(input_.device());
-  check_pool_dtype("avg_pool2d", input_);
+  check_float_dtype("avg_pool2d", "input", input_);
   const Pool2d p = make_avg_pool("avg_pool2d", input_.sizes(), is_channels_last(input_), kernel, stride, padding,
                                  ceil_mode, divisor_override);
   const Tensor input = input_.contiguous(format_of(p));

@@ -5,16 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._activation import check_activation, keeps_preact, register_autograd
-from segfast.ops._common import (
-    check_kernel_available,
-    check_same,
-    check_tensor,
-    float_dtypes,
-    is_int,
-    memory_format,
-    pair,
-)
+from segfast.ops._activation import keeps_preact
+from segfast.ops._common import check_kernel_available, entry, memory_format, pair
 
 _OP = "conv2d_act"
 
@@ -55,7 +47,7 @@ def _conv2d_act_backward_fake(
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-register_autograd("segfast::conv2d_act", torch.ops.segfast.conv2d_act_backward)
+# autograd: csrc/autograd/conv2d_act.cpp (C++, registered for the Autograd key)
 
 
 def _same_padding(op, weight, stride, dilation):
@@ -95,36 +87,16 @@ def conv2d_act(
     leaky_relu with slope >= 0; the pre-activation otherwise), and reduces the bias gradient in
     the same pass that applies the activation derivative.
     """
-    check_tensor(_OP, "input", input, dims=(3, 4))
-    check_tensor(_OP, "weight", weight, dims=(4,))
-    if bias is not None:
-        check_tensor(_OP, "bias", bias, dims=(1,))
-    check_tensor(_OP, "input", input, dtypes=float_dtypes(input))
-    check_same(_OP, "input", input, weight=weight, bias=bias)
-    check_kernel_available(_OP, "segfast::conv2d_act", input)
-    negative_slope = check_activation(_OP, activation, negative_slope)
-    stride = pair(_OP, "stride", stride, minimum=1)
-    dilation = pair(_OP, "dilation", dilation, minimum=1)
-    if not is_int(groups) or groups < 1:
-        raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
-
+    # the values are checked by the kernels (csrc/common/conv2d_act.h), with the messages of
+    # F.conv2d's checks: an eager call pays for them once, in C++
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{_OP}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_cpu:
+        check_kernel_available(_OP, "segfast::conv2d_act", input)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    in_channels, out_channels = x.shape[1], weight.shape[0]
-    if in_channels != weight.shape[1] * groups:
-        raise ValueError(
-            f"{_OP}: input has {in_channels} channels but weight {tuple(weight.shape)} with "
-            f"groups={groups} expects {weight.shape[1] * groups}"
-        )
-    if out_channels % groups != 0:
-        raise ValueError(f"{_OP}: weight's {out_channels} output channels are not divisible by groups={groups}")
-    if bias is not None and bias.shape[0] != out_channels:
-        raise ValueError(f"{_OP}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
-    if out_channels == 0 or any(k == 0 for k in weight.shape[2:]):
-        raise ValueError(f"{_OP}: weight must have output channels and a non-empty kernel, got {tuple(weight.shape)}")
-    if in_channels == 0 or any(s == 0 for s in x.shape[2:]):
-        raise ValueError(f"{_OP}: input must have non-empty channel and spatial dims, got {tuple(input.shape)}")
-
+    stride = pair(_OP, "stride", stride)
+    dilation = pair(_OP, "dilation", dilation)
     if isinstance(padding, str):
         if padding == "valid":
             padding = [0, 0]
@@ -135,14 +107,6 @@ def conv2d_act(
         else:
             raise ValueError(f"{_OP}: padding must be 'valid', 'same', an int or a pair of ints; got {padding!r}")
     else:
-        padding = pair(_OP, "padding", padding, minimum=0)
-    for dim, name in ((0, "height"), (1, "width")):
-        padded = x.shape[2 + dim] + 2 * padding[dim]
-        span = dilation[dim] * (weight.shape[2 + dim] - 1) + 1
-        if span > padded:
-            raise ValueError(f"{_OP}: the dilated kernel {name} ({span}) exceeds the padded input {name} ({padded})")
-
-    out, _ = torch.ops.segfast.conv2d_act(
-        x, weight, bias, stride, padding, dilation, groups, activation, negative_slope
-    )
+        padding = pair(_OP, "padding", padding)
+    out, _ = entry("conv2d_act")(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope)
     return out.squeeze(0) if unbatched else out

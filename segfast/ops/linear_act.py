@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._activation import check_activation, keeps_preact, register_autograd
-from segfast.ops._common import check_kernel_available, check_same, check_tensor, float_dtypes
+from segfast.ops._activation import keeps_preact
+from segfast.ops._common import check_kernel_available, entry
 
 _OP = "linear_act"
 
@@ -25,7 +25,7 @@ def _linear_act_backward_fake(grad_output, saved, input, weight, activation, neg
     )
 
 
-register_autograd("segfast::linear_act", torch.ops.segfast.linear_act_backward)
+# autograd: csrc/autograd/linear_act.cpp (C++, registered for the Autograd key)
 
 
 def linear_act(
@@ -51,22 +51,12 @@ def linear_act(
     leaky_relu with slope >= 0, the pre-activation otherwise), and reduces the bias gradient in the
     pass that applies the activation derivative.
     """
-    check_tensor(_OP, "input", input, dtypes=float_dtypes(input))
-    check_tensor(_OP, "weight", weight, dims=(2,))
-    if bias is not None:
-        check_tensor(_OP, "bias", bias, dims=(0, 1))
-        if bias.numel() == 1 and weight.shape[0] != 1:  # F.linear broadcasts a one-element bias
-            bias = bias.reshape(1).expand(weight.shape[0])
-    check_same(_OP, "input", input, weight=weight, bias=bias)
-    check_kernel_available(_OP, "segfast::linear_act", input)
-    negative_slope = check_activation(_OP, activation, negative_slope)
-    if input.dim() == 0:
-        raise ValueError(f"{_OP}: input must have at least one dimension (*, in_features), got a 0-D tensor")
-    if input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{_OP}: input has {input.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}"
-        )
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"{_OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    out, _ = torch.ops.segfast.linear_act(input, weight, bias, activation, negative_slope)
+    # the values are checked by the kernels (csrc/common/linear_act.h), with F.linear's messages
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{_OP}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_cpu:
+        check_kernel_available(_OP, "segfast::linear_act", input)
+    if bias is not None and bias.dim() < 2 and bias.numel() == 1 and weight.dim() == 2:
+        bias = bias.reshape(1).expand(weight.shape[0])  # F.linear broadcasts a one-element bias
+    out, _ = entry("linear_act")(input, weight, bias, activation, negative_slope)
     return out
