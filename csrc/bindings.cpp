@@ -1,5 +1,5 @@
 // The pybind11 module _C: loading it registers every op (TORCH_LIBRARY in ops.cpp and the kernels);
-// pybind11 itself carries helpers only: build_info, and for each forward op a typed entry that calls
+// pybind11 itself carries helpers only: build_info, and for each public op a typed entry that calls
 // the registered op through the dispatcher (autograd, fake and backend kernels as for torch.ops),
 // without torch.ops' Python-side argument parsing: about 3 us less per call, a third of a tiny op's
 // cost. segfast/ops/*.py call these in eager mode and torch.ops.segfast.* where dynamo traces.
@@ -101,8 +101,6 @@ void bind_ops(pybind11::module& m) {
   OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, Str, double)>::bind(m, "linear_act");
   OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool, bool)>::bind(m, "max_pool2d");
   OpEntry<Tensor(const Tensor&, Ints, Ints, Ints, bool, bool, std::optional<int64_t>)>::bind(m, "avg_pool2d");
-  OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, Str, int64_t, double)>::bind(
-      m, "cross_entropy");
   OpEntry<Tensor(const Tensor&, const Tensor&, OptionalTensor, Str, int64_t, double, bool)>::bind(m,
                                                                                                   "cross_entropy_loss");
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, int64_t)>::bind(m, "confusion_matrix");

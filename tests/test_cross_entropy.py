@@ -372,3 +372,15 @@ def test_grad_in_forward_opcheck_and_compile():
     torch.testing.assert_close(
         torch.autograd.grad(compiled(logits), logits)[0], torch.autograd.grad(loss_fn(logits, target), logits)[0]
     )
+
+
+def test_compile_with_dynamic_shapes():
+    # cross_entropy_loss checks shapes as SymInts: under dynamic shapes they become guards, not errors
+    compiled = torch.compile(segfast.ops.cross_entropy, fullgraph=True, dynamic=True)
+    for shape in [(2, 5, 4, 4), (3, 5, 6, 2), (4, 5)]:
+        logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        target = torch.randint(0, 5, (shape[0], *shape[2:]))
+        loss = compiled(logits, target, label_smoothing=0.1)
+        expected = F.cross_entropy(logits, target, label_smoothing=0.1)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, float_dtypes, memory_format
+from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, entry, float_dtypes, memory_format
 
 _OP = "affine_augment"
 
@@ -70,4 +70,4 @@ def affine_augment(
     if image.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{_OP}: augmentation is not differentiable; call it on data (or under torch.no_grad())")
     check_kernel_available(_OP, "segfast::affine_augment", image)
-    return torch.ops.segfast.affine_augment(image, mask, theta.to(image.device), int(out_h), int(out_w), ignore_index)
+    return entry("affine_augment")(image, mask, theta.to(image.device), int(out_h), int(out_w), ignore_index)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, is_int
+from segfast.ops._common import INDEX_DTYPES, check_kernel_available, check_tensor, entry, is_int
 
 _OP = "confusion_matrix"
 
@@ -58,4 +58,4 @@ def confusion_matrix(
     pixels = math.prod(pixel_shape[1:])
     flat_target = target.reshape(n, pixels)
     flat_input = input.reshape(n, num_classes, pixels) if logits else input.reshape(n, pixels)
-    return torch.ops.segfast.confusion_matrix(flat_input.detach(), flat_target, num_classes, ignore_index)
+    return entry("confusion_matrix")(flat_input.detach(), flat_target, num_classes, ignore_index)

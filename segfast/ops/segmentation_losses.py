@@ -16,6 +16,7 @@ from segfast.ops._common import (
     check_kernel_available,
     check_reduction,
     check_tensor,
+    entry,
     float_dtypes,
 )
 
@@ -182,7 +183,7 @@ def dice_loss(
     weight = _class_vector("dice_loss", "weight", weight, x.shape[1], input, _every_class)
     if not include_background and x.shape[1] < 2:
         raise ValueError("dice_loss: include_background=False needs at least 2 classes")
-    inter, pred, truth = torch.ops.segfast.dice_sums(x, t, ignore_index, bool(squared_pred))
+    inter, pred, truth = entry("dice_sums")(x, t, ignore_index, bool(squared_pred))
     if batch:
         inter, pred, truth = inter.sum(0, keepdim=True), pred.sum(0, keepdim=True), truth.sum(0, keepdim=True)
     loss = 1 - (2 * inter + smooth_nr) / (pred + truth + smooth_dr)
@@ -222,5 +223,5 @@ def focal_loss(
     alpha = _class_vector("focal_loss", "alpha", alpha, x.shape[1], input, _background_one_minus)
     if alpha is not None and alpha.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("focal_loss: alpha must not require grad")
-    loss, _, _ = torch.ops.segfast.focal_loss(x, t, alpha, gamma, reduction, ignore_index)
+    loss, _, _ = entry("focal_loss")(x, t, alpha, gamma, reduction, ignore_index)
     return loss.reshape(target.shape) if reduction == "none" else loss
