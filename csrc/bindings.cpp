@@ -112,6 +112,8 @@ void bind_ops(pybind11::module& m) {
   OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, OptionalTensor, OptionalTensor, OptionalTensor,
                                              OptionalTensor, bool, double, double, Str, double,
                                              OptionalTensor)>::bind(m, "batch_norm_act");
+  OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor,
+                                     bool, double, double, Str, double, OptionalTensor)>::bind(m, "batch_norm_act_");
 }
 
 }  // namespace

@@ -99,9 +99,16 @@ TORCH_LIBRARY(segfast, m) {
       "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, float negative_slope, "
       "Tensor? residual) -> (Tensor, Tensor, Tensor)");
-  // Returns (grad_input, grad_residual, grad_weight, grad_bias); one not asked for in output_mask is empty.
+  // InPlace-ABN: the same, the output overwriting the input; returns (mean, invstd). Needs an
+  // invertible activation ("none", "leaky_relu" with a positive slope) and a weight without zeros.
   m.def(
-      "batch_norm_act_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd, Tensor? residual, bool training, str activation, float negative_slope, bool[4] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "batch_norm_act_(Tensor(a!) input, Tensor? weight, Tensor? bias, Tensor(b!)? running_mean, "
+      "Tensor(c!)? running_var, bool training, float momentum, float eps, str activation, float negative_slope, "
+      "Tensor? residual) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_residual, grad_weight, grad_bias); one not asked for in output_mask is empty.
+  // `saved` is the input, or with from_output (InPlace-ABN) the output, which backward inverts.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor saved, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, Tensor? residual, bool training, str activation, float negative_slope, bool from_output, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -144,7 +144,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` followed by an activation, as one fused op (``segfast.ops.batch_norm_act``).
 
     Arguments are ``nn.BatchNorm2d``'s plus ``activation`` (default "relu"), ``negative_slope``
-    (leaky_relu) and ``inplace`` (InPlace-ABN; not implemented yet). The state_dict keys are
+    (leaky_relu) and ``inplace`` (InPlace-ABN: the output overwrites the input, which must be a
+    tensor nothing else in the graph needs — a convolution's output is; "none" or "leaky_relu"
+    with a positive slope only, see ``segfast.ops.batch_norm_act``). The state_dict keys are
     BatchNorm2d's (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``),
     so weights load both ways. ``forward(input, residual=None)`` adds ``residual`` before the
     activation (ResNet's bn2 -> + identity -> relu).
@@ -166,8 +168,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         check_activation("BatchNormAct2d", activation, negative_slope)
-        if inplace:
-            raise NotImplementedError("BatchNormAct2d: inplace=True (InPlace-ABN) is not implemented yet")
+        if inplace and not (activation == "none" or (activation == "leaky_relu" and negative_slope > 0)):
+            raise ValueError(
+                "BatchNormAct2d: inplace=True (InPlace-ABN) inverts the activation in backward, so it needs "
+                f"activation 'none' or 'leaky_relu' with negative_slope > 0; got {activation!r}, {negative_slope}"
+            )
         self.activation, self.negative_slope, self.inplace = activation, negative_slope, inplace
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,10 +196,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
             self.activation,
             self.negative_slope,
             residual,
+            self.inplace,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{inplace}"
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

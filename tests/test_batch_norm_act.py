@@ -216,8 +216,35 @@ def test_gradcheck_opcheck_compile():
         ),
         (
             lambda: segfast.ops.batch_norm_act(torch.randn(2, 3, 4), None, None, training=True, inplace=True),
-            NotImplementedError,
-            "InPlace-ABN",
+            ValueError,
+            "inplace=True recovers the normalised input by inverting the activation",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(
+                torch.randn(2, 3, 4),
+                None,
+                None,
+                training=True,
+                activation="leaky_relu",
+                negative_slope=0.0,
+                inplace=True,
+            ),
+            ValueError,
+            "negative_slope > 0",
+        ),
+        (
+            lambda: segfast.ops.batch_norm_act(
+                torch.randn(2, 3, 4),
+                None,
+                None,
+                torch.tensor([1.0, 0.0, 2.0]),
+                None,
+                True,
+                activation="none",
+                inplace=True,
+            ),
+            ValueError,
+            "weight has zeros",
         ),
     ],
 )
@@ -229,3 +256,113 @@ def test_bad_input(call, error, message):
 def test_positional_mistake_is_a_clear_type_error():
     with pytest.raises(TypeError, match="running_mean must be a Tensor or None, got bool"):
         segfast.ops.batch_norm_act(torch.randn(2, 3, 4), True, None)
+
+
+# ------------------------------------------------------------------------------------ InPlace-ABN
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation, slope", [("none", 0.0), ("leaky_relu", 0.2), ("leaky_relu", 3.0)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_inplace_matches_batch_norm_then_activation_float64(
+    shape, activation, slope, training, layout, residual, affine
+):
+    if layout == torch.channels_last and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual, affine=affine)
+    leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
+    ours_rm, ours_rv, ref_rm, ref_rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
+    ref = reference(x, ref_rm, ref_rv, w, b, training, 0.3, 1e-5, activation, slope, r)
+    overwritten = x * 1  # a non-leaf the op may overwrite
+    ours = segfast.ops.batch_norm_act(
+        overwritten, ours_rm, ours_rv, w, b, training, 0.3, 1e-5, activation, slope, r, inplace=True
+    )
+    assert ours is overwritten and ours.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours_rm, ref_rm)
+    torch.testing.assert_close(ours_rv, ref_rv)
+    grad = torch.randn_like(ref)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_low_precision_error(dtype):
+    # what inverting a rounded output costs: float32 within 2x stock's error; bfloat16's recovered
+    # pre-activation carries the output's rounding into the statistics' gradient, bounded here
+    x64, w64, b64, _, _ = _inputs((4, 8, 9, 10))
+    low = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+    ref = [t.to(dtype).double().requires_grad_() for t in (x64, w64, b64)]
+
+    def run(fn, x, w, b, **kw):
+        return fn(x, None, None, w, b, True, 0.1, 1e-5, "leaky_relu", 0.1, None, **kw)
+
+    ours = run(segfast.ops.batch_norm_act, low[0] * 1, *low[1:], inplace=True)
+    stock, exact = run(reference, *low), run(reference, *ref)
+    assert_close_to_reference(ours, stock, exact, "output")
+    grad = torch.randn_like(exact)
+    grads = zip(
+        ("input", "weight", "bias"),
+        torch.autograd.grad(ours, low, grad.to(dtype)),
+        torch.autograd.grad(stock, low, grad.to(dtype)),
+        torch.autograd.grad(exact, ref, grad),
+    )
+    for name, a, s, e in grads:
+        if dtype == torch.float32:
+            assert_close_to_reference(a, s, e, name)
+        else:
+            scale = e.abs().max().item()
+            assert (a.double() - e).abs().max().item() <= 0.05 * scale, name
+
+
+def test_inplace_saves_nothing_activation_sized_of_its_own():
+    from conftest import SavedBytes
+
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    w, b = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    h = x * 2  # the tensor the op overwrites
+    with SavedBytes([x, w, b, h]) as saved:
+        segfast.ops.batch_norm_act(h, None, None, w, b, True, activation="leaky_relu", inplace=True)
+    assert saved.total <= 2 * 8 * 4  # the output is h's storage; new state: mean and invstd
+
+
+def test_inplace_autograd_rules_of_in_place_ops():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        segfast.ops.batch_norm_act(x, None, None, training=True, activation="none", inplace=True)
+    h = x.exp()  # exp saves its output: overwriting it must make backward refuse
+    segfast.ops.batch_norm_act(h, None, None, training=True, activation="none", inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+    with torch.no_grad():  # no graph: the version still moves
+        y = torch.randn(2, 3, 4)
+        version = y._version
+        segfast.ops.batch_norm_act(y, None, None, training=True, activation="none", inplace=True)
+        assert y._version > version
+
+
+def test_inplace_gradcheck_opcheck_compile():
+    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True)
+    args = [t.requires_grad_() for t in (x, w, b, r)]
+
+    def f(x, w, b, r, training=True):
+        stats = (None, None) if training else (rm, rv)
+        return segfast.ops.batch_norm_act(x * 1, *stats, w, b, training, 0.1, 1e-5, "leaky_relu", 0.1, r, inplace=True)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradcheck(lambda *a: f(*a, training=False), args)
+    op = torch.ops.segfast.batch_norm_act_.default
+    torch.library.opcheck(op, (x.detach().clone(), w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, "none", 0.0, r))
+    torch.library.opcheck(op, (x.detach().clone(), None, None, None, None, True, 0.1, 1e-5, "leaky_relu", 0.1, None))
+
+    def loss(x, w, b):
+        return segfast.ops.batch_norm_act(x * 2, None, None, w, b, True, activation="leaky_relu", inplace=True).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b), loss(x, w, b))
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled(x, w, b), [x, w, b]), torch.autograd.grad(loss(x, w, b), [x, w, b])
+    )

@@ -22,6 +22,7 @@ TINY = ["--base-width", "4", "--depth", "2", "--quiet"]
         lambda backend: UNet(
             3, 5, base_width=4, depth=2, norm="none", upsample="bilinear", activation="silu", backend=backend
         ),
+        lambda backend: UNet(3, 5, base_width=4, depth=2, norm="inplace_abn", activation="leaky_relu", backend=backend),
         lambda backend: FCN(3, 5, "8s", base_width=4, backend=backend),
         lambda backend: FCN(3, 5, "32s", base_width=4, norm="batch", convs_per_stage=(1, 1, 1, 1, 1), backend=backend),
     ],
@@ -47,6 +48,8 @@ def test_model_argument_errors():
         UNet(1, 2, norm="group")
     with pytest.raises(ValueError, match="smaller than 2\\*\\*depth"):
         UNet(1, 2, depth=4)(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="inplace_abn.*needs 'leaky_relu'"):
+        UNet(1, 2, norm="inplace_abn")
     with pytest.raises(ValueError, match="variant must be one of"):
         FCN(1, 2, "4s")
 

@@ -65,6 +65,22 @@ SEGFAST_HOST_DEVICE T activation_derivative(T s, T negative_slope) {
   }
 }
 
+// Whether z can be recovered from y = act(z) (InPlace-ABN): the identity, and leaky_relu with a
+// positive slope; relu loses every negative z, the others are not invertible in closed form.
+inline bool invertible(Activation act, double negative_slope) {
+  return act == Activation::None || (act == Activation::LeakyReLU && negative_slope > 0);
+}
+
+// z from y = act(z), for the invertible activations.
+template <Activation A, typename T>
+SEGFAST_HOST_DEVICE T inverse_activation(T y, T negative_slope) {
+  if constexpr (A == Activation::LeakyReLU) {
+    return y > T(0) ? y : y / negative_slope;
+  } else {
+    return y;
+  }
+}
+
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime value `act`.
 template <typename F>
 decltype(auto) dispatch_activation(Activation act, F&& f) {

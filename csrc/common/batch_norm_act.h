@@ -8,11 +8,17 @@
 //   grad_input = weight * invstd * (g - sum_g / M - xhat * sum_gxhat / M)   (training)
 //              = weight * invstd * g                                         (eval)
 //   grad_weight = sum_gxhat, grad_bias = sum_g, grad_residual = g.
+// InPlace-ABN (batch_norm_act_, inplace=True; Rota Bulo et al., CVPR 2018): the output overwrites
+// the input and is all backward keeps; it inverts the activation, z = act^-1(y), and takes
+// xhat = (z - residual - bias) / weight. Only invertible activations, and a weight without zeros.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "common/activation.h"
 #include "common/macros.h"
@@ -26,6 +32,26 @@ SEGFAST_HOST_DEVICE T derivative_at(T z, T negative_slope) {
     return activation_derivative<A>(activate<A>(z, negative_slope), negative_slope);
   } else {
     return activation_derivative<A>(z, negative_slope);
+  }
+}
+
+// What backward recovers from a saved value v — the input x, or (kFromOutput, InPlace-ABN) the
+// output y — and the residual r (0 without one): the pre-activation z, and u such that
+// xhat = (u - center_c) * spread_c, where
+//   from the input:  z = x * scale_c + shift_c + r,  u = x,      center = mean, spread = invstd
+//   from the output: z = act^-1(y),                  u = z - r,  center = bias, spread = 1 / weight
+template <typename acc_t>
+struct Recovered {
+  acc_t z, u;
+};
+
+template <bool kFromOutput, Activation A, typename acc_t>
+SEGFAST_HOST_DEVICE Recovered<acc_t> recover(acc_t v, acc_t r, acc_t scale, acc_t shift, acc_t slope) {
+  if constexpr (kFromOutput) {
+    const acc_t z = inverse_activation<A>(v, slope);
+    return {z, z - r};
+  } else {
+    return {v * scale + shift + r, v};
   }
 }
 
@@ -84,6 +110,46 @@ inline void check_batch_norm_act_args(const at::Tensor& input, const std::option
     TORCH_CHECK_VALUE(residual->device() == input.device(), op, ": residual is on ", residual->device(),
                       " but input is on ", input.device());
   }
+}
+
+// center_c and spread_c of xhat = (u - center_c) * spread_c (see recover), in mean's dtype.
+inline std::pair<at::Tensor, at::Tensor> xhat_constants(bool from_output, const at::Tensor& mean,
+                                                        const at::Tensor& invstd,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const std::optional<at::Tensor>& bias) {
+  if (!from_output) return {mean, invstd};
+  const at::Tensor center = bias && bias->defined() ? bias->to(mean.scalar_type()).contiguous() : at::zeros_like(mean);
+  const at::Tensor spread = weight && weight->defined()
+                                ? weight->to(at::kDouble).reciprocal().to(mean.scalar_type()).contiguous()
+                                : at::ones_like(mean);
+  return {center, spread};
+}
+
+// InPlace-ABN's conditions: an invertible activation, and a weight backward can divide by.
+inline void check_inplace_args(Activation act, double negative_slope, const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_VALUE(invertible(act, negative_slope),
+                    "batch_norm_act: inplace=True recovers the normalised input by inverting the activation, so it "
+                    "needs activation 'none' or 'leaky_relu' with negative_slope > 0; relu, silu, gelu and sigmoid "
+                    "lose what backward needs");
+  if (weight && weight->defined()) {
+    TORCH_CHECK_VALUE(!weight->eq(0).any().item<bool>(),
+                      "batch_norm_act: inplace=True divides by weight in backward, and weight has zeros");
+  }
+}
+
+// Calls f(std::integral_constant<bool, kFromOutput>{}, std::integral_constant<Activation, A>{}),
+// instantiating the from-output kernels only for the invertible activations.
+template <typename F>
+void dispatch_saved_value(bool from_output, Activation act, F&& f) {
+  dispatch_activation(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    if (!from_output) return f(std::false_type{}, a);
+    if constexpr (A == Activation::None || A == Activation::LeakyReLU) {
+      f(std::true_type{}, a);
+    } else {
+      TORCH_CHECK_VALUE(false, "batch_norm_act_backward: from_output needs an invertible activation");
+    }
+  });
 }
 
 }  // namespace segfast

@@ -215,22 +215,19 @@ void batch_norm_act_kernel(const Tensor& input, const Tensor* residual, const Ch
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cpu(const Tensor& input_, const std::optional<Tensor>& weight,
-                                                      const std::optional<Tensor>& bias,
-                                                      const std::optional<Tensor>& running_mean,
-                                                      const std::optional<Tensor>& running_var, bool training,
-                                                      double momentum, double eps, c10::string_view activation,
-                                                      double negative_slope, const std::optional<Tensor>& residual_) {
-  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual_);
-  const Activation act = parse_activation(activation);
-  const Tensor input = input_.contiguous(memory_format(input_));
+// The forward into `out` (a dense tensor of input's shape and layout; it may be the input itself).
+std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::optional<Tensor>& weight,
+                                               const std::optional<Tensor>& bias,
+                                               const std::optional<Tensor>& running_mean,
+                                               const std::optional<Tensor>& running_var, bool training, double momentum,
+                                               double eps, Activation act, double negative_slope,
+                                               const std::optional<Tensor>& residual_, Tensor& out) {
   const ChannelView v = view_of(input);
   const bool has_residual = residual_ && residual_->defined();
   const Tensor residual = has_residual ? residual_->contiguous(memory_format(input)) : Tensor();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   Tensor mean = at::empty({v.channels}, input.options().dtype(acc_type));
   Tensor invstd = at::empty({v.channels}, input.options().dtype(acc_type));
-  Tensor out = cpu::empty_like_cached(input);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
@@ -246,66 +243,104 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cpu(const Tensor& input_, cons
                                                           negative_slope, out);
     });
   });
+  return {mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cpu(const Tensor& input_, const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& running_mean,
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double momentum, double eps, c10::string_view activation,
+                                                      double negative_slope, const std::optional<Tensor>& residual) {
+  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual);
+  const Tensor input = input_.contiguous(memory_format(input_));
+  Tensor out = cpu::empty_like_cached(input);
+  auto [mean, invstd] = batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                            parse_activation(activation), negative_slope, residual, out);
   return {out, mean, invstd};
+}
+
+// InPlace-ABN: the output overwrites the input (each value is read before it is written).
+std::tuple<Tensor, Tensor> batch_norm_act_inplace_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& running_mean,
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double momentum, double eps, c10::string_view activation,
+                                                      double negative_slope, const std::optional<Tensor>& residual) {
+  check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
+  const Activation act = parse_activation(activation);
+  check_inplace_args(act, negative_slope, weight);
+  if (input.is_contiguous(memory_format(input))) {
+    Tensor out = input;
+    return batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                               negative_slope, residual, out);
+  }
+  const Tensor dense = input.contiguous(memory_format(input));
+  Tensor out = dense;  // a copy already: normalise it in place, then write it back
+  auto stats = batch_norm_act_into(dense, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                                   negative_slope, residual, out);
+  input.copy_(out);
+  return stats;
 }
 
 // ---------------------------------------------------------------------------------------- backward
 
-// What the backward passes read: g = grad_out * act'(z), z recomputed from x (and the residual).
+// What the backward passes read: the saved values v (the input, or the output for InPlace-ABN),
+// the residual, grad_out, and per channel z's transform, xhat's (center, spread; see recover() in
+// common/batch_norm_act.h) and the true invstd.
 template <typename scalar_t>
 struct BackwardInputs {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t *x, *r, *grad_out;
-  const acc_t *scale, *shift, *mean, *invstd;
+  const scalar_t *v, *r, *grad_out;
+  const acc_t *scale, *shift, *center, *spread, *invstd;
   acc_t slope;
 };
 
-// Sums of g and g * xhat over `count` values of channel c from `base`, and over one channels_last row.
-// The channel's constants and the pointers are hoisted into locals: read through the struct, GCC
-// reloads them every iteration and does not vectorise the loop.
-template <Activation A, typename scalar_t>
+// Sums of g = grad_out * act'(z) and g * xhat over `count` values of channel c from `base`, and over
+// one channels_last row. The channel's constants and the pointers are hoisted into locals: read
+// through the struct, GCC reloads them every iteration and does not vectorise the loop.
+template <bool kFromOutput, Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_plane(const BackwardInputs<scalar_t>& s, int64_t base, int64_t c, int64_t count,
                                               double& s1, double& s2) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict__ x = s.x + base;
+  const scalar_t* __restrict__ v = s.v + base;
   const scalar_t* __restrict__ go = s.grad_out + base;
   const scalar_t* __restrict__ r = s.r != nullptr ? s.r + base : nullptr;
-  const acc_t scale = s.scale[c], shift = s.shift[c], mean = s.mean[c], invstd = s.invstd[c], slope = s.slope;
+  const acc_t scale = s.scale[c], shift = s.shift[c], center = s.center[c], spread = s.spread[c], slope = s.slope;
   double a = 0, b = 0;
   if (r != nullptr) {
 #pragma omp simd reduction(+ : a, b)
     for (int64_t i = 0; i < count; ++i) {
-      const acc_t xv = cpu::widen<acc_t>(x[i]);
-      const acc_t z = xv * scale + shift + cpu::widen<acc_t>(r[i]);
+      const auto [z, u] =
+          recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), cpu::widen<acc_t>(r[i]), scale, shift, slope);
       const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
       a += static_cast<double>(g);
-      b += static_cast<double>(g * ((xv - mean) * invstd));
+      b += static_cast<double>(g * ((u - center) * spread));
     }
   } else {
 #pragma omp simd reduction(+ : a, b)
     for (int64_t i = 0; i < count; ++i) {
-      const acc_t xv = cpu::widen<acc_t>(x[i]);
-      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(xv * scale + shift, slope);
+      const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), acc_t(0), scale, shift, slope);
+      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
       a += static_cast<double>(g);
-      b += static_cast<double>(g * ((xv - mean) * invstd));
+      b += static_cast<double>(g * ((u - center) * spread));
     }
   }
   s1 += a;
   s2 += b;
 }
 
-template <Activation A, typename scalar_t>
+template <bool kFromOutput, Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, int64_t base, int64_t channels,
                                             double* s1, double* s2) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t xv = cpu::widen<acc_t>(s.x[base + c]);
-    acc_t z = xv * s.scale[c] + s.shift[c];
-    if (s.r != nullptr) z += cpu::widen<acc_t>(s.r[base + c]);
+    const acc_t r = s.r != nullptr ? cpu::widen<acc_t>(s.r[base + c]) : acc_t(0);
+    const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(s.v[base + c]), r, s.scale[c], s.shift[c], s.slope);
     const acc_t g = cpu::widen<acc_t>(s.grad_out[base + c]) * derivative_at<A>(z, s.slope);
     s1[c] += static_cast<double>(g);
-    s2[c] += static_cast<double>(g * ((xv - s.mean[c]) * s.invstd[c]));
+    s2[c] += static_cast<double>(g * ((u - s.center[c]) * s.spread[c]));
   }
 }
 
@@ -314,28 +349,27 @@ SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, i
 // or one channels_last row (kRow: they are indexed by the value's position). Which outputs are
 // written and whether a residual is read are template flags: conditional stores inside the loop
 // keep GCC from vectorising it.
-template <Activation A, bool kRow, bool kResidual, bool kGradIn, bool kGradRes, typename scalar_t>
+template <bool kFromOutput, Activation A, bool kRow, bool kResidual, bool kGradIn, bool kGradRes, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_span(const BackwardInputs<scalar_t>& s, int64_t base, int64_t count, int64_t c0,
                                         const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
                                         const at::opmath_type<scalar_t>* k, scalar_t* grad_in, scalar_t* grad_res) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict__ x = s.x + base;
+  const scalar_t* __restrict__ v = s.v + base;
   const scalar_t* __restrict__ go = s.grad_out + base;
   const scalar_t* __restrict__ r = kResidual ? s.r + base : nullptr;
   scalar_t* __restrict__ gi = kGradIn ? grad_in + base : nullptr;
   scalar_t* __restrict__ gr = kGradRes ? grad_res + base : nullptr;
-  const acc_t* __restrict__ scale = s.scale + c0, * __restrict__ shift = s.shift + c0, * __restrict__ mean = s.mean + c0;
-  const acc_t* __restrict__ invstd = s.invstd + c0, * __restrict__ ac = a + c0, * __restrict__ bc = b + c0;
+  const acc_t* __restrict__ scale = s.scale + c0, * __restrict__ shift = s.shift + c0, * __restrict__ center = s.center + c0;
+  const acc_t* __restrict__ spread = s.spread + c0, * __restrict__ ac = a + c0, * __restrict__ bc = b + c0;
   const acc_t* __restrict__ kc = k + c0;
   const acc_t slope = s.slope;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const int64_t c = kRow ? i : 0;
-    const acc_t xv = cpu::widen<acc_t>(x[i]);
-    acc_t z = xv * scale[c] + shift[c];
-    if constexpr (kResidual) z += cpu::widen<acc_t>(r[i]);
+    const acc_t ri = kResidual ? cpu::widen<acc_t>(r[i]) : acc_t(0);
+    const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), ri, scale[c], shift[c], slope);
     const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
-    if constexpr (kGradIn) gi[i] = cpu::narrow<scalar_t>(ac[c] * g + bc[c] + kc[c] * ((xv - mean[c]) * invstd[c]));
+    if constexpr (kGradIn) gi[i] = cpu::narrow<scalar_t>(ac[c] * g + bc[c] + kc[c] * ((u - center[c]) * spread[c]));
     if constexpr (kGradRes) gr[i] = cpu::narrow<scalar_t>(g);
   }
 }
@@ -347,7 +381,7 @@ void dispatch_grad_outputs(bool residual, bool grad_in, bool grad_res, F&& f) {
   flag(residual, [&](auto r) { flag(grad_in, [&](auto i) { flag(grad_res, [&](auto o) { f(r, i, o); }); }); });
 }
 
-template <Activation A, typename scalar_t>
+template <bool kFromOutput, Activation A, typename scalar_t>
 void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const ChannelView& v, bool training,
                                     const at::opmath_type<scalar_t>* weight, Tensor& grad_in, Tensor& grad_res,
                                     Tensor& grad_weight, Tensor& grad_bias) {
@@ -358,9 +392,9 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
     channel_sums(
         v, sum_g, sum_gxhat,
         [&](int64_t base, int64_t c, int64_t count, double& s1, double& s2) {
-          grad_sums_plane<A>(s, base, c, count, s1, s2);
+          grad_sums_plane<kFromOutput, A>(s, base, c, count, s1, s2);
         },
-        [&](int64_t base, double* s1, double* s2) { grad_sums_row<A>(s, base, v.channels, s1, s2); });
+        [&](int64_t base, double* s1, double* s2) { grad_sums_row<kFromOutput, A>(s, base, v.channels, s1, s2); });
   }
   std::vector<acc_t> a(v.channels), b(v.channels, acc_t(0)), k(v.channels, acc_t(0));
   const double count = static_cast<double>(v.values());
@@ -387,14 +421,15 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
     if (!v.channels_last) {
       at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
-          grad_span<A, false, kRes, kIn, kOut>(s, plane * v.inner, v.inner, plane % v.channels, a.data(), b.data(),
-                                               k.data(), gi, gr);
+          grad_span<kFromOutput, A, false, kRes, kIn, kOut>(s, plane * v.inner, v.inner, plane % v.channels, a.data(),
+                                                            b.data(), k.data(), gi, gr);
         }
       });
     } else {
       at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
-          grad_span<A, true, kRes, kIn, kOut>(s, row * v.channels, v.channels, 0, a.data(), b.data(), k.data(), gi, gr);
+          grad_span<kFromOutput, A, true, kRes, kIn, kOut>(s, row * v.channels, v.channels, 0, a.data(), b.data(),
+                                                           k.data(), gi, gr);
         }
       });
     }
@@ -402,46 +437,48 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
-    const Tensor& grad_output, const Tensor& input_, const std::optional<Tensor>& weight,
+    const Tensor& grad_output, const Tensor& saved_, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& residual_,
-    bool training, c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask) {
+    bool training, c10::string_view activation, double negative_slope, bool from_output,
+    std::array<bool, 4> output_mask) {
   const Activation act = parse_activation(activation);
-  const at::MemoryFormat format = memory_format(input_);
-  const Tensor input = input_.contiguous(format), grad_out = grad_output.contiguous(format);
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
-                    " and input ", input.sizes(), " differ");
-  const ChannelView v = view_of(input);
+  const at::MemoryFormat format = memory_format(saved_);
+  const Tensor saved = saved_.contiguous(format), grad_out = grad_output.contiguous(format);
+  TORCH_CHECK_VALUE(grad_out.sizes() == saved.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
+                    " and the saved ", from_output ? "output " : "input ", saved.sizes(), " differ");
+  const ChannelView v = view_of(saved);
   const bool has_residual = residual_ && residual_->defined();
   const Tensor residual = has_residual ? residual_->contiguous(format) : Tensor();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const auto acc_type = at::toOpMathType(saved.scalar_type());
   const Tensor m = mean.to(acc_type).contiguous(), is = invstd.to(acc_type).contiguous();
-  Tensor grad_in = output_mask[0] ? cpu::empty_like_cached(input) : Tensor();
-  Tensor grad_res = output_mask[1] ? cpu::empty_like_cached(input) : Tensor();
+  const auto [center, spread] = xhat_constants(from_output, m, is, weight, bias);
+  Tensor grad_in = output_mask[0] ? cpu::empty_like_cached(saved) : Tensor();
+  Tensor grad_res = output_mask[1] ? cpu::empty_like_cached(saved) : Tensor();
   const bool affine = weight && weight->defined();
-  Tensor grad_weight = output_mask[2] && affine ? at::empty({v.channels}, input.options().dtype(acc_type)) : Tensor();
-  Tensor grad_bias = output_mask[3] && affine ? at::empty({v.channels}, input.options().dtype(acc_type)) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_act_backward", [&] {
+  Tensor grad_weight = output_mask[2] && affine ? at::empty({v.channels}, saved.options().dtype(acc_type)) : Tensor();
+  Tensor grad_bias = output_mask[3] && affine ? at::empty({v.channels}, saved.options().dtype(acc_type)) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, saved.scalar_type(), "batch_norm_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> scale, shift;
     channel_affine<acc_t>(v, m, is, weight, bias, scale, shift);
     const Tensor w = affine ? weight->to(acc_type).contiguous() : Tensor();
-    dispatch_activation(act, [&](auto a) {
-      constexpr Activation kAct = decltype(a)::value;
-      const BackwardInputs<scalar_t> sums{input.const_data_ptr<scalar_t>(),
-                                          has_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                          grad_out.const_data_ptr<scalar_t>(),
-                                          scale.data(),
-                                          shift.data(),
-                                          m.const_data_ptr<acc_t>(),
-                                          is.const_data_ptr<acc_t>(),
-                                          static_cast<acc_t>(negative_slope)};
-      batch_norm_act_backward_kernel<kAct, scalar_t>(sums, v, training, affine ? w.const_data_ptr<acc_t>() : nullptr,
-                                                     grad_in, grad_res, grad_weight, grad_bias);
+    dispatch_saved_value(from_output, act, [&](auto from_out, auto a) {
+      const BackwardInputs<scalar_t> inputs{saved.const_data_ptr<scalar_t>(),
+                                            has_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                            grad_out.const_data_ptr<scalar_t>(),
+                                            scale.data(),
+                                            shift.data(),
+                                            center.const_data_ptr<acc_t>(),
+                                            spread.const_data_ptr<acc_t>(),
+                                            is.const_data_ptr<acc_t>(),
+                                            static_cast<acc_t>(negative_slope)};
+      batch_norm_act_backward_kernel<decltype(from_out)::value, decltype(a)::value, scalar_t>(
+          inputs, v, training, affine ? w.const_data_ptr<acc_t>() : nullptr, grad_in, grad_res, grad_weight, grad_bias);
     });
   });
   auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
-  const Tensor like_weight = affine ? *weight : input;
-  return {or_empty(grad_in, input), or_empty(grad_res, input),
+  const Tensor like_weight = affine ? *weight : saved;
+  return {or_empty(grad_in, saved), or_empty(grad_res, saved),
           or_empty(grad_weight.defined() ? grad_weight.to(like_weight.scalar_type()) : grad_weight, like_weight),
           or_empty(grad_bias.defined() ? grad_bias.to(like_weight.scalar_type()) : grad_bias, like_weight)};
 }
@@ -450,6 +487,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
 
 TORCH_LIBRARY_IMPL(segfast, CPU, m) {
   m.impl("batch_norm_act", &batch_norm_act_cpu);
+  m.impl("batch_norm_act_", &batch_norm_act_inplace_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 

@@ -74,10 +74,13 @@ __global__ void batch_norm_stats_kernel(const scalar_t* x, ChannelIndexing ix, d
   }
 }
 
-// What the elementwise passes read per channel: z = x * scale + shift (+ residual).
+// What the elementwise passes read per channel: z = x * scale + shift (+ residual), and backward's
+// xhat = (u - center) * spread (recover() in common/batch_norm_act.h; center and spread are null in
+// forward).
 template <typename acc_t>
 struct ChannelAffine {
   const acc_t *mean, *invstd, *weight, *bias;  // weight, bias: null without affine
+  const acc_t *center, *spread;
 
   __device__ acc_t scale(int64_t c) const { return (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c]; }
   __device__ acc_t shift(int64_t c) const { return (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * scale(c); }
@@ -96,19 +99,22 @@ __global__ void batch_norm_act_kernel(const scalar_t* x, const scalar_t* residua
   }
 }
 
-template <Activation A, typename scalar_t>
-__device__ at::opmath_type<scalar_t> grad_z(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
-                                            const ChannelAffine<at::opmath_type<scalar_t>>& affine, int64_t c,
-                                            int64_t i, at::opmath_type<scalar_t> slope) {
+// g = grad_out * act'(z) of value i (channel c) from the saved value v (input, or output with
+// kFromOutput), and xhat.
+template <bool kFromOutput, Activation A, typename scalar_t>
+__device__ void grad_z(const scalar_t* v, const scalar_t* residual, const scalar_t* grad_out,
+                       const ChannelAffine<at::opmath_type<scalar_t>>& affine, int64_t c, int64_t i,
+                       at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>& g, at::opmath_type<scalar_t>& xhat) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t z = static_cast<acc_t>(x[i]) * affine.scale(c) + affine.shift(c);
-  if (residual != nullptr) z += static_cast<acc_t>(residual[i]);
-  return static_cast<acc_t>(grad_out[i]) * derivative_at<A>(z, slope);
+  const acc_t r = residual != nullptr ? static_cast<acc_t>(residual[i]) : acc_t(0);
+  const auto [z, u] = recover<kFromOutput, A>(static_cast<acc_t>(v[i]), r, affine.scale(c), affine.shift(c), slope);
+  g = static_cast<acc_t>(grad_out[i]) * derivative_at<A>(z, slope);
+  xhat = (u - affine.center[c]) * affine.spread[c];
 }
 
 // Block c: sum_g and sum_gxhat of channel c.
-template <Activation A, typename scalar_t>
-__global__ void batch_norm_act_sums_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
+template <bool kFromOutput, Activation A, typename scalar_t>
+__global__ void batch_norm_act_sums_kernel(const scalar_t* v, const scalar_t* residual, const scalar_t* grad_out,
                                            ChannelIndexing ix, ChannelAffine<at::opmath_type<scalar_t>> affine,
                                            at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* sum_g,
                                            at::opmath_type<scalar_t>* sum_gxhat) {
@@ -116,10 +122,10 @@ __global__ void batch_norm_act_sums_kernel(const scalar_t* x, const scalar_t* re
   const int64_t c = blockIdx.x, count = ix.values();
   acc_t s1 = 0, s2 = 0;
   for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
-    const int64_t i = ix.offset(c, j);
-    const acc_t g = grad_z<A>(x, residual, grad_out, affine, c, i, slope);
+    acc_t g, xhat;
+    grad_z<kFromOutput, A>(v, residual, grad_out, affine, c, ix.offset(c, j), slope, g, xhat);
     s1 += g;
-    s2 += g * ((static_cast<acc_t>(x[i]) - affine.mean[c]) * affine.invstd[c]);
+    s2 += g * xhat;
   }
   s1 = cuda::block_sum(s1);
   s2 = cuda::block_sum(s2);
@@ -129,8 +135,8 @@ __global__ void batch_norm_act_sums_kernel(const scalar_t* x, const scalar_t* re
   }
 }
 
-template <Activation A, typename scalar_t>
-__global__ void batch_norm_act_backward_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* grad_out,
+template <bool kFromOutput, Activation A, typename scalar_t>
+__global__ void batch_norm_act_backward_kernel(const scalar_t* v, const scalar_t* residual, const scalar_t* grad_out,
                                                ChannelIndexing ix, ChannelAffine<at::opmath_type<scalar_t>> affine,
                                                at::opmath_type<scalar_t> slope, const at::opmath_type<scalar_t>* sum_g,
                                                const at::opmath_type<scalar_t>* sum_gxhat, int64_t n,
@@ -139,15 +145,13 @@ __global__ void batch_norm_act_backward_kernel(const scalar_t* x, const scalar_t
   const acc_t count = static_cast<acc_t>(ix.values());
   SEGFAST_CUDA_KERNEL_LOOP(i, n) {
     const int64_t c = ix.channel_of(i);
-    const acc_t g = grad_z<A>(x, residual, grad_out, affine, c, i, slope);
+    acc_t g, xhat;
+    grad_z<kFromOutput, A>(v, residual, grad_out, affine, c, i, slope, g, xhat);
     if (grad_residual != nullptr) grad_residual[i] = static_cast<scalar_t>(g);
     if (grad_input == nullptr) continue;
     const acc_t k = (affine.weight != nullptr ? affine.weight[c] : acc_t(1)) * affine.invstd[c];
     acc_t gi = k * g;
-    if (sum_g != nullptr) {  // training: the statistics' own gradient
-      const acc_t xhat = (static_cast<acc_t>(x[i]) - affine.mean[c]) * affine.invstd[c];
-      gi -= k * (sum_g[c] + xhat * sum_gxhat[c]) / count;
-    }
+    if (sum_g != nullptr) gi -= k * (sum_g[c] + xhat * sum_gxhat[c]) / count;  // training: the statistics' gradient
     grad_input[i] = static_cast<scalar_t>(gi);
   }
 }
@@ -157,25 +161,26 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, const std::optional<Tensor>& weight,
-                                                       const std::optional<Tensor>& bias,
-                                                       const std::optional<Tensor>& running_mean,
-                                                       const std::optional<Tensor>& running_var, bool training,
-                                                       double momentum, double eps, c10::string_view activation,
-                                                       double negative_slope, const std::optional<Tensor>& residual_) {
-  const c10::cuda::CUDAGuard guard(input_.device());
-  check_same_device("batch_norm_act", {named("input", input_), named("weight", weight), named("bias", bias),
+void check_forward_devices(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                           const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                           const std::optional<Tensor>& residual) {
+  check_same_device("batch_norm_act", {named("input", input), named("weight", weight), named("bias", bias),
                                        named("running_mean", running_mean), named("running_var", running_var),
-                                       named("residual", residual_)});
-  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual_);
-  const Activation act = parse_activation(activation);
-  const Tensor input = input_.contiguous(memory_format(input_));
+                                       named("residual", residual)});
+}
+
+// The forward into `out` (a dense tensor of input's shape and layout; it may be the input itself).
+std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::optional<Tensor>& weight,
+                                               const std::optional<Tensor>& bias,
+                                               const std::optional<Tensor>& running_mean,
+                                               const std::optional<Tensor>& running_var, bool training, double momentum,
+                                               double eps, Activation act, double negative_slope,
+                                               const std::optional<Tensor>& residual_, Tensor& out) {
   const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(memory_format(input)) : Tensor();
   const ChannelIndexing ix = indexing_of(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   Tensor mean = at::empty({ix.channels}, input.options().dtype(acc_type));
   Tensor invstd = at::empty({ix.channels}, input.options().dtype(acc_type));
-  Tensor out = at::empty_like(input);
   const int64_t n = input.numel();
   if (!training) {
     mean.copy_(*running_mean);
@@ -201,8 +206,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, con
     if (n == 0) return;
     const Tensor w = weight && weight->defined() ? weight->to(acc_type).contiguous() : Tensor();
     const Tensor b = bias && bias->defined() ? bias->to(acc_type).contiguous() : Tensor();
-    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                      data_or_null<acc_t>(w), data_or_null<acc_t>(b)};
+    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(),
+                                      invstd.const_data_ptr<acc_t>(),
+                                      data_or_null<acc_t>(w),
+                                      data_or_null<acc_t>(b),
+                                      nullptr,
+                                      nullptr};
     dispatch_activation(act, [&](auto a) {
       batch_norm_act_kernel<decltype(a)::value, scalar_t><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
           input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), out.mutable_data_ptr<scalar_t>(), ix,
@@ -210,65 +219,110 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  return {mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, bool training,
+                                                       double momentum, double eps, c10::string_view activation,
+                                                       double negative_slope, const std::optional<Tensor>& residual) {
+  const c10::cuda::CUDAGuard guard(input_.device());
+  check_forward_devices(input_, weight, bias, running_mean, running_var, residual);
+  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual);
+  const Tensor input = input_.contiguous(memory_format(input_));
+  Tensor out = at::empty_like(input);
+  auto [mean, invstd] = batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                            parse_activation(activation), negative_slope, residual, out);
   return {out, mean, invstd};
 }
 
+// InPlace-ABN: the output overwrites the input (each thread reads its value before writing it).
+std::tuple<Tensor, Tensor> batch_norm_act_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, bool training,
+                                                       double momentum, double eps, c10::string_view activation,
+                                                       double negative_slope, const std::optional<Tensor>& residual) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_forward_devices(input, weight, bias, running_mean, running_var, residual);
+  check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
+  const Activation act = parse_activation(activation);
+  check_inplace_args(act, negative_slope, weight);
+  if (input.is_contiguous(memory_format(input))) {
+    Tensor out = input;
+    return batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                               negative_slope, residual, out);
+  }
+  const Tensor dense = input.contiguous(memory_format(input));
+  Tensor out = dense;  // a copy already: normalise it in place, then write it back
+  auto stats = batch_norm_act_into(dense, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                                   negative_slope, residual, out);
+  input.copy_(out);
+  return stats;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
-    const Tensor& grad_output, const Tensor& input_, const std::optional<Tensor>& weight,
+    const Tensor& grad_output, const Tensor& saved_, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean_, const Tensor& invstd_,
     const std::optional<Tensor>& residual_, bool training, c10::string_view activation, double negative_slope,
-    std::array<bool, 4> output_mask) {
-  const c10::cuda::CUDAGuard guard(input_.device());
-  check_same_device("batch_norm_act_backward", {named("input", input_), named("grad_output", grad_output),
+    bool from_output, std::array<bool, 4> output_mask) {
+  const c10::cuda::CUDAGuard guard(saved_.device());
+  check_same_device("batch_norm_act_backward", {named("saved", saved_), named("grad_output", grad_output),
                                                 named("weight", weight), named("bias", bias), named("mean", mean_),
                                                 named("invstd", invstd_), named("residual", residual_)});
   const Activation act = parse_activation(activation);
-  const at::MemoryFormat format = memory_format(input_);
-  const Tensor input = input_.contiguous(format), grad_out = grad_output.contiguous(format);
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
-                    " and input ", input.sizes(), " differ");
+  const at::MemoryFormat format = memory_format(saved_);
+  const Tensor saved = saved_.contiguous(format), grad_out = grad_output.contiguous(format);
+  TORCH_CHECK_VALUE(grad_out.sizes() == saved.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
+                    " and the saved ", from_output ? "output " : "input ", saved.sizes(), " differ");
   const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(format) : Tensor();
-  const ChannelIndexing ix = indexing_of(input);
-  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const ChannelIndexing ix = indexing_of(saved);
+  const auto acc_type = at::toOpMathType(saved.scalar_type());
   const Tensor mean = mean_.to(acc_type).contiguous(), invstd = invstd_.to(acc_type).contiguous();
+  const auto [center, spread] = xhat_constants(from_output, mean, invstd, weight, bias);
   const bool affine_params = weight && weight->defined();
-  Tensor grad_in = output_mask[0] ? at::empty_like(input) : Tensor();
-  Tensor grad_res = output_mask[1] ? at::empty_like(input) : Tensor();
+  Tensor grad_in = output_mask[0] ? at::empty_like(saved) : Tensor();
+  Tensor grad_res = output_mask[1] ? at::empty_like(saved) : Tensor();
   const bool need_sums = training || (affine_params && (output_mask[2] || output_mask[3]));
-  Tensor sums = at::empty({2, ix.channels}, input.options().dtype(acc_type));
-  const int64_t n = input.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_backward", [&] {
+  Tensor sums = at::empty({2, ix.channels}, saved.options().dtype(acc_type));
+  const int64_t n = saved.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Tensor w = affine_params ? weight->to(acc_type).contiguous() : Tensor();
     const Tensor b = bias && bias->defined() ? bias->to(acc_type).contiguous() : Tensor();
-    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                      data_or_null<acc_t>(w), data_or_null<acc_t>(b)};
+    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(),   invstd.const_data_ptr<acc_t>(),
+                                      data_or_null<acc_t>(w),         data_or_null<acc_t>(b),
+                                      center.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>()};
     const auto slope = static_cast<acc_t>(negative_slope);
-    dispatch_activation(act, [&](auto a) {
+    dispatch_saved_value(from_output, act, [&](auto from_out, auto a) {
+      constexpr bool kFromOutput = decltype(from_out)::value;
       constexpr Activation kAct = decltype(a)::value;
       acc_t* sum_g = sums.mutable_data_ptr<acc_t>();
       if (need_sums && ix.channels > 0) {
-        batch_norm_act_sums_kernel<kAct, scalar_t>
+        batch_norm_act_sums_kernel<kFromOutput, kAct, scalar_t>
             <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
-                input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
+                saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
                 ix, affine, slope, sum_g, sum_g + ix.channels);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (n == 0 || (!grad_in.defined() && !grad_res.defined())) return;
-      batch_norm_act_backward_kernel<kAct, scalar_t><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(), ix,
-          affine, slope, training ? sum_g : nullptr, training ? sum_g + ix.channels : nullptr, n,
-          grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr,
-          grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr);
+      batch_norm_act_backward_kernel<kFromOutput, kAct, scalar_t>
+          <<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
+              saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
+              ix, affine, slope, training ? sum_g : nullptr, training ? sum_g + ix.channels : nullptr, n,
+              grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr,
+              grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  const Tensor& like_weight = affine_params ? *weight : input;
+  const Tensor& like_weight = affine_params ? *weight : saved;
   auto param_grad = [&](bool wanted, int row) {
     return wanted && affine_params ? sums[row].to(like_weight.scalar_type()) : at::empty({0}, like_weight.options());
   };
-  return {grad_in.defined() ? grad_in : at::empty({0}, input.options()),
-          grad_res.defined() ? grad_res : at::empty({0}, input.options()), param_grad(output_mask[2], 1),
+  return {grad_in.defined() ? grad_in : at::empty({0}, saved.options()),
+          grad_res.defined() ? grad_res : at::empty({0}, saved.options()), param_grad(output_mask[2], 1),
           param_grad(output_mask[3], 0)};
 }
 
@@ -276,6 +330,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
 
 TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
   m.impl("batch_norm_act", &batch_norm_act_cuda);
+  m.impl("batch_norm_act_", &batch_norm_act_inplace_cuda);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }
 

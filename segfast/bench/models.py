@@ -22,9 +22,15 @@ NUM_CLASSES = 21
 
 def _build(name: str, backend: str, settings: Settings) -> torch.nn.Module:
     width = 16 if settings.quick else 32
+    depth = 3 if settings.quick else 4
     if name == "unet":
         # the reference configuration: base width 32, BatchNorm, depth 4
-        model = UNet(3, NUM_CLASSES, base_width=width, depth=3 if settings.quick else 4, norm="batch", backend=backend)
+        model = UNet(3, NUM_CLASSES, base_width=width, depth=depth, norm="batch", backend=backend)
+    elif name == "unet_iabn":
+        # InPlace-ABN: leaky_relu, segfast's BatchNorm + act overwriting each convolution's output
+        model = UNet(
+            3, NUM_CLASSES, base_width=width, depth=depth, norm="inplace_abn", activation="leaky_relu", backend=backend
+        )
     else:
         model = FCN(3, NUM_CLASSES, variant="8s", base_width=width, backend=backend)
     return model.to(settings.device, settings.torch_dtype, memory_format=settings.memory_format)
@@ -61,7 +67,7 @@ def _inference(model: torch.nn.Module, images):
 
 def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
     batch, size = (4, 64) if settings.quick else (8, 128)
-    for name in only or ("unet", "fcn"):
+    for name in only or (("unet", "fcn") if settings.quick else ("unet", "unet_iabn", "fcn")):
         g = torch.Generator().manual_seed(0)
         images = torch.randn(batch, 3, size, size, generator=g).to(settings.device, settings.torch_dtype)
         images = images.contiguous(memory_format=settings.memory_format)

@@ -8,7 +8,7 @@ from torch import nn
 import segfast.nn as snn
 
 BACKENDS = ("segfast", "torch")
-NORMS = ("batch", "none")
+NORMS = ("batch", "inplace_abn", "none")
 _TORCH_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
 
 
@@ -22,7 +22,9 @@ class ConvNormAct(nn.Module):
 
     segfast without norm: one ``Conv2dAct`` (activation fused) and ``act`` is Identity; with
     BatchNorm: the convolution, then ``BatchNormAct2d`` (BatchNorm and activation fused, BatchNorm2d's
-    parameter names) and ``act`` is Identity. The torch backend keeps three stock modules.
+    parameter names) and ``act`` is Identity; "inplace_abn" is that BatchNormAct2d with
+    ``inplace=True``, overwriting the convolution's output (leaky_relu only). The torch backend keeps
+    three stock modules (the same math for "batch" and "inplace_abn").
     """
 
     def __init__(
@@ -36,6 +38,10 @@ class ConvNormAct(nn.Module):
         backend: str = "segfast",
     ):
         super().__init__()
+        if norm == "inplace_abn" and activation != "leaky_relu":
+            raise ValueError(
+                f"norm='inplace_abn' inverts the activation in backward: it needs 'leaky_relu', got {activation!r}"
+            )
         padding = kernel_size // 2
         fused = backend == "segfast" and norm == "none"
         if fused:
@@ -46,10 +52,10 @@ class ConvNormAct(nn.Module):
             )
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm == "none")
-        if norm == "batch" and backend == "segfast":
-            self.norm = snn.BatchNormAct2d(out_channels, activation=activation)
+        if norm != "none" and backend == "segfast":
+            self.norm = snn.BatchNormAct2d(out_channels, activation=activation, inplace=norm == "inplace_abn")
         else:
-            self.norm = nn.BatchNorm2d(out_channels) if norm == "batch" else nn.Identity()
+            self.norm = nn.BatchNorm2d(out_channels) if norm != "none" else nn.Identity()
         self.act = nn.Identity() if backend == "segfast" else _TORCH_ACTIVATIONS[activation]()
 
     def forward(self, x):

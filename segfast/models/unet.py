@@ -50,7 +50,9 @@ class UNet(nn.Module):
         in_channels, num_classes: input channels and classes (logits per class).
         base_width: channels of the first level; each level down doubles them.
         depth: number of poolings.
-        norm: "batch" (conv -> BatchNorm -> act) or "none" (conv + act, fused by segfast).
+        norm: "batch" (conv -> BatchNorm -> act), "inplace_abn" (the same, segfast's BatchNorm + act
+            overwriting the convolution's output: InPlace-ABN, activation "leaky_relu") or "none"
+            (conv + act, fused by segfast).
         activation: "relu", "leaky_relu", "silu" or "gelu".
         upsample: "transpose" (2x2 transposed conv) or "bilinear" (bilinear x2 then 1x1 conv).
         backend: "segfast" (segfast layers) or "torch" (stock layers, same parameter names).

@@ -19,9 +19,28 @@ def _batch_norm_act_fake(
     return torch.empty_like(input, memory_format=memory_format(input)), stats, stats.clone()
 
 
+@torch.library.register_fake("segfast::batch_norm_act_")
+def _batch_norm_act_inplace_fake(
+    input, weight, bias, running_mean, running_var, training, momentum, eps, activation, negative_slope, residual
+):
+    stats = input.new_empty(input.shape[1], dtype=accumulation_dtype(input.dtype))
+    return stats, stats.clone()
+
+
 @torch.library.register_fake("segfast::batch_norm_act_backward")
 def _batch_norm_act_backward_fake(
-    grad_output, input, weight, bias, mean, invstd, residual, training, activation, negative_slope, output_mask
+    grad_output,
+    input,
+    weight,
+    bias,
+    mean,
+    invstd,
+    residual,
+    training,
+    activation,
+    negative_slope,
+    from_output,
+    output_mask,
 ):
     def like(t, wanted):
         return torch.empty_like(t, memory_format=memory_format(t)) if wanted else t.new_empty(0)
@@ -65,18 +84,19 @@ def batch_norm_act(
         activation: "none", "relu", "leaky_relu", "silu", "gelu" or "sigmoid"; negative_slope for
             "leaky_relu".
         residual: input-shaped tensor added before the activation (ResNet's bn2 -> + identity -> relu).
-        inplace: the InPlace-ABN scheme — not implemented yet (raises).
+        inplace: InPlace-ABN (Rota Bulo et al., CVPR 2018): the output overwrites ``input``, which
+            is returned, and is all backward keeps; backward inverts the activation to recover the
+            normalised input. Needs activation "none" or "leaky_relu" with negative_slope > 0 and
+            a weight without zeros (else ValueError); the input must not be needed elsewhere by
+            autograd (as any in-place op).
 
     Returns:
-        the output, input's shape, dtype and layout.
+        the output, input's shape, dtype and layout (with ``inplace``, ``input`` itself).
 
-    Backward keeps the input (one activation-sized tensor) and two floats per channel, and
-    recomputes the normalised value and the activation's derivative from them.
+    Backward keeps the input (one activation-sized tensor; with ``inplace`` the output in its
+    place) and two floats per channel, and recomputes the normalised value and the activation's
+    derivative from them.
     """
-    if inplace:
-        raise NotImplementedError(
-            f"{_OP}: inplace=True (InPlace-ABN, the output overwriting the input) is not implemented yet"
-        )
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{_OP}: input must be a Tensor, got {type(input).__name__}")
     for name, t in (
@@ -95,8 +115,7 @@ def batch_norm_act(
             f"{_OP}: momentum=None (cumulative average) needs the batch count: use segfast.nn.BatchNormAct2d"
         )
     negative_slope = check_activation(_OP, activation, negative_slope)
-    out, _, _ = entry("batch_norm_act")(
-        input,
+    args = (
         weight,
         bias,
         running_mean,
@@ -108,4 +127,8 @@ def batch_norm_act(
         negative_slope,
         residual,
     )
+    if inplace:
+        entry("batch_norm_act_")(input, *args)
+        return input
+    out, _, _ = entry("batch_norm_act")(input, *args)
     return out

@@ -32,23 +32,6 @@ def _dice_sums_backward_fake(grad_sums, input, target, ignore_index, squared):
     return torch.empty_like(input)
 
 
-def _dice_setup(ctx, inputs, output):
-    input, target, ignore_index, squared = inputs
-    ctx.save_for_backward(input, target)  # the caller's tensors: nothing new is kept
-    ctx.args = (ignore_index, squared)
-
-
-def _dice_backward(ctx, grad_sums):
-    input, target = ctx.saved_tensors
-    grad = (
-        torch.ops.segfast.dice_sums_backward(grad_sums, input, target, *ctx.args) if ctx.needs_input_grad[0] else None
-    )
-    return grad, None, None, None
-
-
-torch.library.register_autograd("segfast::dice_sums", _dice_backward, setup_context=_dice_setup)
-
-
 @torch.library.register_fake("segfast::focal_loss")
 def _focal_fake(input, target, alpha, gamma, reduction, ignore_index):
     n, _, s = input.shape
@@ -65,27 +48,7 @@ def _focal_backward_fake(grad_loss, input, target, alpha, gamma, lse, count, red
     return torch.empty_like(input)
 
 
-def _focal_setup(ctx, inputs, output):
-    input, target, alpha, gamma, reduction, ignore_index = inputs
-    _, lse, count = output
-    ctx.mark_non_differentiable(lse, count)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, target, alpha, lse, count)
-    ctx.args = (gamma, reduction, ignore_index)
-
-
-def _focal_backward(ctx, grad_loss, _grad_lse, _grad_count):
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 6
-    input, target, alpha, lse, count = ctx.saved_tensors
-    gamma, reduction, ignore_index = ctx.args
-    grad = torch.ops.segfast.focal_loss_backward(
-        grad_loss, input, target, alpha, gamma, lse, count, reduction, ignore_index
-    )
-    return (grad,) + (None,) * 5
-
-
-torch.library.register_autograd("segfast::focal_loss", _focal_backward, setup_context=_focal_setup)
+# autograd of dice_sums and focal_loss: csrc/autograd/segmentation_losses.cpp (C++)
 
 
 def _pixels(op, kernel, input, target):

@@ -1,0 +1,114 @@
+// Autograd of dice_sums and focal_loss, in C++ (Autograd key).
+//  - dice_sums saves nothing but the caller's logits and target; backward recomputes the softmax.
+//  - focal_loss saves them, the class weights alpha and one float per pixel (the log-sum-exp).
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "autograd/autograd.h"
+
+namespace segfast {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensor = const std::optional<Tensor>&;
+
+using DiceSumsSignature = Tensor(const Tensor&, const Tensor&, int64_t, bool);
+using DiceSumsBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
+using FocalSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, double,
+                                                          c10::string_view, int64_t);
+using FocalBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, OptionalTensor, double,
+                                      const Tensor&, const Tensor&, c10::string_view, int64_t);
+
+const c10::TypedOperatorHandle<DiceSumsSignature>& dice_sums_op() {
+  static const auto op = op_handle<DiceSumsSignature>("segfast::dice_sums");
+  return op;
+}
+
+const c10::TypedOperatorHandle<FocalSignature>& focal_loss_op() {
+  static const auto op = op_handle<FocalSignature>("segfast::focal_loss");
+  return op;
+}
+
+struct DiceSums : torch::autograd::Function<DiceSums> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t ignore_index,
+                               bool squared) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor sums = dice_sums_op().call(input, target, ignore_index, squared);
+    ctx->save_for_backward({input, target});  // the caller's tensors: nothing new is kept
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["squared"] = squared;
+    return {sums};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<DiceSumsBackwardSignature>("segfast::dice_sums_backward");
+    variable_list result(4);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    result[0] = op.call(grads[0], saved[0], saved[1], d.at("ignore_index").toInt(), d.at("squared").toBool());
+    return result;
+  }
+};
+
+struct FocalLoss : torch::autograd::Function<FocalLoss> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, OptionalTensor alpha,
+                               double gamma, c10::string_view reduction, int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, lse, count] = focal_loss_op().call(input, target, alpha, gamma, reduction, ignore_index);
+    ctx->save_for_backward({input, target, alpha.value_or(Tensor()), lse, count});
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({lse, count});
+    ctx->set_materialize_grads(false);
+    return {loss, lse, count};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<FocalBackwardSignature>("segfast::focal_loss_backward");
+    variable_list result(6);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    const std::optional<Tensor> alpha = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
+    result[0] = op.call(grads[0], saved[0], saved[1], alpha, d.at("gamma").toDouble(), saved[3], saved[4],
+                        d.at("reduction").toStringRef(), d.at("ignore_index").toInt());
+    return result;
+  }
+};
+
+Tensor dice_sums_autograd(const Tensor& input, const Tensor& target, int64_t ignore_index, bool squared) {
+  if (!torch::autograd::compute_requires_grad(input)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dice_sums_op().call(input, target, ignore_index, squared);
+  }
+  return DiceSums::apply(input, target, ignore_index, squared)[0];
+}
+
+std::tuple<Tensor, Tensor, Tensor> focal_loss_autograd(const Tensor& input, const Tensor& target, OptionalTensor alpha,
+                                                       double gamma, c10::string_view reduction, int64_t ignore_index) {
+  if (!torch::autograd::compute_requires_grad(input, alpha)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return focal_loss_op().call(input, target, alpha, gamma, reduction, ignore_index);
+  }
+  const variable_list out = FocalLoss::apply(input, target, alpha, gamma, reduction, ignore_index);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
+  m.impl("dice_sums", &dice_sums_autograd);
+  m.impl("focal_loss", &focal_loss_autograd);
+}
+
+}  // namespace segfast
