@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import L1Loss  # the mean-absolute-error loss: torch's own is already a single kernel
 
@@ -22,6 +23,7 @@ __all__ = [
     "L1Loss",
     "LinearAct",
     "MaxPool2d",
+    "SyncBatchNormAct2d",
 ]
 
 
@@ -202,6 +204,75 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         inplace = ", inplace=True" if self.inplace else ""
         return f"{super().extra_repr()}, activation={self.activation!r}{inplace}"
+
+
+class SyncBatchNormAct2d(BatchNormAct2d):
+    """:class:`BatchNormAct2d` whose training statistics are the whole batch's across the processes
+    of ``process_group`` (``torch.distributed``), as ``nn.SyncBatchNorm``: one all_gather per layer
+    in forward, one all_reduce in backward (``segfast.ops.sync_batch_norm_act``). In eval mode, or
+    without an initialised process group of more than one process, it is BatchNormAct2d. Build it
+    with :meth:`convert_sync_batchnorm`; ``inplace=True`` is not offered here."""
+
+    def __init__(self, num_features: int, *args, process_group=None, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        if self.inplace:
+            raise ValueError("SyncBatchNormAct2d: inplace=True (InPlace-ABN) is not available synchronised")
+        self.process_group = process_group
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        synchronised = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        if not (self.training and synchronised):
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        c = self.num_features
+        weight = self.weight if self.affine else torch.ones(c, dtype=input.dtype, device=input.device)
+        bias = self.bias if self.affine else torch.zeros(c, dtype=input.dtype, device=input.device)
+        return ops.sync_batch_norm_act(
+            input,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            weight,
+            bias,
+            factor,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+            self.process_group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """``nn.SyncBatchNorm.convert_sync_batchnorm`` for segfast models: every BatchNormAct2d becomes
+        a SyncBatchNormAct2d (parameters and running statistics kept), and every stock BatchNorm
+        an ``nn.SyncBatchNorm``. Returns the converted module (``module`` itself when it is not a
+        BatchNorm)."""
+        if isinstance(module, BatchNormAct2d) and not isinstance(module, SyncBatchNormAct2d) and not module.inplace:
+            state = [*module.parameters(), *module.buffers()]
+            factory = dict(device=state[0].device, dtype=state[0].dtype) if state else {}
+            synced = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                activation=module.activation,
+                negative_slope=module.negative_slope,
+                process_group=process_group,
+                **factory,
+            )
+            synced.load_state_dict(module.state_dict())
+            synced.train(module.training)
+            return synced
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, BatchNormAct2d):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return module
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

@@ -366,3 +366,77 @@ def test_inplace_gradcheck_opcheck_compile():
     torch.testing.assert_close(
         torch.autograd.grad(compiled(x, w, b), [x, w, b]), torch.autograd.grad(loss(x, w, b), [x, w, b])
     )
+
+
+# ------------------------------------------------------------------------------- synchronised variant
+
+
+def _sync_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        batch, c = 4 * world, 6
+        model = torch.nn.Sequential(segfast.nn.BatchNormAct2d(c, activation="leaky_relu", negative_slope=0.1))
+        model = model.double()
+        with torch.no_grad():
+            model[0].weight.uniform_(0.5, 1.5, generator=g)
+            model[0].bias.normal_(generator=g)
+        single = segfast.nn.BatchNormAct2d(c, activation="leaky_relu", negative_slope=0.1).double()
+        single.load_state_dict(model[0].state_dict())
+        synced = segfast.nn.SyncBatchNormAct2d.convert_sync_batchnorm(model)[0]
+        assert type(synced) is segfast.nn.SyncBatchNormAct2d and synced.weight.dtype == torch.float64
+        report = {}
+        for step in range(3):  # several steps: the running statistics follow the global batch
+            x = torch.randn(batch, c, 5, 7, generator=g, dtype=torch.float64) * 2 + 1
+            r = torch.randn(batch, c, 5, 7, generator=g, dtype=torch.float64)
+            grad = torch.randn(batch, c, 5, 7, generator=g, dtype=torch.float64)
+            part = slice(rank * 4, rank * 4 + 4)
+            xs, rs = x[part].clone().requires_grad_(), r[part].clone().requires_grad_()
+            out = synced(xs, rs)
+            (out * grad[part]).sum().backward()
+            xa, ra = x.clone().requires_grad_(), r.clone().requires_grad_()
+            ref = single(xa, ra)
+            (ref * grad).sum().backward()
+            # parameter gradients are each process's share (DDP sums / averages them): summed here
+            param_grads = torch.stack([synced.weight.grad, synced.bias.grad])
+            dist.all_reduce(param_grads)
+            for name, ours, expected in (
+                ("output", out, ref[part]),
+                ("grad_input", xs.grad, xa.grad[part]),
+                ("grad_residual", rs.grad, ra.grad[part]),
+                ("grad_weight", param_grads[0], single.weight.grad),
+                ("grad_bias", param_grads[1], single.bias.grad),
+                ("running_mean", synced.running_mean, single.running_mean),
+                ("running_var", synced.running_var, single.running_var),
+            ):
+                report[f"{name} step {step}"] = (ours.detach() - expected.detach()).abs().max().item()
+            for m in (synced, single):
+                m.weight.grad = m.bias.grad = None
+        synced.eval(), single.eval()
+        x = torch.randn(3, c, 4, 4, generator=g, dtype=torch.float64)
+        report["eval output"] = (synced(x) - single(x)).abs().max().item()
+        torch.save(report, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronised_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_sync_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        report = torch.load(tmp_path / f"{rank}.pt")
+        assert len(report) == 22
+        for name, difference in report.items():
+            assert difference < 1e-10, f"rank {rank}: {name} differs by {difference}"
+
+
+def test_synchronised_variant_needs_a_process_group():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="process group"):
+        segfast.ops.sync_batch_norm_act(x, None, None, torch.ones(3), torch.zeros(3))
+    module = segfast.nn.SyncBatchNormAct2d(3)  # no process group: plain BatchNormAct2d
+    torch.testing.assert_close(module(x), F.relu(F.batch_norm(x, None, None, training=True)))

@@ -156,3 +156,22 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert list(again) != whole
     ranks = [list(checkpoints.EpochOrder(7, False, seed=0, rank=r, world=2)) for r in range(2)]
     assert ranks == [[0, 2, 4, 6], [1, 3, 5, 0]]  # padded by the head, as DistributedSampler does
+
+
+def test_torchrun_two_processes_train_like_one_on_the_global_batch(tmp_path):
+    """BatchNorm synchronised under torchrun (SyncBatchNormAct2d) and DDP's averaged gradients: two
+    processes with half the batch each end where one process with the whole batch does."""
+    args = (
+        "train --model unet --data digits --epochs 1 --max-steps 5 --base-width 8 --depth 2 --batch-size 8 "
+        "--seed 3 --optimizer sgd --quiet"
+    ).split()
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run(args + ["--out", str(one)])
+    _run(args + ["--out", str(two)], torchrun=True)
+    first, second = torch.load(one, weights_only=True)["state_dict"], torch.load(two, weights_only=True)["state_dict"]
+    assert any("running_var" in name for name in first)
+    for name, value in first.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(second[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(second[name], value), name

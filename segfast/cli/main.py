@@ -148,7 +148,12 @@ def _add_train(sub) -> None:
     seg = train.add_argument_group("segmentation")
     seg.add_argument("--base-width", type=int, default=16)
     seg.add_argument("--depth", type=int, default=3, help="unet: number of poolings")
-    seg.add_argument("--norm", choices=["batch", "none"], default="batch")
+    seg.add_argument(
+        "--norm",
+        choices=["batch", "none"],
+        default="batch",
+        help="batch: BatchNorm, synchronised across processes under torchrun (segfast backend, or CUDA)",
+    )
     seg.add_argument(
         "--loss",
         choices=["ce", "dice", "focal", "dice-ce"],

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import segfast
+import segfast.nn as snn
 from segfast.augment import parse_augment
 from segfast.cli import checkpoint as checkpoints
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
@@ -183,6 +184,10 @@ def run_train(args) -> int:
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // world), sampler=val_sampler)
     model = build_model(config, args.backend).to(device)
+    if world > 1 and (args.backend == "segfast" or device.type == "cuda"):
+        # BatchNorm over the global batch, as one process would see it (stock nn.SyncBatchNorm
+        # runs on GPUs only: the torch backend on CPU keeps per-process statistics)
+        model = snn.SyncBatchNormAct2d.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, args)

@@ -8,7 +8,7 @@ from torch.nn.functional import l1_loss
 
 from segfast.ops._activation import ACTIVATIONS
 from segfast.ops.augment import affine_augment
-from segfast.ops.batch_norm_act import batch_norm_act
+from segfast.ops.batch_norm_act import batch_norm_act, sync_batch_norm_act
 from segfast.ops.conv2d_act import conv2d_act
 from segfast.ops.cross_entropy import cross_entropy
 from segfast.ops.linear_act import linear_act
@@ -29,4 +29,5 @@ __all__ = [
     "l1_loss",
     "linear_act",
     "max_pool2d",
+    "sync_batch_norm_act",
 ]

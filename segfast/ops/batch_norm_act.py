@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from segfast.ops._activation import check_activation
 from segfast.ops._common import accumulation_dtype, check_float_arg, check_kernel_available, entry, memory_format
@@ -132,3 +133,111 @@ def batch_norm_act(
         return input
     out, _, _ = entry("batch_norm_act")(input, *args)
     return out
+
+
+class _SyncBatchNormAct(torch.autograd.Function):
+    """Training-mode batch_norm_act with the batch statistics of every process in ``group``, as
+    ``nn.SyncBatchNorm``: one all_gather of (count, mean, variance) in forward, one all_reduce of
+    the two per-channel gradient sums in backward. Normalising and its backward run segfast's
+    kernels in their given-statistics (eval) mode; the statistics' own gradient is added here.
+    Parameter gradients are this process's (DDP averages them), the input gradient the global one."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps, activation, slope, group):
+        dims = [0] + list(range(2, input.dim()))
+        count = input.numel() // input.shape[1]
+        var, mean = torch.var_mean(input, dim=dims, correction=0)
+        local = torch.stack([torch.full_like(mean, count), mean, var]).to(torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        counts, means, variances = torch.stack(gathered).unbind(1)
+        total = counts.sum(0)
+        global_mean = (counts * means).sum(0) / total
+        global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+        if running_mean is not None:  # torch's update: unbiased variance of the global batch
+            running_mean.mul_(1 - momentum).add_(global_mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = global_var * total / (total - 1)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        out, mean, invstd = entry("batch_norm_act")(
+            input, weight, bias, global_mean, global_var, False, 0.0, eps, activation, slope, residual
+        )
+        ctx.save_for_backward(input, weight, bias, mean, invstd, residual)
+        ctx.args, ctx.total, ctx.group = (activation, slope), total, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, bias, mean, invstd, residual = ctx.saved_tensors
+        activation, slope = ctx.args
+        # eval-mode backward: w * invstd * g, g itself for the residual, and the local sums
+        grad_in, grad_res, sum_gxhat, sum_g = torch.ops.segfast.batch_norm_act_backward(
+            grad_out.contiguous(),
+            input,
+            weight,
+            bias,
+            mean,
+            invstd,
+            residual,
+            False,
+            activation,
+            slope,
+            False,
+            [ctx.needs_input_grad[0], residual is not None and ctx.needs_input_grad[3], True, True],
+        )
+        sums = torch.stack([sum_g, sum_gxhat]).to(torch.float64)
+        dist.all_reduce(sums, group=ctx.group)
+        if ctx.needs_input_grad[0]:
+            shape = [1, -1] + [1] * (input.dim() - 2)
+            k = (weight.to(invstd.dtype) * invstd / ctx.total.to(invstd.dtype)).view(shape)
+            xhat = (input.to(invstd.dtype) - mean.view(shape)) * invstd.view(shape)
+            g_sum, gxhat_sum = (s.to(invstd.dtype).view(shape) for s in sums)
+            grad_in = (grad_in.to(invstd.dtype) - k * (g_sum + xhat * gxhat_sum)).to(input.dtype)
+        return (
+            grad_in if ctx.needs_input_grad[0] else None,
+            sum_gxhat if ctx.needs_input_grad[1] else None,
+            sum_g if ctx.needs_input_grad[2] else None,
+            grad_res if residual is not None and ctx.needs_input_grad[3] else None,
+        ) + (None,) * 7
+
+
+def sync_batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """Training-mode :func:`batch_norm_act` whose batch statistics are those of the whole batch
+    across the processes of ``process_group`` (``torch.distributed``; default: the world), as
+    ``nn.SyncBatchNorm`` computes them: one all_gather per call in forward, one all_reduce in
+    backward. Every process calls it, with its own part of the batch.
+
+    Args: as :func:`batch_norm_act` in training; ``weight`` and ``bias`` are required (C,)
+    tensors (use ones and zeros for no affine). The running statistics are updated with the global
+    batch's mean and unbiased variance. Not under ``torch.compile`` (the collectives run in Python
+    autograd) and not in place.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_OP}: the synchronised variant needs an initialised torch.distributed process group")
+    if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{_OP}: the synchronised variant needs weight and bias tensors (ones and zeros for no affine)")
+    negative_slope = check_activation(_OP, activation, negative_slope)
+    return _SyncBatchNormAct.apply(
+        input,
+        weight,
+        bias,
+        residual,
+        running_mean,
+        running_var,
+        check_float_arg(_OP, "momentum", momentum),
+        check_float_arg(_OP, "eps", eps, 0.0),
+        activation,
+        negative_slope,
+        process_group,
+    )
