@@ -138,9 +138,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_autograd(const Tensor& input, 
                                                            double eps, c10::string_view activation,
                                                            double negative_slope, OptionalTensor residual) {
   if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-                             negative_slope, residual);
+    return call_below_autograd(forward_op(), input, weight, bias, running_mean, running_var, training, momentum, eps,
+                               activation, negative_slope, residual);
   }
   const variable_list out = BatchNormAct::apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                                 activation, negative_slope, residual);

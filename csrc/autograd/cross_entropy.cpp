@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "autograd/autograd.h"
+#include "common/cross_entropy.h"
 
 namespace segfast {
 namespace {
@@ -23,20 +24,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = const std::optional<Tensor>&;
 
-using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor,
-                                                            c10::string_view, int64_t, double);
-using BackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, OptionalTensor, const Tensor&,
-                                 const Tensor&, c10::string_view, int64_t, double);
-using WithGradSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, c10::string_view,
-                                                     int64_t, double);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = op_handle<ForwardSignature>("segfast::cross_entropy");
+const c10::TypedOperatorHandle<CrossEntropySignature>& forward_op() {
+  static const auto op = op_handle<CrossEntropySignature>("segfast::cross_entropy");
   return op;
 }
 
-const c10::TypedOperatorHandle<WithGradSignature>& with_grad_op() {
-  static const auto op = op_handle<WithGradSignature>("segfast::cross_entropy_with_grad");
+const c10::TypedOperatorHandle<CrossEntropyWithGradSignature>& with_grad_op() {
+  static const auto op = op_handle<CrossEntropyWithGradSignature>("segfast::cross_entropy_with_grad");
   return op;
 }
 
@@ -65,7 +59,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op_handle<BackwardSignature>("segfast::cross_entropy_backward");
+    static const auto backward_op = op_handle<CrossEntropyBackwardSignature>("segfast::cross_entropy_backward");
     variable_list result(6);
     if (!grads[0].defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
@@ -109,8 +103,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_autograd(const Tensor& input, c
                                                           OptionalTensor weight, c10::string_view reduction,
                                                           int64_t ignore_index, double label_smoothing) {
   if (!torch::autograd::compute_requires_grad(input, target, weight)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(input, target, weight, reduction, ignore_index, label_smoothing);
+    return call_below_autograd(forward_op(), input, target, weight, reduction, ignore_index, label_smoothing);
   }
   const variable_list out = CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
   return {out[0], out[1], out[2]};
@@ -120,8 +113,7 @@ std::tuple<Tensor, Tensor> cross_entropy_with_grad_autograd(const Tensor& input,
                                                             OptionalTensor weight, c10::string_view reduction,
                                                             int64_t ignore_index, double label_smoothing) {
   if (!torch::autograd::compute_requires_grad(input, target, weight)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return with_grad_op().call(input, target, weight, reduction, ignore_index, label_smoothing);
+    return call_below_autograd(with_grad_op(), input, target, weight, reduction, ignore_index, label_smoothing);
   }
   const variable_list out =
       CrossEntropyWithGrad::apply(input, target, weight, reduction, ignore_index, label_smoothing);

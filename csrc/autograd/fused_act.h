@@ -84,8 +84,7 @@ struct FusedAct : torch::autograd::Function<FusedAct<Names, Extra...>> {
   static std::tuple<Tensor, Tensor> kernel(const Tensor& input, const Tensor& weight, OptionalTensor bias,
                                            Extra... extra, c10::string_view activation, double negative_slope) {
     if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return forward_op().call(input, weight, bias, extra..., activation, negative_slope);
+      return call_below_autograd(forward_op(), input, weight, bias, extra..., activation, negative_slope);
     }
     const auto out = FusedAct::apply(input, weight, bias, extra..., activation, negative_slope);
     return {out[0], out[1]};

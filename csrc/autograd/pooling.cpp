@@ -104,8 +104,7 @@ std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, IntArrayRef 
                                                IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                                bool return_indices) {
   if (!torch::autograd::compute_requires_grad(input)) {  // no graph to record: skip the Function's bookkeeping
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return max_pool2d_op().call(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
+    return call_below_autograd(max_pool2d_op(), input, kernel, stride, padding, dilation, ceil_mode, return_indices);
   }
   const variable_list out = MaxPool2d::apply(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
   return {out[0], out[1]};
@@ -114,8 +113,8 @@ std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, IntArrayRef 
 Tensor avg_pool2d_autograd(const Tensor& input, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                            bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
   if (!torch::autograd::compute_requires_grad(input)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return avg_pool2d_op().call(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
+    return call_below_autograd(avg_pool2d_op(), input, kernel, stride, padding, ceil_mode, count_include_pad,
+                               divisor_override);
   }
   return AvgPool2d::apply(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)[0];
 }

@@ -88,8 +88,7 @@ struct FocalLoss : torch::autograd::Function<FocalLoss> {
 
 Tensor dice_sums_autograd(const Tensor& input, const Tensor& target, int64_t ignore_index, bool squared) {
   if (!torch::autograd::compute_requires_grad(input)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return dice_sums_op().call(input, target, ignore_index, squared);
+    return call_below_autograd(dice_sums_op(), input, target, ignore_index, squared);
   }
   return DiceSums::apply(input, target, ignore_index, squared)[0];
 }
@@ -97,8 +96,7 @@ Tensor dice_sums_autograd(const Tensor& input, const Tensor& target, int64_t ign
 std::tuple<Tensor, Tensor, Tensor> focal_loss_autograd(const Tensor& input, const Tensor& target, OptionalTensor alpha,
                                                        double gamma, c10::string_view reduction, int64_t ignore_index) {
   if (!torch::autograd::compute_requires_grad(input, alpha)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return focal_loss_op().call(input, target, alpha, gamma, reduction, ignore_index);
+    return call_below_autograd(focal_loss_op(), input, target, alpha, gamma, reduction, ignore_index);
   }
   const variable_list out = FocalLoss::apply(input, target, alpha, gamma, reduction, ignore_index);
   return {out[0], out[1], out[2]};

@@ -18,9 +18,11 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "common/activation.h"
+#include "common/layout.h"
 #include "common/macros.h"
 
 namespace segfast {
@@ -135,6 +137,23 @@ inline void check_inplace_args(Activation act, double negative_slope, const std:
     TORCH_CHECK_VALUE(!weight->eq(0).any().item<bool>(),
                       "batch_norm_act: inplace=True divides by weight in backward, and weight has zeros");
   }
+}
+
+// InPlace-ABN's forward on either backend, after check_inplace_args: `into(x, out)` normalises x
+// into out and returns (mean, invstd). A dense input is its own output; another is normalised in a
+// dense copy, which is then written back.
+template <typename Into>
+std::tuple<at::Tensor, at::Tensor> overwrite_input(const at::Tensor& input, Into&& into) {
+  const at::MemoryFormat format = memory_format(input);
+  if (input.is_contiguous(format)) {
+    at::Tensor out = input;
+    return into(input, out);
+  }
+  const at::Tensor dense = input.contiguous(format);
+  at::Tensor out = dense;
+  auto stats = into(dense, out);
+  input.copy_(out);
+  return stats;
 }
 
 // Calls f(std::integral_constant<bool, kFromOutput>{}, std::integral_constant<Activation, A>{}),

@@ -7,6 +7,8 @@
 //   probability targets q:  coef_c = w_c ((1 - eps) q_c + eps / C)
 //   class-index target y:   coef_c = w_c eps / C, plus (1 - eps) w_y for c = y.
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -28,6 +30,18 @@ struct LabelSmoothing {
   // the target class's extra part, (1 - eps) w_y
   SEGFAST_HOST_DEVICE acc_t target_coef(acc_t w) const { return keep * w; }
 };
+
+// The C++ signatures of the ops' schemas, for the callers that go through the dispatcher (the
+// composite face and the autograd kernels).
+using CrossEntropySignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                             const std::optional<at::Tensor>&,
+                                                                             c10::string_view, int64_t, double);
+using CrossEntropyBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                                 c10::string_view, int64_t, double);
+using CrossEntropyWithGradSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                         const std::optional<at::Tensor>&,
+                                                                         c10::string_view, int64_t, double);
 
 // Logits (N, C, S); a class-index target (N, S) or a probability target of the logits' shape and dtype.
 inline void check_cross_entropy_args(const at::Tensor& input, const at::Tensor& target, bool prob) {

@@ -17,6 +17,7 @@
 
 #include "autograd/autograd.h"
 #include "common/checks.h"
+#include "common/cross_entropy.h"
 #include "common/reduction.h"
 
 namespace segfast {
@@ -25,13 +26,6 @@ namespace {
 using at::Tensor;
 using OptionalTensor = const std::optional<Tensor>&;
 constexpr const char* kOp = "cross_entropy";
-
-using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor,
-                                                            c10::string_view, int64_t, double);
-using BackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, OptionalTensor, const Tensor&,
-                                 const Tensor&, c10::string_view, int64_t, double);
-using WithGradSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, c10::string_view,
-                                                     int64_t, double);
 
 bool index_dtype(at::ScalarType t) {
   return t == at::kLong || t == at::kInt || t == at::kByte;  // csrc/common/class_index.h
@@ -122,10 +116,10 @@ Tensor cross_entropy_loss(const Tensor& input, const Tensor& target, OptionalTen
   }
   auto [logits, pixel_target] = as_pixels(input, target, prob);
   if (grad_in_forward && input.requires_grad() && grad_mode) {  // else nothing calls backward: the plain forward
-    static const auto with_grad = op_handle<WithGradSignature>("segfast::cross_entropy_with_grad");
+    static const auto with_grad = op_handle<CrossEntropyWithGradSignature>("segfast::cross_entropy_with_grad");
     return std::get<0>(with_grad.call(logits, pixel_target, weight, reduction_, ignore_index, label_smoothing));
   }
-  static const auto forward = op_handle<ForwardSignature>("segfast::cross_entropy");
+  static const auto forward = op_handle<CrossEntropySignature>("segfast::cross_entropy");
   Tensor loss = std::get<0>(forward.call(logits, pixel_target, weight, reduction_, ignore_index, label_smoothing));
   return reduction == Reduction::None ? loss.reshape_symint(pixel_shape(input)) : loss;
 }
@@ -135,8 +129,8 @@ std::tuple<Tensor, Tensor> cross_entropy_with_grad(const Tensor& input, const Te
                                                    double label_smoothing) {
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
                     "cross_entropy_with_grad: reduction must be 'mean' or 'sum', got '", reduction, "'");
-  static const auto forward = op_handle<ForwardSignature>("segfast::cross_entropy");
-  static const auto backward = op_handle<BackwardSignature>("segfast::cross_entropy_backward");
+  static const auto forward = op_handle<CrossEntropySignature>("segfast::cross_entropy");
+  static const auto backward = op_handle<CrossEntropyBackwardSignature>("segfast::cross_entropy_backward");
   auto [loss, lse, total_weight] = forward.call(input, target, weight, reduction, ignore_index, label_smoothing);
   const Tensor one = at::ones({}, loss.options());
   Tensor grad = backward.call(one, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing);

@@ -270,17 +270,10 @@ std::tuple<Tensor, Tensor> batch_norm_act_inplace_cpu(const Tensor& input, const
   check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
   const Activation act = parse_activation(activation);
   check_inplace_args(act, negative_slope, weight);
-  if (input.is_contiguous(memory_format(input))) {
-    Tensor out = input;
-    return batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps, act,
-                               negative_slope, residual, out);
-  }
-  const Tensor dense = input.contiguous(memory_format(input));
-  Tensor out = dense;  // a copy already: normalise it in place, then write it back
-  auto stats = batch_norm_act_into(dense, weight, bias, running_mean, running_var, training, momentum, eps, act,
-                                   negative_slope, residual, out);
-  input.copy_(out);
-  return stats;
+  return overwrite_input(input, [&](const Tensor& x, Tensor& out) {
+    return batch_norm_act_into(x, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope,
+                               residual, out);
+  });
 }
 
 // ---------------------------------------------------------------------------------------- backward

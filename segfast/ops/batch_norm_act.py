@@ -12,20 +12,23 @@ from segfast.ops._common import accumulation_dtype, check_float_arg, check_kerne
 _OP = "batch_norm_act"
 
 
+def _empty_statistics(input):
+    """(mean, invstd): one value per channel in the accumulation dtype."""
+    return tuple(input.new_empty(input.shape[1], dtype=accumulation_dtype(input.dtype)) for _ in range(2))
+
+
 @torch.library.register_fake("segfast::batch_norm_act")
 def _batch_norm_act_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps, activation, negative_slope, residual
 ):
-    stats = input.new_empty(input.shape[1], dtype=accumulation_dtype(input.dtype))
-    return torch.empty_like(input, memory_format=memory_format(input)), stats, stats.clone()
+    return torch.empty_like(input, memory_format=memory_format(input)), *_empty_statistics(input)
 
 
 @torch.library.register_fake("segfast::batch_norm_act_")
 def _batch_norm_act_inplace_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps, activation, negative_slope, residual
 ):
-    stats = input.new_empty(input.shape[1], dtype=accumulation_dtype(input.dtype))
-    return stats, stats.clone()
+    return _empty_statistics(input)
 
 
 @torch.library.register_fake("segfast::batch_norm_act_backward")
