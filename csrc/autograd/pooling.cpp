@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "autograd/autograd.h"
 
@@ -39,13 +40,14 @@ const c10::TypedOperatorHandle<AvgPool2dSignature>& avg_pool2d_op() {
   return op;
 }
 
-// The window arguments both poolings keep for backward, as IValues in the context.
-void save_window(AutogradContext* ctx, const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
-                 IntArrayRef padding) {
-  ctx->saved_data["input_size"] = c10::IValue(input.sym_sizes().vec());
-  ctx->saved_data["kernel"] = kernel.vec();
-  ctx->saved_data["stride"] = stride.vec();
-  ctx->saved_data["padding"] = padding.vec();
+// The window arguments backward needs, in one IValue tuple (input size, kernel, stride, padding,
+// then each pooling's own): one insertion into the context's map instead of six.
+template <typename... Rest>
+void save_window(AutogradContext* ctx, const Tensor& input, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                 Rest&&... rest) {
+  ctx->saved_data["window"] =
+      c10::ivalue::Tuple::create(c10::IValue(input.sym_sizes()), c10::IValue(kernel), c10::IValue(stride),
+                                 c10::IValue(padding), c10::IValue(std::forward<Rest>(rest))...);
 }
 
 struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
@@ -53,9 +55,7 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
                                IntArrayRef padding, IntArrayRef dilation, bool ceil_mode, bool return_indices) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, argmax] = max_pool2d_op().call(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
-    save_window(ctx, input, kernel, stride, padding);
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["ceil_mode"] = ceil_mode;
+    save_window(ctx, input, kernel, stride, padding, dilation, ceil_mode);
     ctx->save_for_backward({argmax});  // 1 byte per output for windows of at most 256 taps
     ctx->mark_non_differentiable({argmax});
     return {out, argmax};
@@ -65,10 +65,9 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
     static const auto op = op_handle<MaxPool2dBackwardSignature>("segfast::max_pool2d_backward");
     Tensor grad_input;
     if (grads[0].defined()) {
-      const auto& d = ctx->saved_data;
-      grad_input = op.call(grads[0], ctx->get_saved_variables()[0], d.at("input_size").toSymIntVector(),
-                           d.at("kernel").toIntVector(), d.at("stride").toIntVector(), d.at("padding").toIntVector(),
-                           d.at("dilation").toIntVector(), d.at("ceil_mode").toBool());
+      const auto& w = ctx->saved_data.at("window").toTupleRef().elements();
+      grad_input = op.call(grads[0], ctx->get_saved_variables()[0], w[0].toSymIntVector(), w[1].toIntVector(),
+                           w[2].toIntVector(), w[3].toIntVector(), w[4].toIntVector(), w[5].toBool());
     }
     return {grad_input, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -80,21 +79,17 @@ struct AvgPool2d : torch::autograd::Function<AvgPool2d> {
                                std::optional<int64_t> divisor_override) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor out = avg_pool2d_op().call(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
-    save_window(ctx, input, kernel, stride, padding);  // avg pooling saves no tensor
-    ctx->saved_data["ceil_mode"] = ceil_mode;
-    ctx->saved_data["count_include_pad"] = count_include_pad;
-    ctx->saved_data["divisor_override"] = divisor_override;
-    return {out};
+    save_window(ctx, input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
+    return {out};  // avg pooling saves no tensor
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<AvgPool2dBackwardSignature>("segfast::avg_pool2d_backward");
     Tensor grad_input;
     if (grads[0].defined()) {
-      const auto& d = ctx->saved_data;
-      grad_input = op.call(grads[0], d.at("input_size").toSymIntVector(), d.at("kernel").toIntVector(),
-                           d.at("stride").toIntVector(), d.at("padding").toIntVector(), d.at("ceil_mode").toBool(),
-                           d.at("count_include_pad").toBool(), d.at("divisor_override").toOptional<int64_t>());
+      const auto& w = ctx->saved_data.at("window").toTupleRef().elements();
+      grad_input = op.call(grads[0], w[0].toSymIntVector(), w[1].toIntVector(), w[2].toIntVector(), w[3].toIntVector(),
+                           w[4].toBool(), w[5].toBool(), w[6].toOptional<int64_t>());
     }
     return {grad_input, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
