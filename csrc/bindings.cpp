@@ -13,6 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "autograd/autograd.h"
+
 namespace {
 
 // How many threads at::parallel_for really uses here: 1 when the module was built without
@@ -58,24 +60,6 @@ pybind11::dict build_info() {
   return info;
 }
 
-// pybind11 cannot hold non-owning argument types: each is taken as the owning type it converts from.
-template <typename T>
-struct Owned {
-  using type = T;
-};
-template <>
-struct Owned<at::IntArrayRef> {
-  using type = std::vector<int64_t>;
-};
-template <>
-struct Owned<c10::string_view> {
-  using type = std::string;
-};
-template <>
-struct Owned<const std::optional<at::Tensor>&> {
-  using type = std::optional<at::Tensor>;
-};
-
 template <typename Signature>
 struct OpEntry;
 
@@ -83,10 +67,9 @@ template <typename Return, typename... Args>
 struct OpEntry<Return(Args...)> {
   // _C.<name>(...) calls segfast::<name> with the signature of its schema
   static void bind(pybind11::module& m, const char* name) {
-    const auto op = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow((std::string("segfast::") + name).c_str(), "")
-                        .typed<Return(Args...)>();
-    m.def(name, [op](typename Owned<Args>::type... args) -> Return { return op.call(args...); });
+    // pybind11 cannot hold non-owning argument types: each is taken as the owning type it converts from
+    const auto op = segfast::op_handle<Return(Args...)>((std::string("segfast::") + name).c_str());
+    m.def(name, [op](typename segfast::Owned<Args>::type... args) -> Return { return op.call(args...); });
   }
 };
 

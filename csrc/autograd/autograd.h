@@ -1,10 +1,14 @@
 #pragma once
-// What the C++ autograd kernels (csrc/autograd/<family>.cpp, registered for the Autograd key) share:
-// typed handles of the ops they call below autograd.
+// Dispatcher helpers: what the C++ autograd kernels (csrc/autograd/<family>.cpp, Autograd key), the
+// composite ops and the typed pybind11 entries (csrc/bindings.cpp) share to call registered ops.
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
+#include <string>
 #include <utility>
+#include <vector>
 
 namespace segfast {
 
@@ -13,6 +17,25 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// The owning type of an op argument type, for whoever keeps arguments past the call (an autograd
+// context) or takes them from Python (pybind11 cannot hold non-owning types).
+template <typename T>
+struct Owned {
+  using type = T;
+};
+template <>
+struct Owned<at::IntArrayRef> {
+  using type = std::vector<int64_t>;
+};
+template <>
+struct Owned<c10::string_view> {
+  using type = std::string;
+};
+template <>
+struct Owned<const std::optional<at::Tensor>&> {
+  using type = std::optional<at::Tensor>;
+};
 
 // The Autograd kernel's path when no input needs a gradient: the op below autograd, without the
 // Function's bookkeeping (a third of a tiny call's cost).

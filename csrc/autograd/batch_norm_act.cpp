@@ -152,9 +152,8 @@ std::tuple<Tensor, Tensor> batch_norm_act_inplace_autograd(const Tensor& input, 
                                                            double eps, c10::string_view activation,
                                                            double negative_slope, OptionalTensor residual) {
   if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto stats = inplace_op().call(input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-                                   negative_slope, residual);
+    auto stats = call_below_autograd(inplace_op(), input, weight, bias, running_mean, running_var, training, momentum,
+                                     eps, activation, negative_slope, residual);
     torch::autograd::impl::bump_version(input);  // a graph that saved the input sees it changed
     return stats;
   }

@@ -21,16 +21,6 @@
 
 namespace segfast {
 
-// An argument as the autograd context keeps it (an IntArrayRef does not own its values).
-template <typename T>
-struct Kept {
-  using type = T;
-};
-template <>
-struct Kept<at::IntArrayRef> {
-  using type = std::vector<int64_t>;
-};
-
 // Names: a struct with `static constexpr const char forward[], backward[]` naming the two ops.
 template <typename Names, typename... Extra>
 struct FusedAct : torch::autograd::Function<FusedAct<Names, Extra...>> {
@@ -98,7 +88,7 @@ struct FusedAct : torch::autograd::Function<FusedAct<Names, Extra...>> {
                                                           const std::string& activation, double negative_slope,
                                                           std::array<bool, 3> mask, std::index_sequence<I...>) {
     static const auto op = op_handle<BackwardSignature>(Names::backward);
-    return op.call(grad_output, saved[2], saved[0], saved[1], extra[I].template to<typename Kept<Extra>::type>()...,
+    return op.call(grad_output, saved[2], saved[0], saved[1], extra[I].template to<typename Owned<Extra>::type>()...,
                    activation, negative_slope, mask);
   }
 };

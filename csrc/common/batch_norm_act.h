@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "common/activation.h"
+#include "common/checks.h"
 #include "common/layout.h"
 #include "common/macros.h"
 
@@ -72,11 +73,8 @@ inline void check_batch_norm_act_args(const at::Tensor& input, const std::option
   constexpr const char* op = "batch_norm_act";
   TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 4, op, ": input must be (N, C), (N, C, L) or (N, C, H, W), got ",
                     input.sizes());
+  check_float_dtype(op, "input", input);
   const auto t = input.scalar_type();
-  const bool half_ok = input.is_cuda() || input.is_meta();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || (half_ok && t == at::kHalf), op,
-                   ": input dtype must be one of float32, float64, bfloat16", half_ok ? ", float16" : "", ", got ",
-                   c10::getDtypeNames(t).first);
   const int64_t channels = input.size(1);
   auto check_vector = [&](const std::optional<at::Tensor>& v, const char* name) {
     if (!v || !v->defined()) return;
@@ -92,7 +90,7 @@ inline void check_batch_norm_act_args(const at::Tensor& input, const std::option
   for (const auto* stat : {&running_mean, &running_var}) {
     if (*stat && (*stat)->defined()) {
       TORCH_CHECK_TYPE((*stat)->is_floating_point(), op, ": running statistics must be floating point, got ",
-                       c10::getDtypeNames((*stat)->scalar_type()).first);
+                       dtype_name((*stat)->scalar_type()));
     }
   }
   TORCH_CHECK_VALUE((running_mean && running_mean->defined()) == (running_var && running_var->defined()), op,
@@ -106,9 +104,8 @@ inline void check_batch_norm_act_args(const at::Tensor& input, const std::option
   if (residual && residual->defined()) {
     TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), op, ": residual must have input's shape ", input.sizes(),
                       ", got ", residual->sizes());
-    TORCH_CHECK_TYPE(residual->scalar_type() == t, op, ": residual dtype ",
-                     c10::getDtypeNames(residual->scalar_type()).first, " differs from input dtype ",
-                     c10::getDtypeNames(t).first);
+    TORCH_CHECK_TYPE(residual->scalar_type() == t, op, ": residual dtype ", dtype_name(residual->scalar_type()),
+                     " differs from input dtype ", dtype_name(t));
     TORCH_CHECK_VALUE(residual->device() == input.device(), op, ": residual is on ", residual->device(),
                       " but input is on ", input.device());
   }

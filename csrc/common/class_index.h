@@ -12,6 +12,11 @@
 
 namespace segfast {
 
+// Whether `type` is one of the class-index dtypes dispatch_class_index takes.
+inline bool is_class_index_type(c10::ScalarType type) {
+  return type == c10::kLong || type == c10::kInt || type == c10::kByte;
+}
+
 // Calls f(index_t{}) for the dtype of a class-index tensor; `what` names it in the error.
 template <typename F>
 void dispatch_class_index(c10::ScalarType type, const char* what, F&& f) {

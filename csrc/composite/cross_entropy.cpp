@@ -17,6 +17,7 @@
 
 #include "autograd/autograd.h"
 #include "common/checks.h"
+#include "common/class_index.h"
 #include "common/cross_entropy.h"
 #include "common/reduction.h"
 
@@ -26,10 +27,6 @@ namespace {
 using at::Tensor;
 using OptionalTensor = const std::optional<Tensor>&;
 constexpr const char* kOp = "cross_entropy";
-
-bool index_dtype(at::ScalarType t) {
-  return t == at::kLong || t == at::kInt || t == at::kByte;  // csrc/common/class_index.h
-}
 
 // The target's shape for class indices: input's without the class dim.
 std::vector<c10::SymInt> pixel_shape(const Tensor& input) {
@@ -62,8 +59,8 @@ void check_target(const Tensor& input, const Tensor& target, bool prob, int64_t 
                       " is not supported for probability targets (as in torch)");
     return;
   }
-  TORCH_CHECK_TYPE(index_dtype(target.scalar_type()), kOp, ": target dtype must be one of int64, int32, uint8, got ",
-                   dtype_name(target.scalar_type()));
+  TORCH_CHECK_TYPE(is_class_index_type(target.scalar_type()), kOp,
+                   ": target dtype must be one of int64, int32, uint8, got ", dtype_name(target.scalar_type()));
   // torch reads a target of the input's shape as probabilities
   TORCH_CHECK_TYPE(target.sym_sizes() != input.sym_sizes(), kOp, ": a target of the input's shape ",
                    shape_str(input.sym_sizes()), " holds class probabilities and must be floating point, got ",
