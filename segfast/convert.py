@@ -107,31 +107,13 @@ def _fusable(layer: nn.Module) -> str | None:
 def _fused(layer: nn.Module, activation: str, negative_slope: float) -> nn.Module:
     """A Conv2dAct / LinearAct with ``layer``'s configuration, parameters and device/dtype."""
     p = layer.weight
+    options = dict(device=p.device, dtype=p.dtype, activation=activation, negative_slope=negative_slope)
+    has_bias = layer.bias is not None
     if isinstance(layer, nn.Conv2d):
-        fused = snn.Conv2dAct(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.bias is not None,
-            device=p.device,
-            dtype=p.dtype,
-            activation=activation,
-            negative_slope=negative_slope,
-        )
+        window = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups)
+        fused = snn.Conv2dAct(layer.in_channels, layer.out_channels, *window, has_bias, **options)
     else:
-        fused = snn.LinearAct(
-            layer.in_features,
-            layer.out_features,
-            layer.bias is not None,
-            device=p.device,
-            dtype=p.dtype,
-            activation=activation,
-            negative_slope=negative_slope,
-        )
+        fused = snn.LinearAct(layer.in_features, layer.out_features, has_bias, **options)
     fused.load_state_dict(layer.state_dict())
     fused.train(layer.training)
     return fused

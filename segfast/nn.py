@@ -63,17 +63,8 @@ class Conv2dAct(nn.Conv2d):
         self.negative_slope = negative_slope
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d_act(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.activation,
-            self.negative_slope,
-        )
+        window = (self.stride, self.padding, self.dilation, self.groups)
+        return ops.conv2d_act(input, self.weight, self.bias, *window, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
@@ -116,30 +107,16 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` on segfast's kernel (compact uint8 argmax saved for backward)."""
 
     def forward(self, input: torch.Tensor):
-        return ops.max_pool2d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+        window = (self.kernel_size, self.stride, self.padding, self.dilation)
+        return ops.max_pool2d(input, *window, ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
 class AvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` on segfast's kernel."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.avg_pool2d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.ceil_mode,
-            self.count_include_pad,
-            self.divisor_override,
-        )
+        window = (self.kernel_size, self.stride, self.padding)
+        return ops.avg_pool2d(input, *window, self.ceil_mode, self.count_include_pad, self.divisor_override)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):

@@ -42,6 +42,16 @@ def assert_close_to_reference(ours: torch.Tensor, stock: torch.Tensor, reference
     assert err <= bound, f"{what}: error {err:.3g} vs float64 reference exceeds {bound:.3g} (stock's x2 + floor)"
 
 
+def assert_grads_close_to_reference(names, outputs, inputs, grad):
+    """The gradients of (ours, stock, reference) outputs w.r.t. their own inputs (three tuples, one
+    tensor per name), under the float64 grad (cast for ours and stock), by the rule above."""
+    ours, stock, ref = (
+        torch.autograd.grad(out, wrt, grad.to(out.dtype)) for out, wrt in zip(outputs, inputs, strict=True)
+    )
+    for name, a, s, r in zip(names, ours, stock, ref, strict=True):
+        assert_close_to_reference(a, s, r, f"grad {name}")
+
+
 def every_window_reaches_the_input(size, kernel, stride, padding, dilation, ceil_mode) -> bool:
     """False when some pooling window along this axis holds only padding (e.g. a 1-pixel input,
     kernel 2, dilation 2, padding 1). torch then returns -inf with an index outside the window,

@@ -19,6 +19,16 @@ def reference(x, rm, rv, w, b, training, momentum, eps, activation, slope, resid
     return ACTIVATION_REFERENCES[activation](z, slope)
 
 
+def _assert_same(ours, ref, running, leaves):
+    """ours == ref, each (ours, reference) running statistic, and the gradients of leaves through both."""
+    torch.testing.assert_close(ours, ref)
+    for ours_stat, ref_stat in running:
+        torch.testing.assert_close(ours_stat, ref_stat)
+    grad = torch.randn_like(ref)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
 def _inputs(shape, dtype=torch.float64, layout=torch.contiguous_format, seed=0, affine=True, residual=False):
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
@@ -47,13 +57,8 @@ def test_matches_batch_norm_then_activation_float64(shape, activation, training,
     ours_rm, ours_rv, ref_rm, ref_rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
     ours = segfast.ops.batch_norm_act(x, ours_rm, ours_rv, w, b, training, 0.3, 1e-5, activation, 0.2, r)
     ref = reference(x, ref_rm, ref_rv, w, b, training, 0.3, 1e-5, activation, 0.2, r)
-    torch.testing.assert_close(ours, ref)
     assert ours.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(ours_rm, ref_rm)
-    torch.testing.assert_close(ours_rv, ref_rv)
-    grad = torch.randn_like(ref)
-    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(g_ours, g_ref)
+    _assert_same(ours, ref, [(ours_rm, ref_rm), (ours_rv, ref_rv)], leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -281,12 +286,7 @@ def test_inplace_matches_batch_norm_then_activation_float64(
         overwritten, ours_rm, ours_rv, w, b, training, 0.3, 1e-5, activation, slope, r, inplace=True
     )
     assert ours is overwritten and ours.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(ours_rm, ref_rm)
-    torch.testing.assert_close(ours_rv, ref_rv)
-    grad = torch.randn_like(ref)
-    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(g_ours, g_ref)
+    _assert_same(ours, ref, [(ours_rm, ref_rm), (ours_rv, ref_rv)], leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

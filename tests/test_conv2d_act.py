@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
+from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference, assert_grads_close_to_reference
 
 import segfast
 from segfast.bench.profiling import FreshOutputs
@@ -56,11 +56,8 @@ def test_matches_torch_forward_and_backward(geometry, activation, dtype):
         # give those outputs no gradient so that the comparison measures rounding, not coin flips
         margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
         grad = grad * (F.conv2d(x64, w64, b64, **kwargs).abs() > margin)
-    g_ours = torch.autograd.grad(ours, (x, w, b), grad.to(dtype))
-    g_stock = torch.autograd.grad(theirs, (x, w, b), grad.to(dtype))
-    g_ref = torch.autograd.grad(ref, (x64, w64, b64), grad)
-    for name, a, s, r in zip(("input", "weight", "bias"), g_ours, g_stock, g_ref):
-        assert_close_to_reference(a, s, r, f"grad {name}")
+    inputs = ((x, w, b), (x, w, b), (x64, w64, b64))
+    assert_grads_close_to_reference(("input", "weight", "bias"), (ours, theirs, ref), inputs, grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -81,13 +78,7 @@ def test_few_input_channels_without_input_grad(kernel, padding, activation, dtyp
     if activation in ("relu", "leaky_relu"):
         margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
         grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
-    for name, a, s_, r in zip(
-        ("weight", "bias"),
-        torch.autograd.grad(ours, (w, b), grad.to(dtype)),
-        torch.autograd.grad(theirs, (w, b), grad.to(dtype)),
-        torch.autograd.grad(ref, (w64, b64), grad),
-    ):
-        assert_close_to_reference(a, s_, r, f"grad {name}")
+    assert_grads_close_to_reference(("weight", "bias"), (ours, theirs, ref), ((w, b), (w, b), (w64, b64)), grad)
 
 
 def test_few_input_channels_gradcheck_and_determinism():

@@ -160,6 +160,12 @@ def _dtype(draw, valid):
     return draw(st.sampled_from(FLOAT_DTYPES if valid else DTYPES))
 
 
+def _start(data):
+    """(draw, valid, dtype): whether this case is a valid call, and its input dtype."""
+    valid = data.draw(VALID)
+    return data.draw, valid, _dtype(data.draw, valid)
+
+
 FLOAT_DTYPES = [torch.float32, torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -254,12 +260,15 @@ def _activation(draw, valid):
     )
 
 
+def _compare_fused_act(name, ours, stock, inputs):
+    """A fused op-plus-activation against stock: its unknown activation names are refusals with no stock twin."""
+    _compare(name, ours, stock, inputs, refusal_ok=("activation must be one of",))
+
+
 @SETTINGS
 @given(data=st.data())
 def test_fuzz_conv2d_act(data):
-    draw = data.draw
-    valid = draw(VALID)
-    dtype = _dtype(draw, valid)
+    draw, valid, dtype = _start(data)
     groups = draw(st.sampled_from([1, 1, 2, 3] + ([] if valid else [0])))
     cin = draw(st.integers(1 if valid else 0, 4)) * groups
     cout = draw(st.integers(1 if valid else 0, 4)) * groups + (0 if valid else draw(st.sampled_from([0, 1])))
@@ -296,21 +305,16 @@ def test_fuzz_conv2d_act(data):
     def stock():
         return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups), slope)
 
-    _compare(
-        "conv2d_act",
-        lambda: segfast.ops.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation, slope),
-        stock,
-        [x, weight, bias],
-        refusal_ok=("activation must be one of",),
-    )
+    def ours():
+        return segfast.ops.conv2d_act(x, weight, bias, stride, padding, dilation, groups, activation, slope)
+
+    _compare_fused_act("conv2d_act", ours, stock, [x, weight, bias])
 
 
 @SETTINGS
 @given(data=st.data())
 def test_fuzz_linear_act(data):
-    draw = data.draw
-    valid = draw(VALID)
-    dtype = _dtype(draw, valid)
+    draw, valid, dtype = _start(data)
     features = draw(st.integers(1 if valid else 0, 6))
     shape = tuple(draw(st.integers(0, 4)) for _ in range(draw(st.integers(0, 2)))) + (features,)
     if not valid:
@@ -325,21 +329,18 @@ def test_fuzz_linear_act(data):
     )
     bias = _bias(draw, valid, out_features, dtype)
     activation, slope = _activation(draw, valid)
-    _compare(
+    _compare_fused_act(
         "linear_act",
         lambda: segfast.ops.linear_act(x, weight, bias, activation, slope),
         lambda: ACTIVATIONS[activation](F.linear(x, weight, bias), slope),
         [x, weight, bias],
-        refusal_ok=("activation must be one of",),
     )
 
 
 @SETTINGS
 @given(data=st.data())
 def test_fuzz_cross_entropy(data):
-    draw = data.draw
-    valid = draw(VALID)
-    dtype = _dtype(draw, valid)
+    draw, valid, dtype = _start(data)
     classes = draw(st.integers(1 if valid else 0, 6))
     rank = draw(st.sampled_from([4, 4, 2, 3, 1] + ([] if valid else [5, 0])))
     batch = draw(st.integers(1 if valid else 0, 3))

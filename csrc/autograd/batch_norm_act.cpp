@@ -21,9 +21,6 @@ namespace segfast {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptionalTensor = const std::optional<Tensor>&;
 
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, OptionalTensor, OptionalTensor,
                                                             OptionalTensor, OptionalTensor, bool, double, double,
@@ -36,15 +33,11 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tenso
                                                                      OptionalTensor, bool, c10::string_view, double,
                                                                      bool, std::array<bool, 4>);
 
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = op_handle<ForwardSignature>("segfast::batch_norm_act");
-  return op;
-}
+constexpr char kBatchNormAct[] = "segfast::batch_norm_act";
+constexpr auto forward_op = registered_op<ForwardSignature, kBatchNormAct>;
 
-const c10::TypedOperatorHandle<InplaceSignature>& inplace_op() {
-  static const auto op = op_handle<InplaceSignature>("segfast::batch_norm_act_");
-  return op;
-}
+constexpr char kBatchNormActInplace[] = "segfast::batch_norm_act_";
+constexpr auto inplace_op = registered_op<InplaceSignature, kBatchNormActInplace>;
 
 bool wants_grad(OptionalTensor t) {
   return t && t->defined() && t->requires_grad();
@@ -69,15 +62,14 @@ void save_state(AutogradContext* ctx, const Tensor& saved, OptionalTensor weight
 variable_list batch_norm_act_grads(AutogradContext* ctx, const Tensor& grad_output, bool from_output) {
   static const auto op = op_handle<BackwardSignature>("segfast::batch_norm_act_backward");
   const variable_list saved = ctx->get_saved_variables();
-  auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
   const auto& d = ctx->saved_data;
   const c10::List<bool> mask = d.at("mask").toBoolList();
   Tensor grad_input, grad_residual, grad_weight, grad_bias;
   if (grad_output.defined()) {
     std::tie(grad_input, grad_residual, grad_weight, grad_bias) =
-        op.call(grad_output, saved[0], optional(saved[1]), optional(saved[2]), saved[3], saved[4], optional(saved[5]),
-                d.at("training").toBool(), d.at("activation").toStringRef(), d.at("negative_slope").toDouble(),
-                from_output, {mask[0], mask[1], mask[2], mask[3]});
+        op.call(grad_output, saved[0], optional_tensor(saved[1]), optional_tensor(saved[2]), saved[3], saved[4],
+                optional_tensor(saved[5]), d.at("training").toBool(), d.at("activation").toStringRef(),
+                d.at("negative_slope").toDouble(), from_output, {mask[0], mask[1], mask[2], mask[3]});
   }
   auto kept = [&](const Tensor& g, bool wanted) { return wanted ? g : Tensor(); };
   return {kept(grad_input, mask[0]),
@@ -93,58 +85,33 @@ variable_list batch_norm_act_grads(AutogradContext* ctx, const Tensor& grad_outp
           kept(grad_residual, mask[1])};
 }
 
-struct BatchNormAct : torch::autograd::Function<BatchNormAct> {
+// kInplace, InPlace-ABN: the input is overwritten by the output (marked dirty: autograd records the
+// op as the input's new history), which is what is saved.
+template <bool kInplace>
+struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction<kInplace>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, OptionalTensor weight, OptionalTensor bias,
                                OptionalTensor running_mean, OptionalTensor running_var, bool training, double momentum,
                                double eps, c10::string_view activation, double negative_slope,
                                OptionalTensor residual) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mean, invstd] = forward_op().call(input, weight, bias, running_mean, running_var, training, momentum,
+    Tensor out = input, mean, invstd;
+    if constexpr (kInplace) {
+      std::tie(mean, invstd) = inplace_op().call(input, weight, bias, running_mean, running_var, training, momentum,
                                                  eps, activation, negative_slope, residual);
+      ctx->mark_dirty({input});
+    } else {
+      std::tie(out, mean, invstd) = forward_op().call(input, weight, bias, running_mean, running_var, training,
+                                                      momentum, eps, activation, negative_slope, residual);
+    }
     save_state(ctx, input, weight, bias, mean, invstd, residual, training, activation, negative_slope,
                {input.requires_grad(), wants_grad(residual), wants_grad(weight), wants_grad(bias)});
     return {out, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return batch_norm_act_grads(ctx, grads[0], /*from_output=*/false);
+    return batch_norm_act_grads(ctx, grads[0], /*from_output=*/kInplace);
   }
 };
-
-// InPlace-ABN: the input is overwritten by the output (marked dirty: autograd records the op as
-// the input's new history), which is what is saved.
-struct BatchNormActInplace : torch::autograd::Function<BatchNormActInplace> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, OptionalTensor weight, OptionalTensor bias,
-                               OptionalTensor running_mean, OptionalTensor running_var, bool training, double momentum,
-                               double eps, c10::string_view activation, double negative_slope,
-                               OptionalTensor residual) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [mean, invstd] = inplace_op().call(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                            activation, negative_slope, residual);
-    ctx->mark_dirty({input});
-    save_state(ctx, input, weight, bias, mean, invstd, residual, training, activation, negative_slope,
-               {input.requires_grad(), wants_grad(residual), wants_grad(weight), wants_grad(bias)});
-    return {input, mean, invstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return batch_norm_act_grads(ctx, grads[0], /*from_output=*/true);
-  }
-};
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_autograd(const Tensor& input, OptionalTensor weight,
-                                                           OptionalTensor bias, OptionalTensor running_mean,
-                                                           OptionalTensor running_var, bool training, double momentum,
-                                                           double eps, c10::string_view activation,
-                                                           double negative_slope, OptionalTensor residual) {
-  if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
-    return call_below_autograd(forward_op(), input, weight, bias, running_mean, running_var, training, momentum, eps,
-                               activation, negative_slope, residual);
-  }
-  const variable_list out = BatchNormAct::apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                                activation, negative_slope, residual);
-  return {out[0], out[1], out[2]};
-}
 
 std::tuple<Tensor, Tensor> batch_norm_act_inplace_autograd(const Tensor& input, OptionalTensor weight,
                                                            OptionalTensor bias, OptionalTensor running_mean,
@@ -157,15 +124,15 @@ std::tuple<Tensor, Tensor> batch_norm_act_inplace_autograd(const Tensor& input, 
     torch::autograd::impl::bump_version(input);  // a graph that saved the input sees it changed
     return stats;
   }
-  const variable_list out = BatchNormActInplace::apply(input, weight, bias, running_mean, running_var, training,
-                                                       momentum, eps, activation, negative_slope, residual);
+  const variable_list out = BatchNormActFunction<true>::apply(input, weight, bias, running_mean, running_var, training,
+                                                              momentum, eps, activation, negative_slope, residual);
   return {out[1], out[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("batch_norm_act", &batch_norm_act_autograd);
+  m.impl("batch_norm_act", &AutogradKernel<BatchNormActFunction<false>, ForwardSignature, kBatchNormAct>::call);
   m.impl("batch_norm_act_", &batch_norm_act_inplace_autograd);
 }
 

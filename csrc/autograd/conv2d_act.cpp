@@ -17,7 +17,7 @@ using Conv2dActAutograd = FusedAct<Conv2dActNames, at::IntArrayRef, at::IntArray
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("conv2d_act", &Conv2dActAutograd::kernel);
+  m.impl("conv2d_act", Conv2dActAutograd::kernel);
 }
 
 }  // namespace segfast

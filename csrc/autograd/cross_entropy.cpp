@@ -20,19 +20,12 @@ namespace segfast {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptionalTensor = const std::optional<Tensor>&;
 
-const c10::TypedOperatorHandle<CrossEntropySignature>& forward_op() {
-  static const auto op = op_handle<CrossEntropySignature>("segfast::cross_entropy");
-  return op;
-}
+constexpr char kCrossEntropy[] = "segfast::cross_entropy";
+constexpr auto forward_op = registered_op<CrossEntropySignature, kCrossEntropy>;
 
-const c10::TypedOperatorHandle<CrossEntropyWithGradSignature>& with_grad_op() {
-  static const auto op = op_handle<CrossEntropyWithGradSignature>("segfast::cross_entropy_with_grad");
-  return op;
-}
+constexpr char kCrossEntropyWithGrad[] = "segfast::cross_entropy_with_grad";
+constexpr auto with_grad_op = registered_op<CrossEntropyWithGradSignature, kCrossEntropyWithGrad>;
 
 // d loss / d q for probability targets q, from the saved logits and log-sum-exp.
 Tensor probability_target_grad(const Tensor& grad_loss, const Tensor& input, const Tensor& weight, const Tensor& lse,
@@ -67,9 +60,8 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     const auto& d = ctx->saved_data;
     const std::string& reduction = d.at("reduction").toStringRef();
     const double label_smoothing = d.at("label_smoothing").toDouble();
-    const std::optional<Tensor> optional_weight = weight.defined() ? std::optional<Tensor>(weight) : std::nullopt;
     if (ctx->needs_input_grad(0)) {
-      result[0] = backward_op.call(grads[0], input, target, optional_weight, lse, total_weight, reduction,
+      result[0] = backward_op.call(grads[0], input, target, optional_tensor(weight), lse, total_weight, reduction,
                                    d.at("ignore_index").toInt(), label_smoothing);
     }
     if (ctx->needs_input_grad(1)) {
@@ -99,32 +91,12 @@ struct CrossEntropyWithGrad : torch::autograd::Function<CrossEntropyWithGrad> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> cross_entropy_autograd(const Tensor& input, const Tensor& target,
-                                                          OptionalTensor weight, c10::string_view reduction,
-                                                          int64_t ignore_index, double label_smoothing) {
-  if (!torch::autograd::compute_requires_grad(input, target, weight)) {
-    return call_below_autograd(forward_op(), input, target, weight, reduction, ignore_index, label_smoothing);
-  }
-  const variable_list out = CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
-  return {out[0], out[1], out[2]};
-}
-
-std::tuple<Tensor, Tensor> cross_entropy_with_grad_autograd(const Tensor& input, const Tensor& target,
-                                                            OptionalTensor weight, c10::string_view reduction,
-                                                            int64_t ignore_index, double label_smoothing) {
-  if (!torch::autograd::compute_requires_grad(input, target, weight)) {
-    return call_below_autograd(with_grad_op(), input, target, weight, reduction, ignore_index, label_smoothing);
-  }
-  const variable_list out =
-      CrossEntropyWithGrad::apply(input, target, weight, reduction, ignore_index, label_smoothing);
-  return {out[0], out[1]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("cross_entropy", &cross_entropy_autograd);
-  m.impl("cross_entropy_with_grad", &cross_entropy_with_grad_autograd);
+  m.impl("cross_entropy", &AutogradKernel<CrossEntropy, CrossEntropySignature, kCrossEntropy>::call);
+  m.impl("cross_entropy_with_grad",
+         &AutogradKernel<CrossEntropyWithGrad, CrossEntropyWithGradSignature, kCrossEntropyWithGrad>::call);
 }
 
 }  // namespace segfast

@@ -32,10 +32,7 @@ struct FusedAct : torch::autograd::Function<FusedAct<Names, Extra...>> {
                                                                const Tensor&, Extra..., c10::string_view, double,
                                                                std::array<bool, 3>);
 
-  static const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-    static const auto op = op_handle<ForwardSignature>(Names::forward);
-    return op;
-  }
+  static constexpr auto forward_op = registered_op<ForwardSignature, Names::forward>;
 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
                                                 const Tensor& weight, OptionalTensor bias, Extra... extra,
@@ -70,15 +67,8 @@ struct FusedAct : torch::autograd::Function<FusedAct<Names, Extra...>> {
     return result;
   }
 
-  // The Autograd-key kernel: without a graph to record, the op below autograd directly.
-  static std::tuple<Tensor, Tensor> kernel(const Tensor& input, const Tensor& weight, OptionalTensor bias,
-                                           Extra... extra, c10::string_view activation, double negative_slope) {
-    if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
-      return call_below_autograd(forward_op(), input, weight, bias, extra..., activation, negative_slope);
-    }
-    const auto out = FusedAct::apply(input, weight, bias, extra..., activation, negative_slope);
-    return {out[0], out[1]};
-  }
+  // The Autograd-key kernel.
+  static constexpr auto kernel = &AutogradKernel<FusedAct, ForwardSignature, Names::forward>::call;
 
  private:
   template <size_t... I>

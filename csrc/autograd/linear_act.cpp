@@ -16,7 +16,7 @@ using LinearActAutograd = FusedAct<LinearActNames>;
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("linear_act", &LinearActAutograd::kernel);
+  m.impl("linear_act", LinearActAutograd::kernel);
 }
 
 }  // namespace segfast

@@ -18,8 +18,6 @@ namespace {
 
 using at::IntArrayRef;
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 using MaxPool2dSignature = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
                                                       bool, bool);
@@ -30,15 +28,11 @@ using AvgPool2dSignature = Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntAr
 using AvgPool2dBackwardSignature = Tensor(const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
                                           bool, bool, std::optional<int64_t>);
 
-const c10::TypedOperatorHandle<MaxPool2dSignature>& max_pool2d_op() {
-  static const auto op = op_handle<MaxPool2dSignature>("segfast::max_pool2d");
-  return op;
-}
+constexpr char kMaxPool2d[] = "segfast::max_pool2d";
+constexpr auto max_pool2d_op = registered_op<MaxPool2dSignature, kMaxPool2d>;
 
-const c10::TypedOperatorHandle<AvgPool2dSignature>& avg_pool2d_op() {
-  static const auto op = op_handle<AvgPool2dSignature>("segfast::avg_pool2d");
-  return op;
-}
+constexpr char kAvgPool2d[] = "segfast::avg_pool2d";
+constexpr auto avg_pool2d_op = registered_op<AvgPool2dSignature, kAvgPool2d>;
 
 // The window arguments backward needs, in one IValue tuple (input size, kernel, stride, padding,
 // then each pooling's own): one insertion into the context's map instead of six.
@@ -95,30 +89,11 @@ struct AvgPool2d : torch::autograd::Function<AvgPool2d> {
   }
 };
 
-std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, IntArrayRef kernel, IntArrayRef stride,
-                                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
-                                               bool return_indices) {
-  if (!torch::autograd::compute_requires_grad(input)) {  // no graph to record: skip the Function's bookkeeping
-    return call_below_autograd(max_pool2d_op(), input, kernel, stride, padding, dilation, ceil_mode, return_indices);
-  }
-  const variable_list out = MaxPool2d::apply(input, kernel, stride, padding, dilation, ceil_mode, return_indices);
-  return {out[0], out[1]};
-}
-
-Tensor avg_pool2d_autograd(const Tensor& input, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
-                           bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
-  if (!torch::autograd::compute_requires_grad(input)) {
-    return call_below_autograd(avg_pool2d_op(), input, kernel, stride, padding, ceil_mode, count_include_pad,
-                               divisor_override);
-  }
-  return AvgPool2d::apply(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)[0];
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("max_pool2d", &max_pool2d_autograd);
-  m.impl("avg_pool2d", &avg_pool2d_autograd);
+  m.impl("max_pool2d", &AutogradKernel<MaxPool2d, MaxPool2dSignature, kMaxPool2d>::call);
+  m.impl("avg_pool2d", &AutogradKernel<AvgPool2d, AvgPool2dSignature, kAvgPool2d>::call);
 }
 
 }  // namespace segfast

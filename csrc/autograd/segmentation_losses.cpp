@@ -16,9 +16,6 @@ namespace segfast {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptionalTensor = const std::optional<Tensor>&;
 
 using DiceSumsSignature = Tensor(const Tensor&, const Tensor&, int64_t, bool);
 using DiceSumsBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
@@ -27,15 +24,11 @@ using FocalSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const T
 using FocalBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, OptionalTensor, double,
                                       const Tensor&, const Tensor&, c10::string_view, int64_t);
 
-const c10::TypedOperatorHandle<DiceSumsSignature>& dice_sums_op() {
-  static const auto op = op_handle<DiceSumsSignature>("segfast::dice_sums");
-  return op;
-}
+constexpr char kDiceSums[] = "segfast::dice_sums";
+constexpr auto dice_sums_op = registered_op<DiceSumsSignature, kDiceSums>;
 
-const c10::TypedOperatorHandle<FocalSignature>& focal_loss_op() {
-  static const auto op = op_handle<FocalSignature>("segfast::focal_loss");
-  return op;
-}
+constexpr char kFocalLoss[] = "segfast::focal_loss";
+constexpr auto focal_loss_op = registered_op<FocalSignature, kFocalLoss>;
 
 struct DiceSums : torch::autograd::Function<DiceSums> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t ignore_index,
@@ -79,34 +72,17 @@ struct FocalLoss : torch::autograd::Function<FocalLoss> {
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
     const variable_list saved = ctx->get_saved_variables();
     const auto& d = ctx->saved_data;
-    const std::optional<Tensor> alpha = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
-    result[0] = op.call(grads[0], saved[0], saved[1], alpha, d.at("gamma").toDouble(), saved[3], saved[4],
-                        d.at("reduction").toStringRef(), d.at("ignore_index").toInt());
+    result[0] = op.call(grads[0], saved[0], saved[1], optional_tensor(saved[2]), d.at("gamma").toDouble(), saved[3],
+                        saved[4], d.at("reduction").toStringRef(), d.at("ignore_index").toInt());
     return result;
   }
 };
 
-Tensor dice_sums_autograd(const Tensor& input, const Tensor& target, int64_t ignore_index, bool squared) {
-  if (!torch::autograd::compute_requires_grad(input)) {
-    return call_below_autograd(dice_sums_op(), input, target, ignore_index, squared);
-  }
-  return DiceSums::apply(input, target, ignore_index, squared)[0];
-}
-
-std::tuple<Tensor, Tensor, Tensor> focal_loss_autograd(const Tensor& input, const Tensor& target, OptionalTensor alpha,
-                                                       double gamma, c10::string_view reduction, int64_t ignore_index) {
-  if (!torch::autograd::compute_requires_grad(input, alpha)) {
-    return call_below_autograd(focal_loss_op(), input, target, alpha, gamma, reduction, ignore_index);
-  }
-  const variable_list out = FocalLoss::apply(input, target, alpha, gamma, reduction, ignore_index);
-  return {out[0], out[1], out[2]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("dice_sums", &dice_sums_autograd);
-  m.impl("focal_loss", &focal_loss_autograd);
+  m.impl("dice_sums", &AutogradKernel<DiceSums, DiceSumsSignature, kDiceSums>::call);
+  m.impl("focal_loss", &AutogradKernel<FocalLoss, FocalSignature, kFocalLoss>::call);
 }
 
 }  // namespace segfast

@@ -5,41 +5,31 @@
 #include <cmath>
 #include <cstdint>
 
-#include <type_traits>
-
 #include "common/macros.h"
 
 namespace segfast {
 
-// Unfused double multiply and add: nvcc would contract a * b + c into an FMA (one rounding fewer),
+// Unfused multiply and add: nvcc would contract a * b + c into an FMA (one rounding fewer),
 // moving the nearest pixel at exact halves away from the CPU kernel's and the float64 reference's.
 // (The CPU file is compiled with -ffp-contract=off for the same reason.)
-// float and double; the bilinear sums use them too, in the accumulation type.
-template <typename T>
-SEGFAST_HOST_DEVICE T mul_rn(T a, T b) {
+// float and double (the bilinear sums use them too, in the accumulation type).
+struct Unfused {
 #ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>) {
-    return __fmul_rn(a, b);
-  } else {
-    return __dmul_rn(a, b);
-  }
+  __device__ static float mul(float a, float b) { return __fmul_rn(a, b); }
+  __device__ static double mul(double a, double b) { return __dmul_rn(a, b); }
+  __device__ static float add(float a, float b) { return __fadd_rn(a, b); }
+  __device__ static double add(double a, double b) { return __dadd_rn(a, b); }
 #else
-  return a * b;
-#endif
-}
-
-template <typename T>
-SEGFAST_HOST_DEVICE T add_rn(T a, T b) {
-#ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>) {
-    return __fadd_rn(a, b);
-  } else {
-    return __dadd_rn(a, b);
+  template <typename T>
+  static T mul(T a, T b) {
+    return a * b;
   }
-#else
-  return a + b;
+  template <typename T>
+  static T add(T a, T b) {
+    return a + b;
+  }
 #endif
-}
+};
 
 // theta (2 x 3, output -> input, normalised coordinates) of one sample, and the sizes, as doubles:
 // the arithmetic converts nothing from int64 (which AVX2 cannot vectorise).
@@ -49,13 +39,13 @@ struct AffineSample {
 
   // Input pixel coordinates (x, y), pixel centres at integers, of output pixel (ox, oy).
   SEGFAST_HOST_DEVICE void source(double ox, double oy, double& x, double& y) const {
-    const double xn = add_rn(mul_rn(2.0, ox), 1.0) / out_w - 1.0;
-    const double yn = add_rn(mul_rn(2.0, oy), 1.0) / out_h - 1.0;
-    const double sx = add_rn(add_rn(mul_rn(t00, xn), mul_rn(t01, yn)), t02);
-    const double sy = add_rn(add_rn(mul_rn(t10, xn), mul_rn(t11, yn)), t12);
+    const double xn = Unfused::add(Unfused::mul(2.0, ox), 1.0) / out_w - 1.0;
+    const double yn = Unfused::add(Unfused::mul(2.0, oy), 1.0) / out_h - 1.0;
+    const double sx = Unfused::add(Unfused::add(Unfused::mul(t00, xn), Unfused::mul(t01, yn)), t02);
+    const double sy = Unfused::add(Unfused::add(Unfused::mul(t10, xn), Unfused::mul(t11, yn)), t12);
     // clamped far outside the input so that the integer conversions below stay defined
-    x = clamp_far(add_rn(mul_rn(sx + 1.0, in_w), -1.0) / 2.0);
-    y = clamp_far(add_rn(mul_rn(sy + 1.0, in_h), -1.0) / 2.0);
+    x = clamp_far(Unfused::add(Unfused::mul(sx + 1.0, in_w), -1.0) / 2.0);
+    y = clamp_far(Unfused::add(Unfused::mul(sy + 1.0, in_h), -1.0) / 2.0);
   }
   static constexpr double kFar = 1e9;  // also keeps them in int32 range
   // Two unconditional selects (not fmin/fmax, library calls on the CPU, nor nested conditions, which
@@ -78,7 +68,7 @@ struct BilinearTaps {
   SEGFAST_HOST_DEVICE acc_t apply(const scalar_t* plane) const {
     acc_t v = 0;
     for (int k = 0; k < 4; ++k) {
-      if (offset[k] >= 0) v = add_rn(v, mul_rn(weight[k], static_cast<acc_t>(plane[offset[k]])));
+      if (offset[k] >= 0) v = Unfused::add(v, Unfused::mul(weight[k], static_cast<acc_t>(plane[offset[k]])));
     }
     return v;
   }

@@ -11,11 +11,15 @@
 // InPlace-ABN (batch_norm_act_, inplace=True; Rota Bulo et al., CVPR 2018): the output overwrites
 // the input and is all backward keeps; it inverts the activation, z = act^-1(y), and takes
 // xhat = (z - residual - bias) / weight. Only invertible activations, and a weight without zeros.
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -23,6 +27,7 @@
 
 #include "common/activation.h"
 #include "common/checks.h"
+#include "common/devices.h"
 #include "common/layout.h"
 #include "common/macros.h"
 
@@ -136,22 +141,132 @@ inline void check_inplace_args(Activation act, double negative_slope, const std:
   }
 }
 
-// InPlace-ABN's forward on either backend, after check_inplace_args: `into(x, out)` normalises x
-// into out and returns (mean, invstd). A dense input is its own output; another is normalised in a
-// dense copy, which is then written back.
-template <typename Into>
-std::tuple<at::Tensor, at::Tensor> overwrite_input(const at::Tensor& input, Into&& into) {
-  const at::MemoryFormat format = memory_format(input);
-  if (input.is_contiguous(format)) {
-    at::Tensor out = input;
-    return into(input, out);
+// The forward's arguments after the input, as the backends' forward_into takes them.
+struct BatchNormActArgs {
+  const std::optional<at::Tensor>&weight, &bias, &running_mean, &running_var;
+  bool training;
+  double momentum, eps;
+  Activation act;
+  double negative_slope;
+  const std::optional<at::Tensor>& residual;
+};
+
+// What a backend's backward kernel reads — the tensors checked and made dense in the saved tensor's
+// layout (mean and invstd in the accumulation type, xhat's (center, spread): see recover()), the
+// op's other arguments — and the activation-sized gradients it writes (undefined where not wanted).
+struct BatchNormActBackwardOperands {
+  at::Tensor saved, grad_out, residual, mean, invstd, center, spread;
+  const std::optional<at::Tensor>&weight, &bias;
+  bool training;
+  Activation act;
+  double negative_slope;
+  bool from_output;
+  std::array<bool, 4> output_mask;
+  at::Tensor grad_input, grad_residual;
+};
+
+// The three entries of a backend: out of place, InPlace-ABN's batch_norm_act_ (the output overwrites
+// the input: each value is read before it is written) and backward, around what the backend gives:
+//   Backend::Guard                  its device guard (the CPU's does nothing);
+//   Backend::empty_like(t)          its allocation of an activation-sized tensor;
+//   Backend::forward_into(input, BatchNormActArgs, Tensor& out) -> (mean, invstd): the forward into
+//                                   a dense tensor of input's shape and layout;
+//   Backend::backward_into(BatchNormActBackwardOperands) -> (grad_weight, grad_bias) in the
+//                                   accumulation type, undefined where not wanted.
+template <typename Backend>
+struct BatchNormActEntries {
+  using Tensor = at::Tensor;
+  using OptionalTensor = const std::optional<at::Tensor>&;
+
+  // In TORCH_LIBRARY_IMPL(segfast, <backend's key>, m).
+  static void register_for(torch::Library& m) {
+    m.impl("batch_norm_act", &out_of_place);
+    m.impl("batch_norm_act_", &in_place);
+    m.impl("batch_norm_act_backward", &backward);
   }
-  const at::Tensor dense = input.contiguous(format);
-  at::Tensor out = dense;
-  auto stats = into(dense, out);
-  input.copy_(out);
-  return stats;
-}
+
+  static std::tuple<Tensor, Tensor, Tensor> out_of_place(const Tensor& input_, OptionalTensor weight,
+                                                         OptionalTensor bias, OptionalTensor running_mean,
+                                                         OptionalTensor running_var, bool training, double momentum,
+                                                         double eps, c10::string_view activation, double negative_slope,
+                                                         OptionalTensor residual) {
+    const typename Backend::Guard guard(input_.device());
+    check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual);
+    const Tensor input = input_.contiguous(memory_format(input_));
+    Tensor out = Backend::empty_like(input);
+    const Activation act = parse_activation(activation);
+    const BatchNormActArgs args{weight,   bias, running_mean, running_var,    training,
+                                momentum, eps,  act,          negative_slope, residual};
+    auto [mean, invstd] = Backend::forward_into(input, args, out);
+    return {out, mean, invstd};
+  }
+
+  // A dense input is its own output; another is normalised in a dense copy, then written back.
+  static std::tuple<Tensor, Tensor> in_place(const Tensor& input, OptionalTensor weight, OptionalTensor bias,
+                                             OptionalTensor running_mean, OptionalTensor running_var, bool training,
+                                             double momentum, double eps, c10::string_view activation,
+                                             double negative_slope, OptionalTensor residual) {
+    const typename Backend::Guard guard(input.device());
+    check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
+    const Activation act = parse_activation(activation);
+    check_inplace_args(act, negative_slope, weight);
+    Tensor dense = input.contiguous(memory_format(input));
+    const BatchNormActArgs args{weight,   bias, running_mean, running_var,    training,
+                                momentum, eps,  act,          negative_slope, residual};
+    auto stats = Backend::forward_into(dense, args, dense);
+    if (!dense.is_same(input)) input.copy_(dense);
+    return stats;
+  }
+
+  // (grad_input, grad_residual, grad_weight, grad_bias); an unwanted one is an empty tensor, the
+  // parameters' are in weight's dtype.
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& saved,
+                                                             OptionalTensor weight, OptionalTensor bias,
+                                                             const Tensor& mean, const Tensor& invstd,
+                                                             OptionalTensor residual, bool training,
+                                                             c10::string_view activation, double negative_slope,
+                                                             bool from_output, std::array<bool, 4> output_mask) {
+    const typename Backend::Guard guard(saved.device());
+    check_same_device("batch_norm_act_backward",
+                      {named("saved", saved), named("grad_output", grad_output), named("weight", weight),
+                       named("bias", bias), named("mean", mean), named("invstd", invstd), named("residual", residual)});
+    BatchNormActBackwardOperands o{{},
+                                   {},
+                                   {},
+                                   {},
+                                   {},
+                                   {},
+                                   {},
+                                   weight,
+                                   bias,
+                                   training,
+                                   parse_activation(activation),
+                                   negative_slope,
+                                   from_output,
+                                   output_mask};
+    const at::MemoryFormat format = memory_format(saved);
+    o.saved = saved.contiguous(format);
+    o.grad_out = grad_output.contiguous(format);
+    TORCH_CHECK_VALUE(o.grad_out.sizes() == o.saved.sizes(), "batch_norm_act_backward: grad_output ",
+                      o.grad_out.sizes(), " and the saved ", from_output ? "output " : "input ", o.saved.sizes(),
+                      " differ");
+    if (residual && residual->defined()) o.residual = residual->contiguous(format);
+    const auto acc_type = at::toOpMathType(saved.scalar_type());
+    o.mean = mean.to(acc_type).contiguous();
+    o.invstd = invstd.to(acc_type).contiguous();
+    std::tie(o.center, o.spread) = xhat_constants(from_output, o.mean, o.invstd, weight, bias);
+    if (output_mask[0]) o.grad_input = Backend::empty_like(o.saved);
+    if (output_mask[1]) o.grad_residual = Backend::empty_like(o.saved);
+    const auto [grad_weight, grad_bias] = Backend::backward_into(o);
+    const Tensor& like_weight = weight && weight->defined() ? *weight : saved;
+    auto activation_sized = [&](const Tensor& g) { return g.defined() ? g : at::empty({0}, saved.options()); };
+    auto parameter = [&](const Tensor& g) {
+      return g.defined() ? g.to(like_weight.scalar_type()) : at::empty({0}, like_weight.options());
+    };
+    return {activation_sized(o.grad_input), activation_sized(o.grad_residual), parameter(grad_weight),
+            parameter(grad_bias)};
+  }
+};
 
 // Calls f(std::integral_constant<bool, kFromOutput>{}, std::integral_constant<Activation, A>{}),
 // instantiating the from-output kernels only for the invertible activations.

@@ -5,6 +5,7 @@
 #include <ATen/ops/convolution.h>
 
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -51,6 +52,18 @@ inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight, c
                       ") exceeds the padded input ", d == 0 ? "height" : "width", " (", padded, ")");
   }
 }
+
+// conv2d_act_backward's checks on both backends: the forward's, and every tensor on one device.
+inline void check_conv_backward_args(const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& input,
+                                     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, double negative_slope) {
+  check_conv_args(input, weight, std::nullopt, stride, padding, dilation, groups, negative_slope);
+  check_same_device("conv2d_act_backward", {named("input", input), named("weight", weight),
+                                            named("grad_output", grad_output), named("saved", saved)});
+}
+
+// (grad_input, grad_weight, grad_bias), what conv2d_act_backward returns.
+using ConvActGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // The vendor convolution (oneDNN on CPU, cuDNN on CUDA) with input, weight and output in `format`.
 inline at::Tensor vendor_conv2d(const at::Tensor& input, const at::Tensor& weight,

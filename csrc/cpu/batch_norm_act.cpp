@@ -14,10 +14,12 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/batch_norm_act.h"
@@ -216,12 +218,8 @@ void batch_norm_act_kernel(const Tensor& input, const Tensor* residual, const Ch
 }
 
 // The forward into `out` (a dense tensor of input's shape and layout; it may be the input itself).
-std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::optional<Tensor>& weight,
-                                               const std::optional<Tensor>& bias,
-                                               const std::optional<Tensor>& running_mean,
-                                               const std::optional<Tensor>& running_var, bool training, double momentum,
-                                               double eps, Activation act, double negative_slope,
-                                               const std::optional<Tensor>& residual_, Tensor& out) {
+std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const BatchNormActArgs& args, Tensor& out) {
+  const auto& [weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope, residual_] = args;
   const ChannelView v = view_of(input);
   const bool has_residual = residual_ && residual_->defined();
   const Tensor residual = has_residual ? residual_->contiguous(memory_format(input)) : Tensor();
@@ -244,36 +242,6 @@ std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::o
     });
   });
   return {mean, invstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cpu(const Tensor& input_, const std::optional<Tensor>& weight,
-                                                      const std::optional<Tensor>& bias,
-                                                      const std::optional<Tensor>& running_mean,
-                                                      const std::optional<Tensor>& running_var, bool training,
-                                                      double momentum, double eps, c10::string_view activation,
-                                                      double negative_slope, const std::optional<Tensor>& residual) {
-  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual);
-  const Tensor input = input_.contiguous(memory_format(input_));
-  Tensor out = cpu::empty_like_cached(input);
-  auto [mean, invstd] = batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                            parse_activation(activation), negative_slope, residual, out);
-  return {out, mean, invstd};
-}
-
-// InPlace-ABN: the output overwrites the input (each value is read before it is written).
-std::tuple<Tensor, Tensor> batch_norm_act_inplace_cpu(const Tensor& input, const std::optional<Tensor>& weight,
-                                                      const std::optional<Tensor>& bias,
-                                                      const std::optional<Tensor>& running_mean,
-                                                      const std::optional<Tensor>& running_var, bool training,
-                                                      double momentum, double eps, c10::string_view activation,
-                                                      double negative_slope, const std::optional<Tensor>& residual) {
-  check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
-  const Activation act = parse_activation(activation);
-  check_inplace_args(act, negative_slope, weight);
-  return overwrite_input(input, [&](const Tensor& x, Tensor& out) {
-    return batch_norm_act_into(x, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope,
-                               residual, out);
-  });
 }
 
 // ---------------------------------------------------------------------------------------- backward
@@ -376,8 +344,8 @@ void dispatch_grad_outputs(bool residual, bool grad_in, bool grad_res, F&& f) {
 
 template <bool kFromOutput, Activation A, typename scalar_t>
 void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const ChannelView& v, bool training,
-                                    const at::opmath_type<scalar_t>* weight, Tensor& grad_in, Tensor& grad_res,
-                                    Tensor& grad_weight, Tensor& grad_bias) {
+                                    const at::opmath_type<scalar_t>* weight, const Tensor& grad_in,
+                                    const Tensor& grad_res, Tensor& grad_weight, Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sum_g, sum_gxhat;
   const bool need_sums = training || grad_weight.defined() || grad_bias.defined();
@@ -429,59 +397,47 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
-    const Tensor& grad_output, const Tensor& saved_, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& residual_,
-    bool training, c10::string_view activation, double negative_slope, bool from_output,
-    std::array<bool, 4> output_mask) {
-  const Activation act = parse_activation(activation);
-  const at::MemoryFormat format = memory_format(saved_);
-  const Tensor saved = saved_.contiguous(format), grad_out = grad_output.contiguous(format);
-  TORCH_CHECK_VALUE(grad_out.sizes() == saved.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
-                    " and the saved ", from_output ? "output " : "input ", saved.sizes(), " differ");
-  const ChannelView v = view_of(saved);
-  const bool has_residual = residual_ && residual_->defined();
-  const Tensor residual = has_residual ? residual_->contiguous(format) : Tensor();
-  const auto acc_type = at::toOpMathType(saved.scalar_type());
-  const Tensor m = mean.to(acc_type).contiguous(), is = invstd.to(acc_type).contiguous();
-  const auto [center, spread] = xhat_constants(from_output, m, is, weight, bias);
-  Tensor grad_in = output_mask[0] ? cpu::empty_like_cached(saved) : Tensor();
-  Tensor grad_res = output_mask[1] ? cpu::empty_like_cached(saved) : Tensor();
-  const bool affine = weight && weight->defined();
-  Tensor grad_weight = output_mask[2] && affine ? at::empty({v.channels}, saved.options().dtype(acc_type)) : Tensor();
-  Tensor grad_bias = output_mask[3] && affine ? at::empty({v.channels}, saved.options().dtype(acc_type)) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, saved.scalar_type(), "batch_norm_act_backward", [&] {
+std::pair<Tensor, Tensor> batch_norm_act_backward_into(const BatchNormActBackwardOperands& o) {
+  const ChannelView v = view_of(o.saved);
+  const bool affine = o.weight && o.weight->defined();
+  Tensor grad_weight = o.output_mask[2] && affine ? at::empty({v.channels}, o.mean.options()) : Tensor();
+  Tensor grad_bias = o.output_mask[3] && affine ? at::empty({v.channels}, o.mean.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, o.saved.scalar_type(), "batch_norm_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> scale, shift;
-    channel_affine<acc_t>(v, m, is, weight, bias, scale, shift);
-    const Tensor w = affine ? weight->to(acc_type).contiguous() : Tensor();
-    dispatch_saved_value(from_output, act, [&](auto from_out, auto a) {
-      const BackwardInputs<scalar_t> inputs{saved.const_data_ptr<scalar_t>(),
-                                            has_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                            grad_out.const_data_ptr<scalar_t>(),
+    channel_affine<acc_t>(v, o.mean, o.invstd, o.weight, o.bias, scale, shift);
+    const Tensor w = affine ? o.weight->to(o.mean.scalar_type()).contiguous() : Tensor();
+    dispatch_saved_value(o.from_output, o.act, [&](auto from_out, auto a) {
+      const BackwardInputs<scalar_t> inputs{o.saved.const_data_ptr<scalar_t>(),
+                                            o.residual.defined() ? o.residual.const_data_ptr<scalar_t>() : nullptr,
+                                            o.grad_out.const_data_ptr<scalar_t>(),
                                             scale.data(),
                                             shift.data(),
-                                            center.const_data_ptr<acc_t>(),
-                                            spread.const_data_ptr<acc_t>(),
-                                            is.const_data_ptr<acc_t>(),
-                                            static_cast<acc_t>(negative_slope)};
+                                            o.center.const_data_ptr<acc_t>(),
+                                            o.spread.const_data_ptr<acc_t>(),
+                                            o.invstd.const_data_ptr<acc_t>(),
+                                            static_cast<acc_t>(o.negative_slope)};
       batch_norm_act_backward_kernel<decltype(from_out)::value, decltype(a)::value, scalar_t>(
-          inputs, v, training, affine ? w.const_data_ptr<acc_t>() : nullptr, grad_in, grad_res, grad_weight, grad_bias);
+          inputs, v, o.training, affine ? w.const_data_ptr<acc_t>() : nullptr, o.grad_input, o.grad_residual,
+          grad_weight, grad_bias);
     });
   });
-  auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
-  const Tensor like_weight = affine ? *weight : saved;
-  return {or_empty(grad_in, saved), or_empty(grad_res, saved),
-          or_empty(grad_weight.defined() ? grad_weight.to(like_weight.scalar_type()) : grad_weight, like_weight),
-          or_empty(grad_bias.defined() ? grad_bias.to(like_weight.scalar_type()) : grad_bias, like_weight)};
+  return {grad_weight, grad_bias};
 }
+
+struct CpuBackend {
+  static constexpr auto forward_into = &batch_norm_act_into;
+  static constexpr auto backward_into = &batch_norm_act_backward_into;
+  static Tensor empty_like(const Tensor& t) { return cpu::empty_like_cached(t); }
+  struct Guard {  // one device: nothing to set
+    explicit Guard(c10::Device) {}
+  };
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, CPU, m) {
-  m.impl("batch_norm_act", &batch_norm_act_cpu);
-  m.impl("batch_norm_act_", &batch_norm_act_inplace_cpu);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  BatchNormActEntries<CpuBackend>::register_for(m);
 }
 
 }  // namespace segfast

@@ -190,13 +190,11 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   return {out, keep_preact ? z : empty};
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& saved,
-                                                           const Tensor& input, const Tensor& weight,
-                                                           IntArrayRef stride, IntArrayRef padding,
-                                                           IntArrayRef dilation, int64_t groups,
-                                                           c10::string_view activation, double negative_slope,
-                                                           std::array<bool, 3> output_mask) {
-  check_conv_args(input, weight, std::nullopt, stride, padding, dilation, groups, negative_slope);
+ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& saved, const Tensor& input,
+                                     const Tensor& weight, IntArrayRef stride, IntArrayRef padding,
+                                     IntArrayRef dilation, int64_t groups, c10::string_view activation,
+                                     double negative_slope, std::array<bool, 3> output_mask) {
+  check_conv_backward_args(grad_output, saved, input, weight, stride, padding, dilation, groups, negative_slope);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = backward_format(input, weight);
   const int64_t no_output_padding[2] = {0, 0};

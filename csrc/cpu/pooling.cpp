@@ -327,41 +327,6 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_pixel_nhwc(const scalar_t* image, scalar_
   for (int64_t c = 0; c < channels; ++c) out[c] = cpu::narrow<scalar_t>(divide(acc[c], div));
 }
 
-template <typename scalar_t>
-void avg_pool2d_kernel(const Tensor& input, Tensor& out, const Pool2d& p, const AvgDivisor& divisor) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
-  if (!p.channels_last) {
-    parallel_with_scratch<acc_t>(p.planes() * p.h.out, p.w.out, [&](int64_t row, acc_t* acc) {
-      const int64_t plane = row / p.h.out, oh = row % p.h.out;
-      avg_pool_row_nchw(in + plane * in_plane, o + plane * out_plane + oh * p.w.out, p.h, p.w, oh, divisor,
-                        width_counts.data(), acc);
-    });
-  } else {
-    parallel_with_scratch<acc_t>(p.batch * out_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
-      const int64_t n = pixel / out_plane, oh = pixel % out_plane / p.w.out, ow = pixel % p.w.out;
-      avg_pool_pixel_nhwc(in + n * in_plane * p.channels, o + pixel * p.channels, p.h, p.w, p.channels, oh, ow, divisor,
-                          acc);
-    });
-  }
-}
-
-Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
-                      bool count_include_pad, std::optional<int64_t> divisor_override) {
-  check_float_dtype("avg_pool2d", "input", input_);
-  const bool cl = is_channels_last(input_);
-  const Tensor input = input_.contiguous(format_for(cl));
-  const Pool2d p = make_avg_pool("avg_pool2d", input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
-  const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
-  Tensor out = empty_pooled(input, p, input.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d",
-                                 [&] { avg_pool2d_kernel<scalar_t>(input, out, p, divisor); });
-  return out;
-}
-
 // NCHW: each input row gathers from the outputs whose windows cover it, so rows are independent
 // and written once, with no zero-fill and no races.
 template <typename scalar_t>
@@ -410,26 +375,54 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
-template <typename scalar_t>
-void avg_pool2d_backward_kernel(const Tensor& grad_out, Tensor& grad_in, const Pool2d& p, const AvgDivisor& divisor) {
+// Both avg-pool passes, over dst's rows (NCHW; the row functions take scratch of dst's width, and
+// backward that of grad_output's row too) or pixels (channels_last), each gathering from src:
+// forward (src the input, dst the output) and backward (src grad_output, dst grad_input).
+template <bool kBackward, typename scalar_t>
+void avg_pool2d_kernel(const Tensor& src_t, Tensor& dst_t, const Pool2d& p, const AvgDivisor& divisor) {
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<int64_t> width_counts = window_counts(p.w, divisor);
-  const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-  scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+  const scalar_t* src = src_t.const_data_ptr<scalar_t>();
+  scalar_t* dst = dst_t.mutable_data_ptr<scalar_t>();
   const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  const int64_t src_plane = kBackward ? out_plane : in_plane, dst_plane = kBackward ? in_plane : out_plane;
+  const int64_t dst_h = kBackward ? p.h.in : p.h.out, dst_w = kBackward ? p.w.in : p.w.out;
   if (!p.channels_last) {
-    parallel_with_scratch<acc_t>(p.planes() * p.h.in, p.w.in + p.w.out, [&](int64_t row, acc_t* acc) {
-      const int64_t plane = row / p.h.in, ih = row % p.h.in;
-      avg_pool_backward_row_nchw(g + plane * out_plane, gi + plane * in_plane + ih * p.w.in, p.h, p.w, ih, divisor,
-                                 width_counts.data(), acc);
+    parallel_with_scratch<acc_t>(p.planes() * dst_h, dst_w + (kBackward ? p.w.out : 0), [&](int64_t row, acc_t* acc) {
+      const int64_t plane = row / dst_h, y = row % dst_h;
+      const scalar_t* from = src + plane * src_plane;
+      scalar_t* to = dst + plane * dst_plane + y * dst_w;
+      if constexpr (kBackward) {
+        avg_pool_backward_row_nchw(from, to, p.h, p.w, y, divisor, width_counts.data(), acc);
+      } else {
+        avg_pool_row_nchw(from, to, p.h, p.w, y, divisor, width_counts.data(), acc);
+      }
     });
   } else {
-    parallel_with_scratch<acc_t>(p.batch * in_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
-      const int64_t n = pixel / in_plane, ih = pixel % in_plane / p.w.in, iw = pixel % p.w.in;
-      avg_pool_backward_pixel_nhwc(g + n * out_plane * p.channels, gi + pixel * p.channels, p.h, p.w, p.channels, ih,
-                                   iw, divisor, width_counts.data(), acc);
+    parallel_with_scratch<acc_t>(p.batch * dst_plane, p.channels, [&](int64_t pixel, acc_t* acc) {
+      const int64_t n = pixel / dst_plane, y = pixel % dst_plane / dst_w, x = pixel % dst_w;
+      const scalar_t* from = src + n * src_plane * p.channels;
+      scalar_t* to = dst + pixel * p.channels;
+      if constexpr (kBackward) {
+        avg_pool_backward_pixel_nhwc(from, to, p.h, p.w, p.channels, y, x, divisor, width_counts.data(), acc);
+      } else {
+        avg_pool_pixel_nhwc(from, to, p.h, p.w, p.channels, y, x, divisor, acc);
+      }
     });
   }
+}
+
+Tensor avg_pool2d_cpu(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
+                      bool count_include_pad, std::optional<int64_t> divisor_override) {
+  check_float_dtype("avg_pool2d", "input", input_);
+  const bool cl = is_channels_last(input_);
+  const Tensor input = input_.contiguous(format_for(cl));
+  const Pool2d p = make_avg_pool("avg_pool2d", input.sizes(), cl, kernel, stride, padding, ceil_mode, divisor_override);
+  const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
+  Tensor out = empty_pooled(input, p, input.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "avg_pool2d",
+                                 [&] { avg_pool2d_kernel<false, scalar_t>(input, out, p, divisor); });
+  return out;
 }
 
 Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel, IntArrayRef stride,
@@ -443,7 +436,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_out_, IntArrayRef input_size, 
   const AvgDivisor divisor{count_include_pad, divisor_override.value_or(0)};
   Tensor grad_in = cpu::empty_cached(input_size, grad_out.options(), format_of(p));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward",
-                                 [&] { avg_pool2d_backward_kernel<scalar_t>(grad_out, grad_in, p, divisor); });
+                                 [&] { avg_pool2d_kernel<true, scalar_t>(grad_out, grad_in, p, divisor); });
   return grad_in;
 }
 

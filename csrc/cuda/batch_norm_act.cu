@@ -11,9 +11,9 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common/batch_norm_act.h"
-#include "common/devices.h"
 #include "common/layout.h"
 #include "cuda/launch.cuh"
 
@@ -161,21 +161,9 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-void check_forward_devices(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                           const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                           const std::optional<Tensor>& residual) {
-  check_same_device("batch_norm_act", {named("input", input), named("weight", weight), named("bias", bias),
-                                       named("running_mean", running_mean), named("running_var", running_var),
-                                       named("residual", residual)});
-}
-
 // The forward into `out` (a dense tensor of input's shape and layout; it may be the input itself).
-std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::optional<Tensor>& weight,
-                                               const std::optional<Tensor>& bias,
-                                               const std::optional<Tensor>& running_mean,
-                                               const std::optional<Tensor>& running_var, bool training, double momentum,
-                                               double eps, Activation act, double negative_slope,
-                                               const std::optional<Tensor>& residual_, Tensor& out) {
+std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const BatchNormActArgs& args, Tensor& out) {
+  const auto& [weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope, residual_] = args;
   const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(memory_format(input)) : Tensor();
   const ChannelIndexing ix = indexing_of(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
@@ -222,109 +210,58 @@ std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const std::o
   return {mean, invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_cuda(const Tensor& input_, const std::optional<Tensor>& weight,
-                                                       const std::optional<Tensor>& bias,
-                                                       const std::optional<Tensor>& running_mean,
-                                                       const std::optional<Tensor>& running_var, bool training,
-                                                       double momentum, double eps, c10::string_view activation,
-                                                       double negative_slope, const std::optional<Tensor>& residual) {
-  const c10::cuda::CUDAGuard guard(input_.device());
-  check_forward_devices(input_, weight, bias, running_mean, running_var, residual);
-  check_batch_norm_act_args(input_, weight, bias, running_mean, running_var, training, residual);
-  const Tensor input = input_.contiguous(memory_format(input_));
-  Tensor out = at::empty_like(input);
-  auto [mean, invstd] = batch_norm_act_into(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                            parse_activation(activation), negative_slope, residual, out);
-  return {out, mean, invstd};
-}
-
-// InPlace-ABN: the output overwrites the input (each thread reads its value before writing it).
-std::tuple<Tensor, Tensor> batch_norm_act_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                                                       const std::optional<Tensor>& bias,
-                                                       const std::optional<Tensor>& running_mean,
-                                                       const std::optional<Tensor>& running_var, bool training,
-                                                       double momentum, double eps, c10::string_view activation,
-                                                       double negative_slope, const std::optional<Tensor>& residual) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  check_forward_devices(input, weight, bias, running_mean, running_var, residual);
-  check_batch_norm_act_args(input, weight, bias, running_mean, running_var, training, residual);
-  const Activation act = parse_activation(activation);
-  check_inplace_args(act, negative_slope, weight);
-  return overwrite_input(input, [&](const Tensor& x, Tensor& out) {
-    return batch_norm_act_into(x, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope,
-                               residual, out);
-  });
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
-    const Tensor& grad_output, const Tensor& saved_, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& mean_, const Tensor& invstd_,
-    const std::optional<Tensor>& residual_, bool training, c10::string_view activation, double negative_slope,
-    bool from_output, std::array<bool, 4> output_mask) {
-  const c10::cuda::CUDAGuard guard(saved_.device());
-  check_same_device("batch_norm_act_backward", {named("saved", saved_), named("grad_output", grad_output),
-                                                named("weight", weight), named("bias", bias), named("mean", mean_),
-                                                named("invstd", invstd_), named("residual", residual_)});
-  const Activation act = parse_activation(activation);
-  const at::MemoryFormat format = memory_format(saved_);
-  const Tensor saved = saved_.contiguous(format), grad_out = grad_output.contiguous(format);
-  TORCH_CHECK_VALUE(grad_out.sizes() == saved.sizes(), "batch_norm_act_backward: grad_output ", grad_out.sizes(),
-                    " and the saved ", from_output ? "output " : "input ", saved.sizes(), " differ");
-  const Tensor residual = residual_ && residual_->defined() ? residual_->contiguous(format) : Tensor();
-  const ChannelIndexing ix = indexing_of(saved);
-  const auto acc_type = at::toOpMathType(saved.scalar_type());
-  const Tensor mean = mean_.to(acc_type).contiguous(), invstd = invstd_.to(acc_type).contiguous();
-  const auto [center, spread] = xhat_constants(from_output, mean, invstd, weight, bias);
-  const bool affine_params = weight && weight->defined();
-  Tensor grad_in = output_mask[0] ? at::empty_like(saved) : Tensor();
-  Tensor grad_res = output_mask[1] ? at::empty_like(saved) : Tensor();
-  const bool need_sums = training || (affine_params && (output_mask[2] || output_mask[3]));
-  Tensor sums = at::empty({2, ix.channels}, saved.options().dtype(acc_type));
-  const int64_t n = saved.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_backward", [&] {
+std::pair<Tensor, Tensor> batch_norm_act_backward_into(const BatchNormActBackwardOperands& o) {
+  const ChannelIndexing ix = indexing_of(o.saved);
+  const auto acc_type = o.mean.scalar_type();
+  const bool affine_params = o.weight && o.weight->defined();
+  const bool need_sums = o.training || (affine_params && (o.output_mask[2] || o.output_mask[3]));
+  Tensor sums = at::empty({2, ix.channels}, o.mean.options());
+  const int64_t n = o.saved.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.saved.scalar_type(), "batch_norm_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor w = affine_params ? weight->to(acc_type).contiguous() : Tensor();
-    const Tensor b = bias && bias->defined() ? bias->to(acc_type).contiguous() : Tensor();
-    const ChannelAffine<acc_t> affine{mean.const_data_ptr<acc_t>(),   invstd.const_data_ptr<acc_t>(),
-                                      data_or_null<acc_t>(w),         data_or_null<acc_t>(b),
-                                      center.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>()};
-    const auto slope = static_cast<acc_t>(negative_slope);
-    dispatch_saved_value(from_output, act, [&](auto from_out, auto a) {
+    const Tensor w = affine_params ? o.weight->to(acc_type).contiguous() : Tensor();
+    const Tensor b = o.bias && o.bias->defined() ? o.bias->to(acc_type).contiguous() : Tensor();
+    const ChannelAffine<acc_t> affine{o.mean.const_data_ptr<acc_t>(),   o.invstd.const_data_ptr<acc_t>(),
+                                      data_or_null<acc_t>(w),           data_or_null<acc_t>(b),
+                                      o.center.const_data_ptr<acc_t>(), o.spread.const_data_ptr<acc_t>()};
+    const auto slope = static_cast<acc_t>(o.negative_slope);
+    dispatch_saved_value(o.from_output, o.act, [&](auto from_out, auto a) {
       constexpr bool kFromOutput = decltype(from_out)::value;
       constexpr Activation kAct = decltype(a)::value;
       acc_t* sum_g = sums.mutable_data_ptr<acc_t>();
       if (need_sums && ix.channels > 0) {
         batch_norm_act_sums_kernel<kFromOutput, kAct, scalar_t>
             <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
-                saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
-                ix, affine, slope, sum_g, sum_g + ix.channels);
+                o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
+                o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, sum_g, sum_g + ix.channels);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (n == 0 || (!grad_in.defined() && !grad_res.defined())) return;
+      if (n == 0 || (!o.grad_input.defined() && !o.grad_residual.defined())) return;
       batch_norm_act_backward_kernel<kFromOutput, kAct, scalar_t>
           <<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
-              saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), grad_out.const_data_ptr<scalar_t>(),
-              ix, affine, slope, training ? sum_g : nullptr, training ? sum_g + ix.channels : nullptr, n,
-              grad_in.defined() ? grad_in.mutable_data_ptr<scalar_t>() : nullptr,
-              grad_res.defined() ? grad_res.mutable_data_ptr<scalar_t>() : nullptr);
+              o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
+              o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, o.training ? sum_g : nullptr,
+              o.training ? sum_g + ix.channels : nullptr, n,
+              o.grad_input.defined() ? o.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+              o.grad_residual.defined() ? o.grad_residual.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  const Tensor& like_weight = affine_params ? *weight : saved;
-  auto param_grad = [&](bool wanted, int row) {
-    return wanted && affine_params ? sums[row].to(like_weight.scalar_type()) : at::empty({0}, like_weight.options());
-  };
-  return {grad_in.defined() ? grad_in : at::empty({0}, saved.options()),
-          grad_res.defined() ? grad_res : at::empty({0}, saved.options()), param_grad(output_mask[2], 1),
-          param_grad(output_mask[3], 0)};
+  auto param_grad = [&](bool wanted, int row) { return wanted && affine_params ? sums[row] : Tensor(); };
+  return {param_grad(o.output_mask[2], 1), param_grad(o.output_mask[3], 0)};
 }
+
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+  static Tensor empty_like(const Tensor& t) { return at::empty_like(t); }
+  static constexpr auto forward_into = &batch_norm_act_into;
+  static constexpr auto backward_into = &batch_norm_act_backward_into;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
-  m.impl("batch_norm_act", &batch_norm_act_cuda);
-  m.impl("batch_norm_act_", &batch_norm_act_inplace_cuda);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
+  BatchNormActEntries<CudaBackend>::register_for(m);
 }
 
 }  // namespace segfast

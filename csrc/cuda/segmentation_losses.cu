@@ -299,13 +299,13 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
   const Tensor& input = in.input;
   const PixelIndexing& g = in.g;
   const Reduction reduction = parse_reduction(reduction_);
+  Tensor grad = at::empty_like(input);
+  const int64_t pixels = g.batch * g.pixels;
+  if (pixels == 0) return grad;
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor lse = lse_.to(acc_type).contiguous(), g_loss = grad_loss.to(acc_type).contiguous();
   const Tensor divisor = count.to(acc_type).reshape({1});
   const Tensor alpha = alpha_ && alpha_->defined() ? alpha_->to(at::kDouble).contiguous() : Tensor();
-  Tensor grad = at::empty_like(input);
-  const int64_t pixels = g.batch * g.pixels;
-  if (pixels == 0) return grad;
   dispatch_loss_types(input, target, [&](auto logit, auto index) {
     using scalar_t = decltype(logit);
     using target_t = decltype(index);

@@ -136,29 +136,11 @@ def conv2d_act(settings: Settings) -> Iterator[Case]:
     )
     for n, cin, cout, size, input_grad in shapes:
         torch.manual_seed(0)
-        stock = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
+        layer = nn.Conv2d(cin, cout, 3, padding=1)
         ours = segfast.nn.Conv2dAct(cin, cout, 3, padding=1, activation="relu")
-        ours.load_state_dict(stock[0].state_dict())
-        for m in (stock, ours):
-            m.to(settings.device, settings.torch_dtype, memory_format=settings.memory_format)
         x = _image(settings, n, cin, size, size, requires_grad=input_grad)
-        grad = torch.randn(n, cout, size, size, device=settings.device, dtype=x.dtype).to(
-            memory_format=settings.memory_format
-        )
-        params = [*stock.parameters(), *ours.parameters()]
-        # stock and ours hold separate weights: gradients are taken w.r.t. each one's own
-        yield from _module_cases(
-            settings,
-            "conv2d_act relu 3x3",
-            f"{n}x{cin}x{size}x{size} -> {cout}",
-            stock,
-            ours,
-            x,
-            input_grad,
-            grad,
-            params,
-            n,
-            fwd_bytes=nbytes(x, grad),
+        yield from _relu_after_cases(
+            settings, "conv2d_act relu 3x3", f"{n}x{cin}x{size}x{size} -> {cout}", layer, ours, x, (n, cout, size, size)
         )
 
 
@@ -167,27 +149,27 @@ def linear_act(settings: Settings) -> Iterator[Case]:
     shapes = [(256, 3136, 64)] if settings.quick else [(256, 3136, 64), (4096, 1024, 1024)]
     for rows, fan_in, fan_out in shapes:
         torch.manual_seed(0)
-        stock = nn.Sequential(nn.Linear(fan_in, fan_out), nn.ReLU(inplace=True))
+        layer = nn.Linear(fan_in, fan_out)
         ours = segfast.nn.LinearAct(fan_in, fan_out, activation="relu")
-        ours.load_state_dict(stock[0].state_dict())
-        for m in (stock, ours):
-            m.to(settings.device, settings.torch_dtype)
         x = torch.randn(rows, fan_in, device=settings.device, dtype=settings.torch_dtype, requires_grad=True)
-        grad = torch.randn(rows, fan_out, device=settings.device, dtype=x.dtype)
-        params = [*stock.parameters(), *ours.parameters()]
-        yield from _module_cases(
-            settings,
-            "linear_act relu",
-            f"{rows}x{fan_in} -> {fan_out}",
-            stock,
-            ours,
-            x,
-            True,
-            grad,
-            params,
-            rows,
-            fwd_bytes=nbytes(x, grad),
+        yield from _relu_after_cases(
+            settings, "linear_act relu", f"{rows}x{fan_in} -> {fan_out}", layer, ours, x, (rows, fan_out)
         )
+
+
+def _relu_after_cases(settings, name, shape, layer: nn.Module, ours: nn.Module, x, out_shape) -> Iterator[Case]:
+    """``layer`` then ReLU (stock) against segfast's fused ``ours`` with the layer's weights, on x;
+    images (rank 4) in the suite's memory format. Stock and ours hold separate weights: gradients
+    are taken w.r.t. each one's own."""
+    stock = nn.Sequential(layer, nn.ReLU(inplace=True))
+    ours.load_state_dict(layer.state_dict())
+    layout = {"memory_format": settings.memory_format} if x.dim() == 4 else {}
+    for m in (stock, ours):
+        m.to(settings.device, settings.torch_dtype, **layout)
+    grad = torch.randn(out_shape, device=settings.device, dtype=x.dtype).to(**layout)
+    yield from _module_cases(
+        settings, name, shape, stock, ours, x, x.requires_grad, grad, x.shape[0], fwd_bytes=nbytes(x, grad)
+    )
 
 
 def batch_norm_act(settings: Settings) -> Iterator[Case]:
@@ -200,15 +182,15 @@ def batch_norm_act(settings: Settings) -> Iterator[Case]:
             m.to(settings.device, settings.torch_dtype)
         x = _image(settings, n, c, h, w)
         grad = torch.randn_like(x)
-        params = [*stock.parameters(), *ours.parameters()]
         yield from _module_cases(
-            settings, "batch_norm_act relu", f"{n}x{c}x{h}x{w}", stock, ours, x, True, grad, params, n, nbytes(x, x)
+            settings, "batch_norm_act relu", f"{n}x{c}x{h}x{w}", stock, ours, x, True, grad, n, nbytes(x, x)
         )
 
 
 def _module_cases(
-    settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, params, items, fwd_bytes
+    settings, name, shape, stock: nn.Module, ours: nn.Module, x, input_grad, grad, items, fwd_bytes
 ) -> Iterator[Case]:
+    params = [*stock.parameters(), *ours.parameters()]
     impls = _providers(settings, stock, ours)
     owner = {EAGER: stock, COMPILE: stock, SEGFAST: ours, SEGFAST_COMPILE: ours, IGEMM: ours}
     if settings.device == "cuda" and isinstance(ours, segfast.nn.Conv2dAct):

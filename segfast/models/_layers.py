@@ -12,9 +12,12 @@ NORMS = ("batch", "inplace_abn", "none")
 _TORCH_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
 
 
-def check_choice(model: str, name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{model}: {name} must be one of {', '.join(choices)}, got {value!r}")
+def check_choices(model: str, **arguments) -> None:
+    """Each keyword ``name=(value, choices)``: a ValueError naming the model and argument unless
+    value is one of choices."""
+    for name, (value, choices) in arguments.items():
+        if value not in choices:
+            raise ValueError(f"{model}: {name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 class ConvNormAct(nn.Module):

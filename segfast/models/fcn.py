@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choice, head, max_pool
+from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choices, head, max_pool
 
 VARIANTS = ("8s", "16s", "32s")
 
@@ -38,9 +38,7 @@ class FCN(nn.Module):
         backend: str = "segfast",
     ):
         super().__init__()
-        check_choice("FCN", "variant", variant, VARIANTS)
-        check_choice("FCN", "backend", backend, BACKENDS)
-        check_choice("FCN", "norm", norm, NORMS)
+        check_choices("FCN", variant=(variant, VARIANTS), backend=(backend, BACKENDS), norm=(norm, NORMS))
         if len(convs_per_stage) != 5 or min(convs_per_stage) < 1:
             raise ValueError(f"FCN: convs_per_stage must be 5 positive ints, got {convs_per_stage!r}")
         layer = dict(norm=norm, activation="relu", backend=backend)

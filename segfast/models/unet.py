@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choice, head, max_pool
+from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choices, head, max_pool
 
 UPSAMPLES = ("transpose", "bilinear")
 
@@ -72,10 +72,14 @@ class UNet(nn.Module):
         backend: str = "segfast",
     ):
         super().__init__()
-        check_choice("UNet", "backend", backend, BACKENDS)
-        check_choice("UNet", "norm", norm, NORMS)
-        check_choice("UNet", "upsample", upsample, UPSAMPLES)
-        check_choice("UNet", "activation", activation, ("relu", "leaky_relu", "silu", "gelu"))
+        activations = ("relu", "leaky_relu", "silu", "gelu")
+        check_choices(
+            "UNet",
+            backend=(backend, BACKENDS),
+            norm=(norm, NORMS),
+            upsample=(upsample, UPSAMPLES),
+            activation=(activation, activations),
+        )
         if depth < 1 or base_width < 1:
             raise ValueError(f"UNet: depth and base_width must be positive, got {depth}, {base_width}")
         layer = dict(norm=norm, activation=activation, backend=backend)

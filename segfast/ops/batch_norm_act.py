@@ -173,19 +173,10 @@ class _SyncBatchNormAct(torch.autograd.Function):
         input, weight, bias, mean, invstd, residual = ctx.saved_tensors
         activation, slope = ctx.args
         # eval-mode backward: w * invstd * g, g itself for the residual, and the local sums
+        mask = [ctx.needs_input_grad[0], residual is not None and ctx.needs_input_grad[3], True, True]
+        saved = (input, weight, bias, mean, invstd, residual)
         grad_in, grad_res, sum_gxhat, sum_g = torch.ops.segfast.batch_norm_act_backward(
-            grad_out.contiguous(),
-            input,
-            weight,
-            bias,
-            mean,
-            invstd,
-            residual,
-            False,
-            activation,
-            slope,
-            False,
-            [ctx.needs_input_grad[0], residual is not None and ctx.needs_input_grad[3], True, True],
+            grad_out.contiguous(), *saved, False, activation, slope, False, mask
         )
         sums = torch.stack([sum_g, sum_gxhat]).to(torch.float64)
         dist.all_reduce(sums, group=ctx.group)

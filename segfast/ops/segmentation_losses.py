@@ -112,14 +112,14 @@ def dice_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     *,
+    weight: torch.Tensor | float | Sequence[float] | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
     include_background: bool = True,
+    batch: bool = False,
+    squared_pred: bool = False,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
-    squared_pred: bool = False,
-    ignore_index: int = -100,
-    weight: torch.Tensor | float | Sequence[float] | None = None,
-    batch: bool = False,
-    reduction: str = "mean",
 ) -> torch.Tensor:
     """Soft Dice loss of softmax(input) against one-hot class targets, as MONAI's ``DiceLoss``
     (``softmax=True, to_onehot_y=True``) defines it, with ignore_index.
