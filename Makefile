@@ -12,6 +12,8 @@ SEGFAST_SANITIZE ?= OFF
 # compiles csrc/cuda/*.cu without linking). Both reach CMake through pyproject.toml.
 SEGFAST_CUDA ?= AUTO
 SEGFAST_CUDA_CHECK ?= OFF
+# segfast._cuda_sim: the CUDA kernels on the CPU SIMT simulation, for the tests (never in wheels)
+SEGFAST_CUDA_SIM ?= ON
 export SEGFAST_CUDA SEGFAST_CUDA_CHECK
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export CCACHE_DIR ?= $(HOME)/.cache/segfast-ccache
@@ -36,7 +38,8 @@ $(VENV)/.deps: Makefile
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	SKBUILD_BUILD_DIR=$(BUILD_DIR) SEGFAST_SANITIZE=$(SEGFAST_SANITIZE) $(PIP) install -q --no-build-isolation --no-deps -e .
+	SKBUILD_BUILD_DIR=$(BUILD_DIR) SEGFAST_SANITIZE=$(SEGFAST_SANITIZE) SEGFAST_CUDA_SIM=$(SEGFAST_CUDA_SIM) \
+	  $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 test: build

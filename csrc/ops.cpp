@@ -5,7 +5,14 @@
 // fake kernels in segfast/ops/<family>.py; csrc/bindings.cpp is the pybind11 module (helpers only).
 #include <torch/library.h>
 
-TORCH_LIBRARY(segfast, m) {
+// segfast; the CUDA simulation's test module compiles this file again for `segfast_sim`
+// (csrc/cuda/launch.cuh). The indirection expands the name before TORCH_LIBRARY pastes it.
+#ifndef SEGFAST_OPS_NAMESPACE
+#define SEGFAST_OPS_NAMESPACE segfast
+#endif
+#define SEGFAST_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+SEGFAST_TORCH_LIBRARY(SEGFAST_OPS_NAMESPACE, m) {
   // conv2d + bias + activation. Returns (output, saved): `saved` is the pre-activation when the
   // activation's derivative needs it (silu, gelu, leaky_relu with a negative slope), else empty.
   m.def(

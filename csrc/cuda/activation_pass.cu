@@ -86,22 +86,22 @@ void bias_activation(const Tensor& z, const std::optional<Tensor>& bias, const T
                      int64_t inner, Activation act, double negative_slope) {
   const int64_t n = z.numel();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(z.device());
+  const cuda::DeviceGuard guard(z.device());
   const bool has_bias = bias && bias->defined();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bias_activation", [&] {
     dispatch_activation(act, [&](auto a) {
-      bias_activation_kernel<decltype(a)::value, scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
-          z.mutable_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), n, channels, inner, static_cast<at::opmath_type<scalar_t>>(negative_slope));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(bias_activation_kernel<decltype(a)::value, scalar_t>, blocks_for(n), kThreads,
+                   z.mutable_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                   out.mutable_data_ptr<scalar_t>(), n, channels, inner,
+                   static_cast<at::opmath_type<scalar_t>>(negative_slope));
     });
   });
 }
 
 Tensor activation_backward(const Tensor& grad, const Tensor& saved, const Tensor& grad_z, int64_t channels,
                            int64_t inner, Activation act, double negative_slope) {
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const cuda::DeviceGuard guard(grad.device());
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   const int64_t n = grad.numel();
   if (n == 0 || channels == 0) return at::zeros({channels}, grad.options());
@@ -116,20 +116,20 @@ Tensor activation_backward(const Tensor& grad, const Tensor& saved, const Tensor
         // about 8 elements per thread; the count depends only on the sizes, so the sums do too
         const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(inner / (kThreads * 8), (1 << 30) / planes));
         partial = at::empty({planes / channels * chunks, channels}, grad.options().dtype(acc_type));
-        activation_backward_planes_kernel<A, scalar_t><<<planes * chunks, kThreads, 0, stream()>>>(
-            grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
-            channels, inner, chunks, slope, partial.mutable_data_ptr<acc_t>());
+        cuda::launch(activation_backward_planes_kernel<A, scalar_t>, planes * chunks, kThreads,
+                     grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
+                     grad_z.mutable_data_ptr<scalar_t>(), channels, inner, chunks, slope,
+                     partial.mutable_data_ptr<acc_t>());
       } else {
         const int64_t rows = n / channels;
         const int64_t rows_per_block = std::max<int64_t>(128, (rows + 65534) / 65535);
         const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;
         partial = at::empty({row_blocks, channels}, grad.options().dtype(acc_type));
         const dim3 grid((channels + kColumns - 1) / kColumns, row_blocks), block(kColumns, kRowThreads);
-        activation_backward_columns_kernel<A, scalar_t><<<grid, block, 0, stream()>>>(
-            grad.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(),
-            rows, channels, rows_per_block, slope, partial.mutable_data_ptr<acc_t>());
+        cuda::launch(activation_backward_columns_kernel<A, scalar_t>, grid, block, grad.const_data_ptr<scalar_t>(),
+                     saved.const_data_ptr<scalar_t>(), grad_z.mutable_data_ptr<scalar_t>(), rows, channels,
+                     rows_per_block, slope, partial.mutable_data_ptr<acc_t>());
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return partial.sum(0).to(grad.scalar_type());  // ATen's CUDA sum: a fixed reduction order

@@ -53,7 +53,7 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
                                                int64_t out_h, int64_t out_w, int64_t ignore_index) {
   check_augment_args(image, mask, theta_, out_h, out_w);
   check_same_device("affine_augment", {named("image", image), named("mask", mask)});
-  const c10::cuda::CUDAGuard guard(image.device());
+  const cuda::DeviceGuard guard(image.device());
   const Tensor theta = theta_.to(image.device(), at::kDouble).contiguous();
   const int64_t batch = image.size(0), channels = image.size(1);
   Tensor out = at::empty({batch, channels, out_h, out_w}, image.options(), memory_format(image));
@@ -63,12 +63,11 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
     dispatch_class_index(mask.scalar_type(), "affine_augment: mask", [&](auto mask_type) {
       using mask_t = decltype(mask_type);
-      affine_augment_kernel<scalar_t, mask_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-          image.const_data_ptr<scalar_t>(), mask.const_data_ptr<mask_t>(), theta.const_data_ptr<double>(),
-          out.mutable_data_ptr<scalar_t>(), out_mask.mutable_data_ptr<mask_t>(), batch, channels, image.size(2),
-          image.size(3), out_h, out_w, strides_of(image), strides_of(out), strides_of(mask),
-          static_cast<mask_t>(ignore_index));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(affine_augment_kernel<scalar_t, mask_t>, cuda::blocks_for(count), cuda::kThreads,
+                   image.const_data_ptr<scalar_t>(), mask.const_data_ptr<mask_t>(), theta.const_data_ptr<double>(),
+                   out.mutable_data_ptr<scalar_t>(), out_mask.mutable_data_ptr<mask_t>(), batch, channels,
+                   image.size(2), image.size(3), out_h, out_w, strides_of(image), strides_of(out), strides_of(mask),
+                   static_cast<mask_t>(ignore_index));
     });
   });
   return {out, out_mask};
@@ -76,7 +75,7 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("affine_augment", &affine_augment_cuda);
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/class_index.h"
+#include "cuda/launch.cuh"
 
 namespace segfast::cuda {
 

@@ -180,12 +180,10 @@ std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const BatchN
       const bool running = running_mean && running_mean->defined();
       const Tensor rm = running ? running_mean->to(at::kDouble) : Tensor();
       const Tensor rv = running ? running_var->to(at::kDouble) : Tensor();
-      batch_norm_stats_kernel<scalar_t, double>
-          <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
-              input.const_data_ptr<scalar_t>(), ix, eps, momentum, mean.mutable_data_ptr<acc_t>(),
-              invstd.mutable_data_ptr<acc_t>(), running ? rm.mutable_data_ptr<double>() : nullptr,
-              running ? rv.mutable_data_ptr<double>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(batch_norm_stats_kernel<scalar_t, double>, static_cast<unsigned int>(ix.channels), cuda::kThreads,
+                   input.const_data_ptr<scalar_t>(), ix, eps, momentum, mean.mutable_data_ptr<acc_t>(),
+                   invstd.mutable_data_ptr<acc_t>(), running ? rm.mutable_data_ptr<double>() : nullptr,
+                   running ? rv.mutable_data_ptr<double>() : nullptr);
       if (running) {
         running_mean->copy_(rm);
         running_var->copy_(rv);
@@ -201,10 +199,9 @@ std::tuple<Tensor, Tensor> batch_norm_act_into(const Tensor& input, const BatchN
                                       nullptr,
                                       nullptr};
     dispatch_activation(act, [&](auto a) {
-      batch_norm_act_kernel<decltype(a)::value, scalar_t><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), out.mutable_data_ptr<scalar_t>(), ix,
-          affine, n, static_cast<acc_t>(negative_slope));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(batch_norm_act_kernel<decltype(a)::value, scalar_t>, cuda::blocks_for(n), cuda::kThreads,
+                   input.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), out.mutable_data_ptr<scalar_t>(),
+                   ix, affine, n, static_cast<acc_t>(negative_slope));
     });
   });
   return {mean, invstd};
@@ -230,21 +227,17 @@ std::pair<Tensor, Tensor> batch_norm_act_backward_into(const BatchNormActBackwar
       constexpr Activation kAct = decltype(a)::value;
       acc_t* sum_g = sums.mutable_data_ptr<acc_t>();
       if (need_sums && ix.channels > 0) {
-        batch_norm_act_sums_kernel<kFromOutput, kAct, scalar_t>
-            <<<static_cast<unsigned int>(ix.channels), cuda::kThreads, 0, cuda::stream()>>>(
-                o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
-                o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, sum_g, sum_g + ix.channels);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(batch_norm_act_sums_kernel<kFromOutput, kAct, scalar_t>, static_cast<unsigned int>(ix.channels),
+                     cuda::kThreads, o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
+                     o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, sum_g, sum_g + ix.channels);
       }
       if (n == 0 || (!o.grad_input.defined() && !o.grad_residual.defined())) return;
-      batch_norm_act_backward_kernel<kFromOutput, kAct, scalar_t>
-          <<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(
-              o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
-              o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, o.training ? sum_g : nullptr,
-              o.training ? sum_g + ix.channels : nullptr, n,
-              o.grad_input.defined() ? o.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
-              o.grad_residual.defined() ? o.grad_residual.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(batch_norm_act_backward_kernel<kFromOutput, kAct, scalar_t>, cuda::blocks_for(n), cuda::kThreads,
+                   o.saved.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(o.residual),
+                   o.grad_out.const_data_ptr<scalar_t>(), ix, affine, slope, o.training ? sum_g : nullptr,
+                   o.training ? sum_g + ix.channels : nullptr, n,
+                   o.grad_input.defined() ? o.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+                   o.grad_residual.defined() ? o.grad_residual.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
   auto param_grad = [&](bool wanted, int row) { return wanted && affine_params ? sums[row] : Tensor(); };
@@ -252,7 +245,7 @@ std::pair<Tensor, Tensor> batch_norm_act_backward_into(const BatchNormActBackwar
 }
 
 struct CudaBackend {
-  using Guard = c10::cuda::CUDAGuard;
+  using Guard = cuda::DeviceGuard;
   static Tensor empty_like(const Tensor& t) { return at::empty_like(t); }
   static constexpr auto forward_into = &batch_norm_act_into;
   static constexpr auto backward_into = &batch_norm_act_backward_into;
@@ -260,7 +253,7 @@ struct CudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   BatchNormActEntries<CudaBackend>::register_for(m);
 }
 

@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor> conv2d_act_cuda(const Tensor& input, const Tensor& we
                                            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                            int64_t groups, c10::string_view activation, double negative_slope) {
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, negative_slope);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
@@ -58,7 +58,7 @@ ConvActGrads conv2d_act_backward_cuda(const Tensor& grad_output, const Tensor& s
                                       const Tensor& weight, IntArrayRef stride, IntArrayRef padding,
                                       IntArrayRef dilation, int64_t groups, c10::string_view activation,
                                       double negative_slope, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   check_conv_backward_args(grad_output, saved, input, weight, stride, padding, dilation, groups, negative_slope);
   const Activation act = parse_activation(activation);
   const MemoryFormat format = conv_output_format(input, weight);
@@ -86,7 +86,7 @@ ConvActGrads conv2d_act_backward_cuda(const Tensor& grad_output, const Tensor& s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("conv2d_act", &conv2d_act_cuda);
   m.impl("conv2d_act_backward", &conv2d_act_backward_cuda);
 }

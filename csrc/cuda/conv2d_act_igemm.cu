@@ -195,11 +195,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input_, const Tensor& weight_, 
   const dim3 grid((s.pixels() + kTileM - 1) / kTileM, (s.out_c + kTileN - 1) / kTileN);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "conv2d_act_igemm", [&] {
     dispatch_activation(act, [&](auto a) {
-      igemm_kernel<decltype(a)::value, scalar_t><<<grid, kThreadsPerBlock, 0, stream()>>>(
-          input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-          keep_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr, s, static_cast<float>(negative_slope));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(igemm_kernel<decltype(a)::value, scalar_t>, grid, kThreadsPerBlock, input.const_data_ptr<scalar_t>(),
+                   weight.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                   out.mutable_data_ptr<scalar_t>(), keep_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr, s,
+                   static_cast<float>(negative_slope));
     });
   });
   return {out, preact};

@@ -218,7 +218,7 @@ void dispatch_target(const Operands& in, F&& f) {
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const Tensor& target_,
                                                       const std::optional<Tensor>& weight, c10::string_view reduction_,
                                                       int64_t ignore_index, double label_smoothing) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   check_same_device("cross_entropy", {named("input", input), named("target", target_), named("weight", weight)});
   const Operands in = prepare(input, target_, weight);
   const Reduction reduction = parse_reduction(reduction_);
@@ -238,12 +238,11 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
       dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
         using target_t = decltype(target_type);
         constexpr bool kProb = decltype(prob)::value;
-        cross_entropy_kernel<scalar_t, target_t, kProb><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-            in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
-            kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
-            loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
-            partial_p == nullptr ? nullptr : partial_p + blocks, bad_pixel.flag());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(cross_entropy_kernel<scalar_t, target_t, kProb>, blocks, cuda::kThreads,
+                     in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
+                     kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
+                     loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
+                     partial_p == nullptr ? nullptr : partial_p + blocks, bad_pixel.flag());
       });
     });
   }
@@ -260,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
 Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target_,
                                    const std::optional<Tensor>& weight, const Tensor& lse_, const Tensor& total_weight,
                                    c10::string_view reduction_, int64_t ignore_index, double label_smoothing) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   check_same_device("cross_entropy_backward",
                     {named("input", input), named("target", target_), named("weight", weight),
                      named("grad_loss", grad_loss), named("lse", lse_), named("total_weight", total_weight)});
@@ -284,12 +283,12 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
       using target_t = decltype(target_type);
       constexpr bool kProb = decltype(prob)::value;
       const auto blocks = static_cast<unsigned int>((count + cuda::kThreads - 1) / cuda::kThreads);
-      cross_entropy_backward_kernel<scalar_t, target_t, kProb><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-          in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
-          kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.const_data_ptr<acc_t>(),
-          grad_pixels.const_data_ptr<acc_t>(), reduction == Reduction::None,
-          reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(cross_entropy_backward_kernel<scalar_t, target_t, kProb>, blocks, cuda::kThreads,
+                   in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
+                   kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.const_data_ptr<acc_t>(),
+                   grad_pixels.const_data_ptr<acc_t>(), reduction == Reduction::None,
+                   reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr,
+                   grad.mutable_data_ptr<scalar_t>());
     });
   });
   return grad;
@@ -297,7 +296,7 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("cross_entropy", &cross_entropy_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
 }

@@ -1,18 +1,50 @@
 #pragma once
-// What every CUDA kernel file shares: the stream, launch sizes and a fixed-order block sum.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// What every CUDA kernel file shares: the launch, its sizes, the device guard, the registration
+// and a fixed-order block sum. Compiled with SEGFAST_CUDA_SIM by the host compiler, the same files
+// run on CPU tensors in the SIMT simulation (csrc/cuda_sim/simt.h), registered under the
+// `segfast_sim` op namespace for the CPU key (docs/cuda-sim.md).
+#include <c10/core/Device.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+
+#ifdef SEGFAST_CUDA_SIM
+#include "cuda_sim/simt.h"
+#define SEGFAST_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(segfast_sim, CPU, m)
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define SEGFAST_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(segfast, CUDA, m)
+#endif
 
 namespace segfast::cuda {
 
 constexpr int kThreads = 256;
 
-inline cudaStream_t stream() {
-  return c10::cuda::getCurrentCUDAStream();
+#ifdef SEGFAST_CUDA_SIM
+struct DeviceGuard {  // the simulation's tensors are CPU tensors: no device to set
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+// kernel<<<grid, block, 0, current stream>>>(args...), then the launch check; in the simulation,
+// the same grid and block run on CPU fibers.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+#ifdef SEGFAST_CUDA_SIM
+  sim::launch(grid, block, [&] { kernel(args...); });
+#else
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // clang-format off: it splits the closing chevrons of a launch through a function pointer
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 // Blocks for a grid-stride loop over n elements: enough to fill the GPU, never more than needed.

@@ -4,6 +4,7 @@
 
 #include "common/linear_act.h"
 #include "cuda/activation_pass.cuh"
+#include "cuda/launch.cuh"
 
 namespace segfast {
 namespace {
@@ -20,7 +21,7 @@ struct CudaPasses {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("linear_act", &LinearAct<CudaPasses>::forward);
   m.impl("linear_act_backward", &LinearAct<CudaPasses>::backward);
 }

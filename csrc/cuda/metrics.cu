@@ -78,7 +78,7 @@ struct GivenClasses {
 };
 
 Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const bool logits = at::isFloatingType(input.scalar_type());
   const auto size = check_confusion_args(input, target, num_classes);
   const int64_t batch = size.first, pixels = size.second;
@@ -95,8 +95,8 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
     using target_t = decltype(target_type);
     const target_t* t = target.const_data_ptr<target_t>();
     auto launch = [&](auto predict) {
-      confusion_matrix_kernel<<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(t, p, predict, m, bad);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(confusion_matrix_kernel<target_t, decltype(predict)>, cuda::blocks_for(count), cuda::kThreads, t, p,
+                   predict, m, bad);
     };
     if (logits) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "confusion_matrix", [&] {
@@ -123,7 +123,7 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("confusion_matrix", &confusion_matrix_cuda);
 }
 

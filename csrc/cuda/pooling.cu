@@ -107,7 +107,7 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* grad_out, const index
 std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride,
                                            IntArrayRef padding, IntArrayRef dilation, bool ceil_mode,
                                            bool return_indices) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   check_float_dtype("max_pool2d", "input", input_);
   const bool cl = is_channels_last(input_);
   const Pool2d p = make_pool("max_pool2d", input_.sizes(), cl, kernel, stride, padding, dilation, ceil_mode);
@@ -120,10 +120,9 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d", [&] {
     dispatch_argmax(argmax_type, [&](auto index) {
       using index_t = decltype(index);
-      max_pool2d_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<index_t>(), p,
-          count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(max_pool2d_kernel<scalar_t, index_t>, cuda::blocks_for(count), cuda::kThreads,
+                   input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                   argmax.mutable_data_ptr<index_t>(), p, count);
     });
   });
   return {out, argmax};
@@ -132,7 +131,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
 Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, IntArrayRef input_size,
                                 IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                 bool ceil_mode) {
-  const c10::cuda::CUDAGuard guard(grad_out_.device());
+  const cuda::DeviceGuard guard(grad_out_.device());
   check_same_device("max_pool2d_backward", {named("grad_output", grad_out_), named("argmax", argmax_)});
   const Pool2d p = make_pool("max_pool2d_backward", input_size, is_channels_last(argmax_), kernel, stride, padding,
                              dilation, ceil_mode);
@@ -146,10 +145,9 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward", [&] {
     dispatch_argmax(argmax.scalar_type(), [&](auto index) {
       using index_t = decltype(index);
-      max_pool2d_backward_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-          grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<index_t>(), grad_in.mutable_data_ptr<scalar_t>(),
-          p, count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(max_pool2d_backward_kernel<scalar_t, index_t>, cuda::blocks_for(count), cuda::kThreads,
+                   grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<index_t>(),
+                   grad_in.mutable_data_ptr<scalar_t>(), p, count);
     });
   });
   return grad_in;
@@ -198,7 +196,7 @@ __global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* g
 
 Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
                        bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   check_float_dtype("avg_pool2d", "input", input_);
   const Pool2d p = make_avg_pool("avg_pool2d", input_.sizes(), is_channels_last(input_), kernel, stride, padding,
                                  ceil_mode, divisor_override);
@@ -208,9 +206,8 @@ Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef str
   const int64_t count = out.numel();
   if (count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
-    avg_pool2d_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-        input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, divisor, count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(avg_pool2d_kernel<scalar_t>, cuda::blocks_for(count), cuda::kThreads, input.const_data_ptr<scalar_t>(),
+                 out.mutable_data_ptr<scalar_t>(), p, divisor, count);
   });
   return out;
 }
@@ -218,7 +215,7 @@ Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef str
 Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size, IntArrayRef kernel, IntArrayRef stride,
                                 IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                                 std::optional<int64_t> divisor_override) {
-  const c10::cuda::CUDAGuard guard(grad_out_.device());
+  const cuda::DeviceGuard guard(grad_out_.device());
   const Pool2d p = make_avg_pool("avg_pool2d_backward", input_size, is_channels_last(grad_out_), kernel, stride,
                                  padding, ceil_mode, divisor_override);
   const Tensor grad_out = grad_out_.contiguous(format_of(p));
@@ -228,16 +225,15 @@ Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size,
   const int64_t count = grad_in.numel();
   if (count == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
-    avg_pool2d_backward_kernel<scalar_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-        grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), p, divisor, count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(avg_pool2d_backward_kernel<scalar_t>, cuda::blocks_for(count), cuda::kThreads,
+                 grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), p, divisor, count);
   });
   return grad_in;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("max_pool2d", &max_pool2d_cuda);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cuda);
   m.impl("avg_pool2d", &avg_pool2d_cuda);

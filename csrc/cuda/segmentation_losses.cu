@@ -72,11 +72,31 @@ LossOperands prepare_loss(const char* op, const Tensor& input_, const Tensor& ta
 
 // ----------------------------------------------------------------------------------------- Dice
 
-template <typename scalar_t>
-__global__ void pixel_lse_kernel(const scalar_t* x, PixelIndexing g, at::opmath_type<scalar_t>* lse) {
+// Each pixel's log-sum-exp, and the check of its class index (once a pixel, and also with no
+// classes at all, where every index not ignored is out of range).
+template <typename scalar_t, typename target_t>
+__global__ void pixel_lse_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, at::opmath_type<scalar_t>* lse,
+                                 unsigned long long* bad) {
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
-    lse[i] = pixel_logsumexp<at::opmath_type<scalar_t>>(x + g.logits_at(i / g.pixels, i % g.pixels), g.classes,
-                                                        g.class_stride);
+    const int64_t n = i / g.pixels, s = i % g.pixels;
+    g.class_at(t, n, s, bad);
+    lse[i] = pixel_logsumexp<at::opmath_type<scalar_t>>(x + g.logits_at(n, s), g.classes, g.class_stride);
+  }
+}
+
+// Adds pixel s of image n to class c's sums: p y, p (or p^2) and y (pixel_lse_kernel has checked
+// the class index).
+template <typename scalar_t, typename target_t, typename acc_t>
+__device__ __forceinline__ void add_dice_pixel(const scalar_t* x, const target_t* t, const PixelIndexing& g, int64_t n,
+                                               int64_t s, int64_t c, bool squared, const acc_t* lse, acc_t& inter,
+                                               acc_t& pred, acc_t& truth) {
+  const int64_t cls = g.class_at(t, n, s, nullptr);
+  if (cls < 0) return;
+  const acc_t p = exp(static_cast<acc_t>(x[g.logits_at(n, s) + c * g.class_stride]) - lse[n * g.pixels + s]);
+  pred += squared ? p * p : p;
+  if (cls == c) {
+    inter += p;
+    truth += 1;
   }
 }
 
@@ -84,8 +104,7 @@ __global__ void pixel_lse_kernel(const scalar_t* x, PixelIndexing g, at::opmath_
 // partial[((n * chunks + chunk) * 3 + k) * classes + c]. A 1-D grid: N may pass gridDim.y's 65535.
 template <typename scalar_t, typename target_t>
 __global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, int64_t chunks, bool squared,
-                                 const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial,
-                                 unsigned long long* bad) {
+                                 const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int64_t chunk_len = (g.pixels + chunks - 1) / chunks;
@@ -93,20 +112,33 @@ __global__ void dice_sums_kernel(const scalar_t* x, const target_t* t, PixelInde
   for (int64_t c = 0; c < g.classes; ++c) {
     acc_t inter = 0, pred = 0, truth = 0;
     for (int64_t s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
-      const int64_t cls = g.class_at(t, n, s, c == 0 ? bad : nullptr);
-      if (cls < 0) continue;
-      const acc_t p = exp(static_cast<acc_t>(x[g.logits_at(n, s) + c * g.class_stride]) - lse[n * g.pixels + s]);
-      pred += squared ? p * p : p;
-      if (cls == c) {
-        inter += p;
-        truth += 1;
-      }
+      add_dice_pixel(x, t, g, n, s, c, squared, lse, inter, pred, truth);
     }
     inter = cuda::block_sum(inter);
     pred = cuda::block_sum(pred);
     truth = cuda::block_sum(truth);
     if (threadIdx.x == 0) {
       acc_t* out = partial + (n * chunks + chunk) * 3 * g.classes + c;
+      out[0] = inter;
+      out[g.classes] = pred;
+      out[2 * g.classes] = truth;
+    }
+  }
+}
+
+// Few pixels a sample ((N, C) logits have one): a block per sample would leave most of its threads
+// idle and spend its time in block sums, so a thread takes a whole sample instead, chunks = 1.
+constexpr int64_t kRowPixels = 32;
+
+template <typename scalar_t, typename target_t>
+__global__ void dice_sums_rows_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, bool squared,
+                                      const at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SEGFAST_CUDA_KERNEL_LOOP(n, g.batch) {
+    for (int64_t c = 0; c < g.classes; ++c) {
+      acc_t inter = 0, pred = 0, truth = 0;
+      for (int64_t s = 0; s < g.pixels; ++s) add_dice_pixel(x, t, g, n, s, c, squared, lse, inter, pred, truth);
+      acc_t* out = partial + n * 3 * g.classes + c;
       out[0] = inter;
       out[g.classes] = pred;
       out[2 * g.classes] = truth;
@@ -142,7 +174,7 @@ __global__ void dice_sums_backward_kernel(const scalar_t* x, const target_t* t, 
 }
 
 Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore_index, bool squared) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   const LossOperands in = prepare_loss("dice_sums", input_, target, ignore_index);
   const Tensor& input = in.input;
   const PixelIndexing& g = in.g;
@@ -150,21 +182,25 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.pixels / (cuda::kThreads * 4), 1024));
   Tensor partial = at::zeros({g.batch, chunks, 3, g.classes}, input.options().dtype(acc_type));
   cuda::BadPixel bad(input);
-  if (g.batch * g.pixels > 0 && g.classes > 0) {
+  if (g.batch * g.pixels > 0) {
     Tensor lse = at::empty({g.batch, g.pixels}, input.options().dtype(acc_type));
     dispatch_loss_types(input, target, [&](auto logit, auto index) {
       using scalar_t = decltype(logit);
       using target_t = decltype(index);
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* x = input.const_data_ptr<scalar_t>();
-      pixel_lse_kernel<scalar_t><<<cuda::blocks_for(g.batch * g.pixels), cuda::kThreads, 0, cuda::stream()>>>(
-          x, g, lse.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const target_t* t = target.const_data_ptr<target_t>();
+      cuda::launch(pixel_lse_kernel<scalar_t, target_t>, cuda::blocks_for(g.batch * g.pixels), cuda::kThreads, x, t, g,
+                   lse.mutable_data_ptr<acc_t>(), bad.flag());
+      if (g.classes == 0) return;
+      if (g.pixels <= kRowPixels) {
+        cuda::launch(dice_sums_rows_kernel<scalar_t, target_t>, cuda::blocks_for(g.batch), cuda::kThreads, x, t, g,
+                     squared, lse.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
+        return;
+      }
       const auto blocks = static_cast<unsigned int>(chunks * g.batch);
-      dice_sums_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-          x, target.const_data_ptr<target_t>(), g, chunks, squared, lse.const_data_ptr<acc_t>(),
-          partial.mutable_data_ptr<acc_t>(), bad.flag());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(dice_sums_kernel<scalar_t, target_t>, blocks, cuda::kThreads, x, t, g, chunks, squared,
+                   lse.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
     });
   }
   bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "dice_sums");
@@ -173,7 +209,7 @@ Tensor dice_sums_cuda(const Tensor& input_, const Tensor& target, int64_t ignore
 
 Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, const Tensor& target,
                                int64_t ignore_index, bool squared) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   check_same_device("dice_sums_backward", {named("input", input_), named("grad_sums", grad_sums_)});
   const LossOperands in = prepare_loss("dice_sums", input_, target, ignore_index);
   const Tensor& input = in.input;
@@ -188,10 +224,9 @@ Tensor dice_sums_backward_cuda(const Tensor& grad_sums_, const Tensor& input_, c
     using scalar_t = decltype(logit);
     using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    dice_sums_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(count), cuda::kThreads, 0, cuda::stream()>>>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
-        grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(dice_sums_backward_kernel<scalar_t, target_t>, cuda::blocks_for(count), cuda::kThreads,
+                 input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), g, squared,
+                 grad_sums.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }
@@ -255,7 +290,7 @@ __global__ void focal_loss_backward_kernel(const scalar_t* x, const target_t* t,
 std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const Tensor& target,
                                                    const std::optional<Tensor>& alpha_, double gamma,
                                                    c10::string_view reduction_, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   check_same_device("focal_loss", {named("input", input_), named("alpha", alpha_)});
   const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
   const Tensor& input = in.input;
@@ -273,11 +308,10 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
       using scalar_t = decltype(logit);
       using target_t = decltype(index);
       using acc_t = at::opmath_type<scalar_t>;
-      focal_loss_kernel<scalar_t, target_t><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
-          alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.mutable_data_ptr<acc_t>(),
-          loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(), bad.flag());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(focal_loss_kernel<scalar_t, target_t>, blocks, cuda::kThreads, input.const_data_ptr<scalar_t>(),
+                   target.const_data_ptr<target_t>(), alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma,
+                   g, lse.mutable_data_ptr<acc_t>(), loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr,
+                   partial.mutable_data_ptr<acc_t>(), bad.flag());
     });
   }
   bad.raise_if_any(target, g.pixels, g.classes, ignore_index, "focal_loss");
@@ -292,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor> focal_loss_cuda(const Tensor& input_, const T
 Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, const Tensor& target,
                                 const std::optional<Tensor>& alpha_, double gamma, const Tensor& lse_,
                                 const Tensor& count, c10::string_view reduction_, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const cuda::DeviceGuard guard(input_.device());
   check_same_device("focal_loss_backward", {named("input", input_), named("alpha", alpha_),
                                             named("grad_loss", grad_loss), named("lse", lse_), named("count", count)});
   const LossOperands in = prepare_loss("focal_loss", input_, target, ignore_index);
@@ -310,19 +344,19 @@ Tensor focal_loss_backward_cuda(const Tensor& grad_loss, const Tensor& input_, c
     using scalar_t = decltype(logit);
     using target_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    focal_loss_backward_kernel<scalar_t, target_t><<<cuda::blocks_for(pixels), cuda::kThreads, 0, cuda::stream()>>>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
-        alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
-        g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,
-        reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(focal_loss_backward_kernel<scalar_t, target_t>, cuda::blocks_for(pixels), cuda::kThreads,
+                 input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(),
+                 alpha.defined() ? alpha.const_data_ptr<double>() : nullptr, gamma, g, lse.const_data_ptr<acc_t>(),
+                 g_loss.const_data_ptr<acc_t>(), reduction == Reduction::None,
+                 reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr,
+                 grad.mutable_data_ptr<scalar_t>());
   });
   return grad;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segfast, CUDA, m) {
+SEGFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("dice_sums", &dice_sums_cuda);
   m.impl("dice_sums_backward", &dice_sums_backward_cuda);
   m.impl("focal_loss", &focal_loss_cuda);
