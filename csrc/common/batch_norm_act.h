@@ -230,20 +230,13 @@ struct BatchNormActEntries {
     check_same_device("batch_norm_act_backward",
                       {named("saved", saved), named("grad_output", grad_output), named("weight", weight),
                        named("bias", bias), named("mean", mean), named("invstd", invstd), named("residual", residual)});
-    BatchNormActBackwardOperands o{{},
-                                   {},
-                                   {},
-                                   {},
-                                   {},
-                                   {},
-                                   {},
-                                   weight,
-                                   bias,
-                                   training,
-                                   parse_activation(activation),
-                                   negative_slope,
-                                   from_output,
-                                   output_mask};
+    BatchNormActBackwardOperands o{.weight = weight,
+                                   .bias = bias,
+                                   .training = training,
+                                   .act = parse_activation(activation),
+                                   .negative_slope = negative_slope,
+                                   .from_output = from_output,
+                                   .output_mask = output_mask};
     const at::MemoryFormat format = memory_format(saved);
     o.saved = saved.contiguous(format);
     o.grad_out = grad_output.contiguous(format);

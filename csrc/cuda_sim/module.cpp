@@ -4,7 +4,14 @@
 #include <Python.h>
 
 PyMODINIT_FUNC PyInit__cuda_sim(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cuda_sim",
-                               "CUDA kernels on the CPU SIMT simulation, as torch.ops.segfast_sim.*", -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                               "_cuda_sim",
+                               "CUDA kernels on the CPU SIMT simulation, as torch.ops.segfast_sim.*",
+                               -1,
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               nullptr};
   return PyModule_Create(&module);
 }

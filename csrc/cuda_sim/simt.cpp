@@ -18,6 +18,7 @@
 #include <vector>
 
 #ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -169,6 +170,10 @@ void run_block(Launch& l) {
     Fiber& f = fibers[t];
     f.state = State::Runnable;
     f.exchanges = 0;
+#ifdef __SANITIZE_ADDRESS__
+    // a finished fiber never unwinds: its frames' redzones are still poisoned
+    ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
+#endif
     // a new stack as segfast_sim_switch leaves one: MXCSR and x87 control word (the launching
     // thread's), six registers, then fiber_main as the return address; 16-byte aligned at its call
     auto* top = reinterpret_cast<std::uintptr_t*>((reinterpret_cast<std::uintptr_t>(f.stack.get()) + kStackBytes) &
