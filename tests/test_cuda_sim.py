@@ -11,12 +11,16 @@ them are the CUDA kernels."""
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
 
 import segfast  # noqa: F401  (registers torch.ops.segfast)
-import segfast._cuda_sim  # noqa: F401  (registers torch.ops.segfast_sim; `make build` builds it)
+
+if platform.machine() not in ("x86_64", "AMD64"):  # CMakeLists.txt builds the simulation there only
+    pytest.skip("the CUDA simulation's fibers are x86-64 code", allow_module_level=True)
+import segfast._cuda_sim  # noqa: E402, F401  (registers torch.ops.segfast_sim; `make build` builds it)
 
 CPU, SIM = torch.ops.segfast, torch.ops.segfast_sim
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]

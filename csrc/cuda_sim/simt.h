@@ -12,9 +12,9 @@
 //
 // What it cannot catch: timing (threads interleave only at barriers, in thread order, so a race
 // between warps that a GPU's scheduling would expose runs the same way every time here), device
-// memory (pointers are host pointers, so a
-// CPU tensor handed to a kernel is not an error here), float rounding of the device's fast math,
-// and shared-memory bank conflicts or performance of any kind.
+// memory (pointers are host pointers, so a CPU tensor handed to a kernel is not an error here),
+// float rounding of the device's fast math, and shared-memory bank conflicts or performance of
+// any kind.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
