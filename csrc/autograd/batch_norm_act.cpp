@@ -39,10 +39,6 @@ constexpr auto forward_op = registered_op<ForwardSignature, kBatchNormAct>;
 constexpr char kBatchNormActInplace[] = "segfast::batch_norm_act_";
 constexpr auto inplace_op = registered_op<InplaceSignature, kBatchNormActInplace>;
 
-bool wants_grad(OptionalTensor t) {
-  return t && t->defined() && t->requires_grad();
-}
-
 // What both Functions keep: the saved activation-sized tensor (input or output), the caller's
 // residual and affine parameters, the statistics, and which gradients are wanted.
 void save_state(AutogradContext* ctx, const Tensor& saved, OptionalTensor weight, OptionalTensor bias,
@@ -103,8 +99,9 @@ struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction<kIn
       std::tie(out, mean, invstd) = forward_op().call(input, weight, bias, running_mean, running_var, training,
                                                       momentum, eps, activation, negative_slope, residual);
     }
-    save_state(ctx, input, weight, bias, mean, invstd, residual, training, activation, negative_slope,
-               {input.requires_grad(), wants_grad(residual), wants_grad(weight), wants_grad(bias)});
+    save_state(
+        ctx, input, weight, bias, mean, invstd, residual, training, activation, negative_slope,
+        {input.requires_grad(), requires_grad_arg(residual), requires_grad_arg(weight), requires_grad_arg(bias)});
     return {out, mean, invstd};
   }
 

@@ -249,6 +249,10 @@ void syncthreads() {
   yield(State::AtSyncthreads);
 }
 
+int lane() {
+  return launch_state->current % kWarp;
+}
+
 void warp_exchange(const void* mine, void* theirs, std::size_t bytes, int source) {
   Launch& l = *launch_state;
   std::vector<Fiber>& fibers = *l.fibers;

@@ -56,6 +56,8 @@ namespace segfast::sim {
 void launch(dim3 grid, dim3 block, const std::function<void()>& thread_body);
 
 void syncthreads();
+// The running thread's lane in its warp (its linear thread id modulo 32).
+int lane();
 // The 32-lane exchange behind every shuffle: each lane of the warp offers `bytes` of its value and
 // reads lane `source`'s (its own when `source` is outside the warp).
 void warp_exchange(const void* mine, void* theirs, std::size_t bytes, int source);
@@ -65,9 +67,9 @@ template <typename T>
 T shfl_down(unsigned int mask, T value, unsigned int delta) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16);
   TORCH_CHECK(mask == 0xffffffffu, "cuda-sim: only full-warp shuffles are simulated, got mask ", mask);
-  const int lane = static_cast<int>((threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32);
+  const int source = lane() + static_cast<int>(delta);
   T out;
-  warp_exchange(&value, &out, sizeof(T), lane + static_cast<int>(delta) < 32 ? lane + static_cast<int>(delta) : lane);
+  warp_exchange(&value, &out, sizeof(T), source < 32 ? source : lane());
   return out;
 }
 
