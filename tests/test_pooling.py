@@ -117,6 +117,32 @@ def test_max_pool2d_nan_propagates_like_torch():
     assert torch.equal(ours_idx, ref_idx)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (2, 3), (5, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_two_by_two_stride_two_path_matches_torch(size, ceil_mode, dtype):
+    # 2x2 / stride 2 NCHW pooling takes its own one-pass kernels (forward and backward); odd sizes
+    # leave a last row / column out of every window, ties and NaN keep torch's first-wins rule
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-2, 3, (2, 3, *size), generator=g).to(dtype)  # many ties
+    x[0, 0, 0, 1] = float("nan")
+    x.requires_grad_()
+    grad_seed = torch.Generator().manual_seed(2)
+    for divisor in (None, 3):
+        ours = segfast.ops.avg_pool2d(x, 2, ceil_mode=ceil_mode, divisor_override=divisor)
+        ref = F.avg_pool2d(x, 2, ceil_mode=ceil_mode, divisor_override=divisor)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        grad = torch.randn(ref.shape, generator=grad_seed).to(dtype)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
+    ours, ours_idx = segfast.ops.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
+    ref, ref_idx = F.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours_idx, ref_idx)
+    grad = torch.randn(ref.shape, generator=grad_seed).to(dtype)
+    (g_ours,) = torch.autograd.grad(segfast.ops.max_pool2d(x, 2, ceil_mode=ceil_mode), x, grad)
+    torch.testing.assert_close(g_ours, torch.autograd.grad(ref, x, grad)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_window_of_only_padding(layout):
     x = _input((1, 3, 1, 5), layout)

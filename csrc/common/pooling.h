@@ -52,6 +52,11 @@ struct PoolAxis {
     const int64_t limit = in + pad - k * dilation;  // o * stride < limit
     return limit <= 0 ? 0 : std::min(out, (limit + stride - 1) / stride);
   }
+  // Every window is two adjacent taps inside the input (2x2/stride-2 pooling's width axis): the
+  // CPU row kernels then read each pair with two plain loads instead of a strided tap sweep.
+  SEGFAST_HOST_DEVICE bool is_adjacent_pairs() const {
+    return kernel == 2 && stride == 2 && dilation == 1 && pad == 0 && 2 * out <= in;
+  }
   // The output whose tap k lands on input coordinate i, or -1.
   SEGFAST_HOST_DEVICE int64_t output_with_tap(int64_t i, int64_t k) const {
     const int64_t num = i + pad - k * dilation;

@@ -46,6 +46,21 @@ SEGFAST_CPU_MULTIVERSION void max_pool_row_nchw(const scalar_t* plane, scalar_t*
                                                 at::opmath_type<scalar_t>* best, int32_t* tap) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t kh0 = h.first_tap(oh), kh1 = h.last_tap(oh);
+  if (w.is_adjacent_pairs() && h.is_adjacent_pairs()) {  // 2x2 / stride 2: one pass, taps in torch's order
+    const scalar_t* top = plane + 2 * oh * w.in;
+    const scalar_t* bottom = top + w.in;
+#pragma omp simd
+    for (int64_t ow = 0; ow < w.out; ++ow) {
+      acc_t max = cpu::widen<acc_t>(top[2 * ow]);
+      int32_t arg = 0;
+      max_update(cpu::widen<acc_t>(top[2 * ow + 1]), int32_t{1}, max, arg);
+      max_update(cpu::widen<acc_t>(bottom[2 * ow]), int32_t{2}, max, arg);
+      max_update(cpu::widen<acc_t>(bottom[2 * ow + 1]), int32_t{3}, max, arg);
+      out[ow] = cpu::narrow<scalar_t>(max);
+      argmax[ow] = static_cast<index_t>(arg);
+    }
+    return;
+  }
   for (int64_t ow = 0; ow < w.out; ++ow) {  // torch starts from the first tap inside the input
     best[ow] = -std::numeric_limits<acc_t>::infinity();
     tap[ow] = static_cast<int32_t>(kh0 * w.kernel + w.first_tap(ow));
@@ -223,6 +238,34 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
+// NCHW 2x2 / stride 2: every input pixel lies in at most one window, so each input row is written
+// once, from its window's gradient where the argmax is its tap, else 0 (`left`: the tap code of
+// the row's pixels 0, 2, 4, ...).
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void max_pool_backward_row_pairs(const scalar_t* g, const uint8_t* argmax, scalar_t* dst,
+                                                          int64_t pairs, uint8_t left) {
+#pragma omp simd
+  for (int64_t ow = 0; ow < pairs; ++ow) {
+    const scalar_t zero(0);
+    dst[2 * ow] = argmax[ow] == left ? g[ow] : zero;
+    dst[2 * ow + 1] = argmax[ow] == left + 1 ? g[ow] : zero;
+  }
+}
+
+template <typename scalar_t>
+void max_pool2d_backward_pairs(const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_in, const Pool2d& p) {
+  const PoolAxis &h = p.h, &w = p.w;
+  at::parallel_for(0, p.planes() * h.in, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / h.in, ih = row % h.in, oh = ih / 2;
+      const int64_t pairs = oh < h.out ? w.out : 0, at = (plane * h.out + oh) * w.out;
+      scalar_t* dst = grad_in + row * w.in;
+      max_pool_backward_row_pairs(grad_out + at, argmax + at, dst, pairs, static_cast<uint8_t>(ih % 2 * 2));
+      std::fill(dst + 2 * pairs, dst + w.in, scalar_t(0));
+    }
+  });
+}
+
 template <typename scalar_t, typename index_t>
 void max_pool2d_backward_kernel(const Tensor& grad_out, const Tensor& argmax, Tensor& grad_in, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -231,6 +274,9 @@ void max_pool2d_backward_kernel(const Tensor& grad_out, const Tensor& argmax, Te
   scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
   const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
   if (!p.channels_last) {
+    if constexpr (std::is_same_v<index_t, uint8_t>) {
+      if (p.w.is_adjacent_pairs() && p.h.is_adjacent_pairs()) return max_pool2d_backward_pairs(g, a, gi, p);
+    }
     const ArgmaxDecoder<index_t> position(p);
     at::parallel_for(0, p.planes(), 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(in_plane);  // float accumulation, also for bfloat16
@@ -291,6 +337,18 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_row_nchw(const scalar_t* plane, scalar_t*
                                                 const int64_t* width_counts, at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const AvgWindow wh = avg_window(oh, h.in, h.kernel, h.stride, h.pad);
+  if (w.is_adjacent_pairs() && h.is_adjacent_pairs()) {  // 2x2 / stride 2: one pass, one divisor
+    const scalar_t* top = plane + 2 * oh * w.in;
+    const scalar_t* bottom = top + w.in;
+    const auto div = static_cast<acc_t>(divisor(2, 2));
+#pragma omp simd
+    for (int64_t ow = 0; ow < w.out; ++ow) {
+      const acc_t sum = cpu::widen<acc_t>(top[2 * ow]) + cpu::widen<acc_t>(top[2 * ow + 1]) +
+                        cpu::widen<acc_t>(bottom[2 * ow]) + cpu::widen<acc_t>(bottom[2 * ow + 1]);
+      out[ow] = cpu::narrow<scalar_t>(sum / div);
+    }
+    return;
+  }
   for (int64_t ow = 0; ow < w.out; ++ow) acc[ow] = 0;
   for (int64_t ih = wh.begin; ih < wh.end; ++ih) {
     const scalar_t* row = plane + ih * w.in;
@@ -335,6 +393,17 @@ SEGFAST_CPU_MULTIVERSION void avg_pool_backward_row_nchw(const scalar_t* grad_pl
                                                          const AvgDivisor& divisor, const int64_t* width_counts,
                                                          at::opmath_type<scalar_t>* acc) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (w.is_adjacent_pairs() && h.is_adjacent_pairs()) {  // 2x2 / stride 2: one window per input pixel
+    const auto div = static_cast<acc_t>(divisor(2, 2));
+    const int64_t oh = ih / 2, covered = oh < h.out ? 2 * w.out : 0;
+    const scalar_t* g = grad_plane + oh * w.out;
+#pragma omp simd
+    for (int64_t ow = 0; ow < covered / 2; ++ow) {
+      grad_row[2 * ow] = grad_row[2 * ow + 1] = cpu::narrow<scalar_t>(cpu::widen<acc_t>(g[ow]) / div);
+    }
+    std::fill(grad_row + covered, grad_row + w.in, scalar_t(0));
+    return;
+  }
   acc_t* share = acc + w.in;  // grad / divisor of each output of the row
   for (int64_t iw = 0; iw < w.in; ++iw) acc[iw] = 0;
   for (int64_t kh = 0; kh < h.kernel; ++kh) {
