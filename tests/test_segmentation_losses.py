@@ -212,6 +212,13 @@ def test_saved_state_is_small():
             ValueError,
             "empty batch",
         ),
+        (  # the kernels keep class indices as int32 (0 pixels: no memory behind the 2^31 classes)
+            lambda: torch.ops.segfast.dice_sums(
+                torch.empty(1, 2**31, 0), torch.empty(1, 0, dtype=torch.long), -100, False
+            ),
+            ValueError,
+            r"at most 2\^31 - 1 classes",
+        ),
     ],
 )
 def test_bad_input(call, error, message):

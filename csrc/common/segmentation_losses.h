@@ -4,6 +4,7 @@
 // (common/softmax.h on CUDA, cpu/softmax_tile.h on CPU).
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include <ATen/core/Tensor.h>
 
@@ -30,19 +31,29 @@ SEGFAST_HOST_DEVICE acc_t focal_power(acc_t q, acc_t gamma) {
   return pow(q, gamma);
 }
 
+// The terms from pt = exp(log_pt) and the powers q^gamma, q^(gamma - 1) of q = 1 - pt (the CPU
+// kernels compute exp and the powers a tile at a time, vectorised).
+template <typename acc_t>
+SEGFAST_HOST_DEVICE FocalTerms<acc_t> focal_terms_of_powers(acc_t log_pt, acc_t pt, acc_t q_gamma, acc_t q_gamma_less_1,
+                                                            acc_t alpha, acc_t gamma) {
+  const acc_t q = acc_t(1) - pt;
+  // gamma (1 - pt)^(gamma - 1) pt log pt: 0 where 1 - pt = 0 (its limit for gamma > 0)
+  const acc_t slope = gamma == acc_t(0) || q <= acc_t(0) ? acc_t(0) : gamma * q_gamma_less_1 * pt * log_pt;
+  return {-alpha * q_gamma * log_pt, -alpha * (q_gamma - slope)};
+}
+
 template <typename acc_t>
 SEGFAST_HOST_DEVICE FocalTerms<acc_t> focal_terms(acc_t log_pt, acc_t alpha, acc_t gamma) {
   const acc_t pt = exp(log_pt), q = acc_t(1) - pt;
-  const acc_t q_gamma = focal_power(q, gamma);
-  // gamma (1 - pt)^(gamma - 1) pt log pt: 0 where 1 - pt = 0 (its limit for gamma > 0)
-  const acc_t slope = gamma == acc_t(0) || q <= acc_t(0) ? acc_t(0) : gamma * focal_power(q, gamma - 1) * pt * log_pt;
-  return {-alpha * q_gamma * log_pt, -alpha * (q_gamma - slope)};
+  return focal_terms_of_powers(log_pt, pt, focal_power(q, gamma), focal_power(q, gamma - acc_t(1)), alpha, gamma);
 }
 
 inline void check_loss_inputs(const char* op, const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": expected (N, C, S) logits, got ", input.sizes());
   TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2), op,
                     ": target must be (N, S) = (", input.size(0), ", ", input.size(2), "), got ", target.sizes());
+  TORCH_CHECK_VALUE(input.size(1) <= std::numeric_limits<int32_t>::max(), op,
+                    ": at most 2^31 - 1 classes are supported, got ", input.size(1));
 }
 
 }  // namespace segfast

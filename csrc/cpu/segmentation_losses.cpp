@@ -33,16 +33,18 @@ using cpu::TileGrid;
 // The classes of a tile's pixels, -1 where ignored; a bad index raises IndexError.
 template <typename target_t>
 void tile_classes(const Tensor& target, const target_t* t, int64_t n, int64_t s0, int64_t pixels, int64_t classes,
-                  int64_t ignore_index, const char* op, int64_t* cls) {
+                  int64_t ignore_index, const char* op, int32_t* cls) {
   for (int64_t j = 0; j < pixels; ++j) {
     const auto c = static_cast<int64_t>(t[n * target.stride(0) + (s0 + j) * target.stride(1)]);
     check_class_index(op, c, n, s0 + j, classes, ignore_index);
-    cls[j] = c == ignore_index ? -1 : c;
+    cls[j] = c == ignore_index ? -1 : static_cast<int32_t>(c);  // classes < 2^31: check_loss_inputs
   }
 }
 
-// Runs body(tile, t, lse, cls) for every tile of the dense logits, with their log-sum-exp and classes.
-template <typename scalar_t, typename target_t, typename Body>
+// Runs body(n, s0, tile, t, softmax, cls) for every tile of the dense logits, with their classes and
+// either their log-sum-exp (kProbs false: lse[j]) or their probabilities (kProbs true:
+// probs[c * kTile + j], in a per-thread buffer).
+template <bool kProbs, typename scalar_t, typename target_t, typename Body>
 void for_each_softmax_tile(const Tensor& input, const Tensor& target, int64_t ignore_index, const char* op,
                            Body&& body) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -52,11 +54,18 @@ void for_each_softmax_tile(const Tensor& input, const Tensor& target, int64_t ig
   cpu::dispatch_unit_stride(g, [&](auto unit) {
     cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t tile) {
       const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x, g, n, s0, pixels);
-      acc_t lse[kTile];
-      int64_t cls[kTile];
-      cpu::tile_logsumexp(t, lse);
+      int32_t cls[kTile];  // int32: as wide as float lanes, so class compares vectorise with the math
       tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, op, cls);
-      body(n, s0, tile, t, lse, cls);
+      if constexpr (kProbs) {
+        thread_local std::vector<acc_t> probs;
+        probs.resize(g.classes * kTile);
+        cpu::tile_softmax(t, probs.data());
+        body(n, s0, tile, t, probs.data(), cls);
+      } else {
+        acc_t lse[kTile];
+        cpu::tile_logsumexp(t, lse);
+        body(n, s0, tile, t, lse, cls);
+      }
     });
   });
 }
@@ -69,62 +78,63 @@ void dispatch_loss_types(const Tensor& input, const Tensor& target, F&& f) {
   });
 }
 
-// softmax p(c, j) of a tile, recomputed from its log-sum-exp
-template <typename scalar_t, bool kUnit>
-at::opmath_type<scalar_t> prob(const Tile<scalar_t, kUnit>& t, const at::opmath_type<scalar_t>* lse, int64_t c,
-                               int64_t j) {
-  return exp_vec(static_cast<at::opmath_type<scalar_t>>(t.row(c)[j * t.pixel_stride()]) - lse[j]);
-}
-
-// sums[c] = sum over the tile's counted pixels (cls >= 0) of p(c, j), or p(c, j)^2 if squared
-template <typename scalar_t, bool kUnit>
-SEGFAST_CPU_MULTIVERSION void tile_prob_sums(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
-                                             const int64_t* cls, bool squared, at::opmath_type<scalar_t>* sums) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t ps = t.pixel_stride();
-  for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-    acc_t sum = 0;
+// The tile's Dice sums per class from its softmax: pred[c] = sum over counted pixels (cls >= 0) of
+// p(c, j) (or p(c, j)^2 if squared); inter[c] and truth[c] = sum of p(c, j) and count over the
+// pixels of class c.
+template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void tile_dice_sums(int64_t classes, int64_t pixels, const scalar_t* probs, const int32_t* cls,
+                                             bool squared, scalar_t* inter, scalar_t* pred, scalar_t* truth) {
+  const auto class_sums = [&](auto squares) {  // squared as a constant, so the loop has no branch
+    for (int64_t c = 0; c < classes; ++c) {
+      const scalar_t* p = probs + c * kTile;
+      scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
-      sum += cls[j] < 0 ? acc_t(0) : (squared ? p * p : p);  // an ignored pixel's NaN stays out
+      for (int64_t j = 0; j < pixels; ++j) {
+        const scalar_t v = decltype(squares)::value ? p[j] * p[j] : p[j];
+        sum += cls[j] < 0 ? scalar_t(0) : v;  // an ignored pixel's NaN stays out
+      }
+      pred[c] = sum;
     }
-    sums[c] = sum;
+  };
+  if (squared) {
+    class_sums(std::true_type{});
+  } else {
+    class_sums(std::false_type{});
+  }
+  for (int64_t j = 0; j < pixels; ++j) {
+    if (cls[j] < 0) continue;
+    inter[cls[j]] += probs[cls[j] * kTile + j];
+    truth[cls[j]] += 1;
   }
 }
 
-// Dice gradient of a tile, written with the logits' offsets from grad: d loss / d x(c, j) =
-// p_c (dp_c - sum_k p_k dp_k), dp_c = d loss / d p_c = g_pred[c] (2 p_c if squared, else 1) +
-// g_inter[c] at the pixel's class; 0 at ignored pixels.
+// Dice gradient of a tile from its softmax, written with the logits' offsets from grad:
+// d loss / d x(c, j) = p_c (dp_c - sum_k p_k dp_k), dp_c = d loss / d p_c = g_pred[c] (2 p_c if
+// squared, else 1) + g_inter[c] at the pixel's class; 0 at ignored pixels.
 template <typename scalar_t, bool kUnit>
-SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
-                                             const int64_t* cls, const at::opmath_type<scalar_t>* g_pred,
+SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* probs,
+                                             const int32_t* cls, const at::opmath_type<scalar_t>* g_pred,
                                              const at::opmath_type<scalar_t>* g_inter, bool squared, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
   acc_t weighted[kTile];  // sum_k p_k dp_k
   for (int64_t j = 0; j < t.pixels; ++j) {
-    weighted[j] = cls[j] < 0 ? acc_t(0) : prob(t, lse, cls[j], j) * g_inter[cls[j]];
+    weighted[j] = cls[j] < 0 ? acc_t(0) : probs[cls[j] * kTile + j] * g_inter[cls[j]];
   }
   for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
+    const acc_t* p = probs + c * kTile;
     const acc_t gp = g_pred[c];
 #pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
-      weighted[j] += p * gp * (squared ? 2 * p : acc_t(1));
-    }
+    for (int64_t j = 0; j < t.pixels; ++j) weighted[j] += p[j] * gp * (squared ? 2 * p[j] : acc_t(1));
   }
   for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
+    const acc_t* p = probs + c * kTile;
     scalar_t* g = grad + c * t.class_stride;
     const acc_t gp = g_pred[c], gi = g_inter[c];
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t p = exp_vec(cpu::widen<acc_t>(x[j * ps]) - lse[j]);
-      const acc_t dp = gp * (squared ? 2 * p : acc_t(1)) + (cls[j] == c ? gi : acc_t(0));
-      g[j * ps] = cpu::narrow<scalar_t>(cls[j] < 0 ? acc_t(0) : p * (dp - weighted[j]));
+      const acc_t dp = gp * (squared ? 2 * p[j] : acc_t(1)) + (cls[j] == c ? gi : acc_t(0));
+      g[j * ps] = cpu::narrow<scalar_t>(cls[j] < 0 ? acc_t(0) : p[j] * (dp - weighted[j]));
     }
   }
 }
@@ -133,7 +143,7 @@ SEGFAST_CPU_MULTIVERSION void tile_dice_grad(const Tile<scalar_t, kUnit> t, cons
 // pixel's scale x A (0 where ignored), written with the logits' offsets from grad.
 template <typename scalar_t, bool kUnit>
 SEGFAST_CPU_MULTIVERSION void tile_focal_grad(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
-                                              const int64_t* cls, const at::opmath_type<scalar_t>* coef,
+                                              const int32_t* cls, const at::opmath_type<scalar_t>* coef,
                                               scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
@@ -156,17 +166,12 @@ void dice_sums_kernel(const Tensor& input, const Tensor& target, int64_t ignore_
   const TileGrid g = cpu::tile_grid(input);
   const int64_t classes = g.classes;
   std::vector<acc_t> partial(g.tiles() * 3 * classes, acc_t(0));
-  for_each_softmax_tile<scalar_t, target_t>(
+  for_each_softmax_tile<true, scalar_t, target_t>(
       input, target, ignore_index, "dice_sums",
-      [&](int64_t, int64_t, int64_t tile, const auto& t, const acc_t* lse, const int64_t* cls) {
+      [&](int64_t, int64_t, int64_t tile, const auto& t, const acc_t* probs, const int32_t* cls) {
         acc_t* inter = partial.data() + tile * 3 * classes;
         acc_t *pred = inter + classes, *truth = pred + classes;
-        tile_prob_sums(t, lse, cls, squared, pred);
-        for (int64_t j = 0; j < t.pixels; ++j) {
-          if (cls[j] < 0) continue;
-          inter[cls[j]] += prob(t, lse, cls[j], j);
-          truth[cls[j]] += 1;
-        }
+        tile_dice_sums(classes, t.pixels, probs, cls, squared, inter, pred, truth);
       });
   acc_t* out = sums.mutable_data_ptr<acc_t>();
   const int64_t per_image = g.tiles_per_image();
@@ -198,11 +203,11 @@ void dice_sums_backward_kernel(const Tensor& grad_sums, const Tensor& input, con
   const TileGrid g = cpu::tile_grid(input);
   const acc_t* gs = grad_sums.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-  for_each_softmax_tile<scalar_t, target_t>(
+  for_each_softmax_tile<true, scalar_t, target_t>(
       input, target, ignore_index, "dice_sums",
-      [&](int64_t n, int64_t, int64_t, const auto& t, const acc_t* lse, const int64_t* cls) {
+      [&](int64_t n, int64_t, int64_t, const auto& t, const acc_t* probs, const int32_t* cls) {
         const acc_t *g_inter = gs + n * g.classes, *g_pred = gs + (g.batch + n) * g.classes;
-        tile_dice_grad(t, lse, cls, g_pred, g_inter, squared, out + (t.data - input.const_data_ptr<scalar_t>()));
+        tile_dice_grad(t, probs, cls, g_pred, g_inter, squared, out + (t.data - input.const_data_ptr<scalar_t>()));
       });
 }
 
@@ -230,6 +235,47 @@ struct FocalAlpha {
   }
 };
 
+// The focal terms of a tile's pixels (0 where ignored), vectorised over the tile: the target
+// logits gathered, then exp and the powers of 1 - pt for all pixels at once (pow only for a
+// gamma that is not a small integer).
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_focal_terms(const Tile<scalar_t, kUnit> t, const at::opmath_type<scalar_t>* lse,
+                                               const int32_t* cls, FocalAlpha alpha, at::opmath_type<scalar_t> gamma,
+                                               at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = t.pixels;
+  acc_t log_pt[kTile], weight[kTile], pt[kTile], q_gamma[kTile], q_gamma_less_1[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    log_pt[j] = cls[j] < 0 ? acc_t(0) : cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse[j];
+    weight[j] = cls[j] < 0 ? acc_t(0) : alpha.of<acc_t>(cls[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) pt[j] = exp_vec(log_pt[j]);
+  const bool small_integer = gamma >= acc_t(0) && gamma <= acc_t(8) && acc_t(static_cast<int>(gamma)) == gamma;
+  if (small_integer) {  // focal_power's repeated multiplication, one factor at a time over the tile
+    for (int64_t j = 0; j < n; ++j) q_gamma[j] = q_gamma_less_1[j] = acc_t(1);
+    for (int i = 0; i < static_cast<int>(gamma); ++i) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        q_gamma_less_1[j] = q_gamma[j];
+        q_gamma[j] *= acc_t(1) - pt[j];
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      q_gamma[j] = focal_power(acc_t(1) - pt[j], gamma);
+      q_gamma_less_1[j] = focal_power(acc_t(1) - pt[j], gamma - acc_t(1));
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const FocalTerms<acc_t> terms =
+        focal_terms_of_powers(log_pt[j], pt[j], q_gamma[j], q_gamma_less_1[j], weight[j], gamma);
+    loss[j] = cls[j] < 0 ? acc_t(0) : terms.loss;
+    a[j] = cls[j] < 0 ? acc_t(0) : terms.a;
+  }
+}
+
 // Per pixel: the log-sum-exp (saved for backward) and the loss; per tile: the loss sum and the
 // counted pixels, for the fixed-order reduction.
 template <typename scalar_t, typename target_t>
@@ -238,21 +284,18 @@ void focal_loss_kernel(const Tensor& input, const Tensor& target, int64_t ignore
                        std::vector<double>& tile_pixels) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t pixels_per_image = input.size(2);
-  for_each_softmax_tile<scalar_t, target_t>(
+  for_each_softmax_tile<false, scalar_t, target_t>(
       input, target, ignore_index, "focal_loss",
-      [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int64_t* cls) {
+      [&](int64_t n, int64_t s0, int64_t tile, const auto& t, const acc_t* lse_tile, const int32_t* cls) {
+        acc_t value[kTile], unused[kTile];
+        tile_focal_terms(t, lse_tile, cls, alpha, static_cast<acc_t>(gamma), value, unused);
         double sum = 0, counted = 0;
         for (int64_t j = 0; j < t.pixels; ++j) {
           const int64_t at = n * pixels_per_image + s0 + j;
           lse[at] = lse_tile[j];
-          acc_t value = 0;
-          if (cls[j] >= 0) {
-            const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-            value = focal_terms<acc_t>(log_pt, alpha.of<acc_t>(cls[j]), static_cast<acc_t>(gamma)).loss;
-            counted += 1;
-          }
-          if (loss != nullptr) loss[at] = cpu::narrow<scalar_t>(value);
-          sum += value;
+          if (loss != nullptr) loss[at] = cpu::narrow<scalar_t>(value[j]);
+          sum += value[j];
+          counted += cls[j] >= 0 ? 1 : 0;
         }
         tile_loss[tile] = sum;
         tile_pixels[tile] = counted;
@@ -301,17 +344,14 @@ void focal_loss_backward_kernel(const Tensor& input, const Tensor& target, int64
     cpu::for_each_tile(g, [&](int64_t n, int64_t s0, int64_t pixels, int64_t) {
       const auto t = cpu::tile_at<scalar_t, decltype(unit)::value>(x, g, n, s0, pixels);
       const acc_t* lse_tile = lse + n * g.pixels + s0;
-      int64_t cls[kTile];
-      acc_t coef[kTile];  // scale * A
+      int32_t cls[kTile];  // int32: as wide as float lanes, so class compares vectorise with the math
+      acc_t coef[kTile];   // scale * A (0 where ignored)
       tile_classes(target, tp, n, s0, pixels, g.classes, ignore_index, "focal_loss", cls);
+      acc_t unused[kTile];
+      tile_focal_terms(t, lse_tile, cls, alpha, static_cast<acc_t>(gamma), unused, coef);
       for (int64_t j = 0; j < pixels; ++j) {
-        if (cls[j] < 0) {
-          coef[j] = 0;
-          continue;
-        }
         const acc_t scale = grad_pixels != nullptr ? grad_pixels[n * g.pixels + s0 + j] : grad_scale;
-        const acc_t log_pt = cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse_tile[j];
-        coef[j] = scale * focal_terms<acc_t>(log_pt, alpha.of<acc_t>(cls[j]), static_cast<acc_t>(gamma)).a;
+        coef[j] = cls[j] < 0 ? acc_t(0) : coef[j] * scale;  // an ignored pixel's NaN gradient stays out
       }
       tile_focal_grad(t, lse_tile, cls, coef, grad + (t.data - x));
     });

@@ -60,6 +60,41 @@ SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::
   for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
 }
 
+// The tile's softmax, probs[c * kTile + j] = exp(x(c, j) - max_j) / sum_k exp(x(k, j) - max_j), with
+// one exp per logit (as torch's softmax), for the kernels that read every probability more than once.
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_softmax(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* probs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  acc_t max[kTile], sum[kTile];
+  for (int64_t j = 0; j < t.pixels; ++j) {
+    max[j] = -std::numeric_limits<acc_t>::infinity();
+    sum[j] = 0;
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
+      max[j] = v > max[j] ? v : max[j];  // NaN reaches every probability through the sum below
+    }
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+    acc_t* e = probs + c * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      e[j] = cpu::exp_vec(cpu::widen<acc_t>(x[j * ps]) - max[j]);
+      sum[j] += e[j];
+    }
+  }
+  for (int64_t c = 0; c < t.classes; ++c) {
+    acc_t* e = probs + c * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) e[j] /= sum[j];
+  }
+}
+
 // How (N, C, S) logits are cut into tiles of kTile pixels of one image.
 struct TileGrid {
   int64_t batch, classes, pixels;
