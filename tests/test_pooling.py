@@ -120,13 +120,15 @@ def test_max_pool2d_nan_propagates_like_torch():
 @pytest.mark.parametrize("size", [(8, 8), (7, 9), (2, 3), (5, 2)])
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_two_by_two_stride_two_path_matches_torch(size, ceil_mode, dtype):
-    # 2x2 / stride 2 NCHW pooling takes its own one-pass kernels (forward and backward); odd sizes
-    # leave a last row / column out of every window, ties and NaN keep torch's first-wins rule
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_by_two_stride_two_path_matches_torch(size, ceil_mode, dtype, layout):
+    # 2x2 / stride 2 pooling takes its own one-pass kernels (NCHW forward and backward, channels_last
+    # max backward); odd sizes leave a last row / column out of every window, ties and NaN keep
+    # torch's first-wins rule
     g = torch.Generator().manual_seed(1)
     x = torch.randint(-2, 3, (2, 3, *size), generator=g).to(dtype)  # many ties
     x[0, 0, 0, 1] = float("nan")
-    x.requires_grad_()
+    x = x.to(memory_format=layout).requires_grad_()
     grad_seed = torch.Generator().manual_seed(2)
     for divisor in (None, 3):
         ours = segfast.ops.avg_pool2d(x, 2, ceil_mode=ceil_mode, divisor_override=divisor)

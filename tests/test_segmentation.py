@@ -43,6 +43,26 @@ def test_backends_share_names_and_outputs(make):
         torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda **kw: UNet(3, 5, base_width=4, depth=2, **kw), lambda **kw: FCN(3, 5, base_width=4, **kw)]
+)
+def test_layout_channels_last_inside_nchw_outside(make):
+    # segfast's models run in channels_last by default (an NCHW batch in, NCHW logits out); the
+    # torch backend keeps the caller's layout unless asked
+    x = torch.randn(2, 3, 32, 32)
+    for kwargs, inside in (
+        ({}, True),
+        ({"channels_last": False}, False),
+        ({"backend": "torch"}, False),
+        ({"backend": "torch", "channels_last": True}, True),
+    ):
+        model = make(**kwargs)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == inside, kwargs
+        out = model(x)
+        assert out.shape == (2, 5, 32, 32) and out.is_contiguous(), kwargs
+
+
 def test_model_argument_errors():
     with pytest.raises(ValueError, match="norm must be one of"):
         UNet(1, 2, norm="group")

@@ -238,9 +238,9 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_pixel_nhwc(const scalar_t* grad_
   for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = cpu::narrow<scalar_t>(acc[c]);
 }
 
-// NCHW 2x2 / stride 2: every input pixel lies in at most one window, so each input row is written
-// once, from its window's gradient where the argmax is its tap, else 0 (`left`: the tap code of
-// the row's pixels 0, 2, 4, ...).
+// 2x2 / stride 2: every input pixel lies in at most one window, so each input row is written once,
+// from its window's gradient where the argmax is its tap, else 0 (`left`: the tap code of the row's
+// pixels 0, 2, 4, ...). NCHW rows vectorise over the outputs, channels_last rows over channels.
 template <typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void max_pool_backward_row_pairs(const scalar_t* g, const uint8_t* argmax, scalar_t* dst,
                                                           int64_t pairs, uint8_t left) {
@@ -253,15 +253,35 @@ SEGFAST_CPU_MULTIVERSION void max_pool_backward_row_pairs(const scalar_t* g, con
 }
 
 template <typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void max_pool_backward_row_pairs_nhwc(const scalar_t* g, const uint8_t* argmax, scalar_t* dst,
+                                                               int64_t pairs, uint8_t left, int64_t channels) {
+  for (int64_t iw = 0; iw < 2 * pairs; ++iw) {
+    const scalar_t* from = g + iw / 2 * channels;
+    const uint8_t* code = argmax + iw / 2 * channels;
+    scalar_t* to = dst + iw * channels;
+    const auto tap = static_cast<uint8_t>(left + iw % 2);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) to[c] = code[c] == tap ? from[c] : scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
 void max_pool2d_backward_pairs(const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_in, const Pool2d& p) {
   const PoolAxis &h = p.h, &w = p.w;
-  at::parallel_for(0, p.planes() * h.in, 16, [&](int64_t begin, int64_t end) {
+  const int64_t per_pixel = p.channels_last ? p.channels : 1;  // values per (row, column) position
+  const int64_t images = p.channels_last ? p.batch : p.planes();
+  at::parallel_for(0, images * h.in, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / h.in, ih = row % h.in, oh = ih / 2;
-      const int64_t pairs = oh < h.out ? w.out : 0, at = (plane * h.out + oh) * w.out;
-      scalar_t* dst = grad_in + row * w.in;
-      max_pool_backward_row_pairs(grad_out + at, argmax + at, dst, pairs, static_cast<uint8_t>(ih % 2 * 2));
-      std::fill(dst + 2 * pairs, dst + w.in, scalar_t(0));
+      const int64_t image = row / h.in, ih = row % h.in, oh = ih / 2;
+      const int64_t pairs = oh < h.out ? w.out : 0, at = (image * h.out + oh) * w.out * per_pixel;
+      const auto left = static_cast<uint8_t>(ih % 2 * 2);
+      scalar_t* dst = grad_in + row * w.in * per_pixel;
+      if (p.channels_last) {
+        max_pool_backward_row_pairs_nhwc(grad_out + at, argmax + at, dst, pairs, left, p.channels);
+      } else {
+        max_pool_backward_row_pairs(grad_out + at, argmax + at, dst, pairs, left);
+      }
+      std::fill(dst + 2 * pairs * per_pixel, dst + w.in * per_pixel, scalar_t(0));
     }
   });
 }
@@ -273,10 +293,10 @@ void max_pool2d_backward_kernel(const Tensor& grad_out, const Tensor& argmax, Te
   const index_t* a = argmax.const_data_ptr<index_t>();
   scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
   const int64_t in_plane = p.h.in * p.w.in, out_plane = p.h.out * p.w.out;
+  if constexpr (std::is_same_v<index_t, uint8_t>) {
+    if (p.w.is_adjacent_pairs() && p.h.is_adjacent_pairs()) return max_pool2d_backward_pairs(g, a, gi, p);
+  }
   if (!p.channels_last) {
-    if constexpr (std::is_same_v<index_t, uint8_t>) {
-      if (p.w.is_adjacent_pairs() && p.h.is_adjacent_pairs()) return max_pool2d_backward_pairs(g, a, gi, p);
-    }
     const ArgmaxDecoder<index_t> position(p);
     at::parallel_for(0, p.planes(), 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(in_plane);  // float accumulation, also for bfloat16

@@ -94,6 +94,7 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
             {k: _train_step(m, losses[k], images, masks) for k, m in models.items()},
             batch,
             settings,
+            note="segfast's model runs channels_last inside (NCHW batch in, NCHW logits out)",
         )
 
         stock, ours = (m.eval() for m in _pair(name, settings))
@@ -113,5 +114,5 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
             {k: _inference(m, images) for k, m in deployed.items()},
             batch,
             settings,
-            note="segfast: fold_batchnorm; compile: inductor freezing",
+            note="segfast: fold_batchnorm, channels_last inside; compile: inductor freezing",
         )

@@ -6,12 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choices, head, max_pool
+from segfast.models._layers import (
+    BACKENDS,
+    NORMS,
+    ConvNormAct,
+    LayoutModel,
+    channels_last_default,
+    check_choices,
+    head,
+    max_pool,
+)
 
 VARIANTS = ("8s", "16s", "32s")
 
 
-class FCN(nn.Module):
+class FCN(LayoutModel):
     """FCN-8s/16s/32s: five VGG stages (3x3 conv + act, then 2x2 max-pool), a fully
     convolutional classifier (``fc6`` 3x3, ``fc7`` 1x1) and the skip-fusion head: class scores at
     pool5, plus (16s) pool4, plus (8s) pool3, each upsampled bilinearly to the next one's size and
@@ -22,7 +31,7 @@ class FCN(nn.Module):
         variant: "8s", "16s" or "32s".
         base_width: channels of stage 1 (VGG: 64); stages widen x2 up to 8x.
         convs_per_stage: convolutions per stage (VGG-16: (2, 2, 3, 3, 3)).
-        norm, backend: as for UNet.
+        norm, backend, channels_last: as for UNet.
 
     Input (N, in_channels, H, W), any H, W >= 32; output logits (N, num_classes, H, W).
     """
@@ -36,6 +45,7 @@ class FCN(nn.Module):
         convs_per_stage=(2, 2, 3, 3, 3),
         norm: str = "none",
         backend: str = "segfast",
+        channels_last: bool | None = None,
     ):
         super().__init__()
         check_choices("FCN", variant=(variant, VARIANTS), backend=(backend, BACKENDS), norm=(norm, NORMS))
@@ -57,11 +67,12 @@ class FCN(nn.Module):
         self.score_fr = head(2 * widths[4], num_classes, backend)
         self.score_pool4 = head(widths[3], num_classes, backend) if variant in ("8s", "16s") else None
         self.score_pool3 = head(widths[2], num_classes, backend) if variant == "8s" else None
+        self._set_layout(channels_last_default(channels_last, backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 32:
             raise ValueError(f"FCN: input {tuple(x.shape)} is smaller than 32 (five 2x poolings)")
-        size, pooled = x.shape[-2:], []
+        x, size, pooled = self._enter(x), x.shape[-2:], []
         for stage in self.stages:
             x = self.pool(stage(x))
             pooled.append(x)
@@ -70,4 +81,4 @@ class FCN(nn.Module):
             if scorer is not None:
                 skip = scorer(pooled[level])
                 score = skip + F.interpolate(score, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return F.interpolate(score, size=size, mode="bilinear", align_corners=False)
+        return self._leave(F.interpolate(score, size=size, mode="bilinear", align_corners=False))

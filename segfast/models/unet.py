@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, check_choices, head, max_pool
+from segfast.models._layers import (
+    BACKENDS,
+    NORMS,
+    ConvNormAct,
+    LayoutModel,
+    channels_last_default,
+    check_choices,
+    head,
+    max_pool,
+)
 
 UPSAMPLES = ("transpose", "bilinear")
 
@@ -42,7 +51,7 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, x], 1))
 
 
-class UNet(nn.Module):
+class UNet(LayoutModel):
     """U-Net: ``depth`` x (double 3x3 conv, 2x2 max-pool) down, a double conv at the bottom, then
     ``depth`` x (upsample, skip concatenation, double conv) up, and a 1x1 head.
 
@@ -56,6 +65,8 @@ class UNet(nn.Module):
         activation: "relu", "leaky_relu", "silu" or "gelu".
         upsample: "transpose" (2x2 transposed conv) or "bilinear" (bilinear x2 then 1x1 conv).
         backend: "segfast" (segfast layers) or "torch" (stock layers, same parameter names).
+        channels_last: run the layers in channels_last (parameters stored so, the input converted,
+            NCHW logits returned); None: on the segfast backend, off on the torch backend.
 
     Input (N, in_channels, H, W) of any H, W >= 2**depth; output logits (N, num_classes, H, W).
     """
@@ -70,6 +81,7 @@ class UNet(nn.Module):
         activation: str = "relu",
         upsample: str = "transpose",
         backend: str = "segfast",
+        channels_last: bool | None = None,
     ):
         super().__init__()
         activations = ("relu", "leaky_relu", "silu", "gelu")
@@ -90,14 +102,15 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], **layer) for i in range(depth))
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i], upsample, **layer) for i in reversed(range(depth)))
         self.head = head(widths[0], num_classes, backend)
+        self._set_layout(channels_last_default(channels_last, backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 2**self.depth:
             raise ValueError(f"UNet: input {tuple(x.shape)} is smaller than 2**depth = {2**self.depth}")
-        skips = [self.inc(x)]
+        skips = [self.inc(self._enter(x))]
         for block in self.down:
             skips.append(block(self.pool(skips[-1])))
         x = skips.pop()
         for block in self.up:
             x = block(x, skips.pop())
-        return self.head(x)
+        return self._leave(self.head(x))
