@@ -30,14 +30,23 @@ using cpu::kTile;
 using cpu::Tile;
 using cpu::TileGrid;
 
-// The classes of a tile's pixels, -1 where ignored; a bad index raises IndexError.
+// The classes of a tile's pixels, -1 where ignored; a bad index raises IndexError. The check is a
+// flag in the branch-free loop; only a tile with a bad index is walked again for the message.
 template <typename target_t>
 void tile_classes(const Tensor& target, const target_t* t, int64_t n, int64_t s0, int64_t pixels, int64_t classes,
                   int64_t ignore_index, const char* op, int32_t* cls) {
+  const int64_t stride = target.stride(1);
+  const target_t* row = t + n * target.stride(0) + s0 * stride;
+  bool bad = false;
   for (int64_t j = 0; j < pixels; ++j) {
-    const auto c = static_cast<int64_t>(t[n * target.stride(0) + (s0 + j) * target.stride(1)]);
-    check_class_index(op, c, n, s0 + j, classes, ignore_index);
+    const auto c = static_cast<int64_t>(row[j * stride]);
+    bad |= c != ignore_index && (c < 0 || c >= classes);
     cls[j] = c == ignore_index ? -1 : static_cast<int32_t>(c);  // classes < 2^31: check_loss_inputs
+  }
+  if (C10_UNLIKELY(bad)) {
+    for (int64_t j = 0; j < pixels; ++j) {
+      check_class_index(op, static_cast<int64_t>(row[j * stride]), n, s0 + j, classes, ignore_index);
+    }
   }
 }
 

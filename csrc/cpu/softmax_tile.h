@@ -55,9 +55,12 @@ SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
 #pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) sum[j] += cpu::exp_vec(cpu::widen<acc_t>(x[j * ps]) - max[j]);
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      sum[j] += cpu::exp_of_nonpositive_term(cpu::widen<acc_t>(x[j * ps]) - max[j]);
+    }
   }
-  for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + std::log(sum[j]);
+#pragma omp simd
+  for (int64_t j = 0; j < t.pixels; ++j) lse[j] = max[j] + cpu::log_of_sum(sum[j]);
 }
 
 // The tile's softmax, probs[c * kTile + j] = exp(x(c, j) - max_j) / sum_k exp(x(k, j) - max_j), with

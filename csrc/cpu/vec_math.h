@@ -69,4 +69,59 @@ inline double exp_vec(double x) {
   return std::exp(x);
 }
 
+// exp(x) for x <= 0 (or NaN) as a term of a sum that holds exp(0) = 1, as in a log-sum-exp: below
+// -87.3 (results under float's smallest normal) it returns exp(-87.3) ~ 1.2e-38, which leaves such
+// a sum unchanged; with no overflow, no subnormal scaling and no selects it is a quarter cheaper
+// than exp_vec. NaN passes through.
+inline float exp_of_nonpositive_term(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float xc = x < -87.3f ? -87.3f : x;
+  const float shifted = xc * kLog2e + kRound;
+  const float n = shifted - kRound;
+  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound);
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * std::bit_cast<float>((ni + 127) << 23);  // n >= -126: a normal power of two
+}
+
+inline double exp_of_nonpositive_term(double x) {
+  return std::exp(x);
+}
+
+// log(x) for a sum of exp terms that holds exp(0) = 1 (x >= 1, +inf or NaN), vectorisable: x =
+// m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) for f = m - 1 by Cephes' logf polynomial
+// (within 1 ulp on this range), e ln2 in two parts. +inf and NaN pass through.
+inline float log_of_sum(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  const int32_t above_sqrt2 = (bits & 0x7fffff) > 0x3504f3 ? 1 : 0;  // mantissa of 1.4142135
+  const float e = static_cast<float>((bits >> 23) - 127 + above_sqrt2);
+  const float m = std::bit_cast<float>((bits & 0x7fffff) | ((127 - above_sqrt2) << 23));
+  const float f = m - 1.0f, z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z + e * -2.12194440e-4f - 0.5f * z;
+  const float result = f + y + e * 0.693359375f;
+  return x < INFINITY ? result : x + x;  // +inf stays +inf, NaN stays NaN
+}
+
+inline double log_of_sum(double x) {
+  return std::log(x);
+}
+
 }  // namespace segfast::cpu
