@@ -15,6 +15,7 @@ export / bench / info) and ``segfast.bench`` (the benchmark suites). Every modul
 reachable as an attribute of ``segfast``.
 """
 
+import hashlib as _hashlib
 import importlib.metadata as _metadata
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
@@ -38,6 +39,25 @@ def _check_torch_version() -> None:
 _check_torch_version()
 
 from segfast import _C  # noqa: E402,F401,I001  (first: registers torch.ops.segfast.*)
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's on-disk caches (FX graph, AOTAutograd) key a graph by the names of its ops,
+    not by a custom op's schema (pytorch/pytorch#187319): a graph compiled against another segfast
+    build would be replayed against this one's ops, arguments in the wrong places (seen: the
+    backward of batch_norm_act after from_output was added). A digest of segfast's op schemas
+    goes into the caches' key tag, beside any tag the user set."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag") or not hasattr(torch._C, "_dispatch_get_all_op_names"):
+        return  # a torch without the tag (or the listing) has nothing to key
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("segfast::"))
+    schemas = "\n".join(str(torch._C._get_schema(name, "")) for name in names)
+    tag = "segfast-ops-" + _hashlib.sha256(schemas.encode()).hexdigest()[:16]
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag};{tag}" if config.cache_key_tag else tag
+
+
+_tag_compile_caches()
 from segfast import augment, data, metrics, models, nn, ops  # noqa: E402
 from segfast._C import build_info  # noqa: E402
 from segfast.convert import ConversionReport, convert  # noqa: E402

@@ -85,3 +85,23 @@ def test_package_version_names_the_torch_and_kernels_it_was_built_for():
     assert segfast.__version__ == importlib.metadata.version("segfast")
     assert segfast.__version__.endswith(f"+{flavour}.torch{major_minor}")
     assert f"torch=={major_minor}.*" in importlib.metadata.requires("segfast")
+
+
+def test_compile_caches_are_keyed_by_segfast_op_schemas():
+    # torch.compile's on-disk caches key graphs by op names only: segfast adds a digest of its
+    # schemas to their key tag, so a graph compiled against another build is not replayed here
+    import hashlib
+
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("segfast::"))
+    assert "segfast::batch_norm_act_backward" in names
+    digest = hashlib.sha256("\n".join(str(torch._C._get_schema(n, "")) for n in names).encode()).hexdigest()[:16]
+    assert f"segfast-ops-{digest}" in torch.compiler.config.cache_key_tag
+    env = dict(os.environ, TORCH_COMPILE_CACHE_KEY_TAG="mine")  # a user's own tag is kept
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch, segfast; print(torch.compiler.config.cache_key_tag)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == f"mine;segfast-ops-{digest}"
