@@ -45,7 +45,8 @@ SEGFAST_HOST_DEVICE FocalTerms<acc_t> focal_terms_of_powers(acc_t log_pt, acc_t 
 template <typename acc_t>
 SEGFAST_HOST_DEVICE FocalTerms<acc_t> focal_terms(acc_t log_pt, acc_t alpha, acc_t gamma) {
   const acc_t pt = exp(log_pt), q = acc_t(1) - pt;
-  return focal_terms_of_powers(log_pt, pt, focal_power(q, gamma), focal_power(q, gamma - acc_t(1)), alpha, gamma);
+  const acc_t q_gamma_less_1 = gamma == acc_t(0) || q <= acc_t(0) ? acc_t(0) : focal_power(q, gamma - acc_t(1));
+  return focal_terms_of_powers(log_pt, pt, focal_power(q, gamma), q_gamma_less_1, alpha, gamma);
 }
 
 inline void check_loss_inputs(const char* op, const at::Tensor& input, const at::Tensor& target) {

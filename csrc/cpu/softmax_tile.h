@@ -34,12 +34,13 @@ struct Tile {
   const scalar_t* row(int64_t c) const { return data + c * class_stride; }
 };
 
-// lse[j] = log sum_c exp x(c, j): a max pass, then a sum-of-exp pass over the L1-resident tile.
+// max[j] = max_c x(c, j), the first pass of a tile's softmax (a NaN logit is skipped here and
+// reaches the results through the sum of exp that follows); sum[j] zeroed for that sum.
 template <typename scalar_t, bool kUnit>
-SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* lse) {
+inline void tile_class_max(const Tile<scalar_t, kUnit>& t, at::opmath_type<scalar_t>* max,
+                           at::opmath_type<scalar_t>* sum) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
-  acc_t max[kTile], sum[kTile];
   for (int64_t j = 0; j < t.pixels; ++j) {
     max[j] = -std::numeric_limits<acc_t>::infinity();
     sum[j] = 0;
@@ -49,9 +50,18 @@ SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::
 #pragma omp simd
     for (int64_t j = 0; j < t.pixels; ++j) {
       const acc_t v = cpu::widen<acc_t>(x[j * ps]);
-      max[j] = v > max[j] ? v : max[j];  // NaN reaches lse through the sum below
+      max[j] = v > max[j] ? v : max[j];
     }
   }
+}
+
+// lse[j] = log sum_c exp x(c, j): a max pass, then a sum-of-exp pass over the L1-resident tile.
+template <typename scalar_t, bool kUnit>
+SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  acc_t max[kTile], sum[kTile];
+  tile_class_max(t, max, sum);
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
 #pragma omp simd
@@ -70,18 +80,7 @@ SEGFAST_CPU_MULTIVERSION void tile_softmax(const Tile<scalar_t, kUnit> t, at::op
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
   acc_t max[kTile], sum[kTile];
-  for (int64_t j = 0; j < t.pixels; ++j) {
-    max[j] = -std::numeric_limits<acc_t>::infinity();
-    sum[j] = 0;
-  }
-  for (int64_t c = 0; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-#pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
-      max[j] = v > max[j] ? v : max[j];  // NaN reaches every probability through the sum below
-    }
-  }
+  tile_class_max(t, max, sum);
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
     acc_t* e = probs + c * kTile;

@@ -36,19 +36,20 @@ SEGFAST_HOST_DEVICE scalar_t narrow(acc_t v) {
   }
 }
 
-// exp(x) for float, within 2 ulp for normal results: Cody-Waite reduction x = n ln2 + r,
-// |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation error < 1e-9), and the scale
-// 2^n applied in two halves so that results down to the subnormal range stay exact.
-inline float exp_vec(float x) {
+// e^x = p * 2^n for x in float's range: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a
+// degree-7 Taylor polynomial p = e^r (truncation error < 1e-9). NaN passes through to p.
+struct ExpParts {
+  float p;
+  int32_t n;
+};
+
+inline ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const bool underflow = x < -104.0f, overflow = x > 88.8f;
-  const float xc = x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x);  // NaN passes through
-  const float shifted = xc * kLog2e + kRound;
+  const float shifted = x * kLog2e + kRound;
   const float n = shifted - kRound;
-  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -57,10 +58,18 @@ inline float exp_vec(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t half = ni >> 1;
+  return {p, std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound)};
+}
+
+// exp(x) for float, within 2 ulp for normal results: exp_parts, the scale 2^n applied in two
+// halves so that results down to the subnormal range stay exact.
+inline float exp_vec(float x) {
+  const bool underflow = x < -104.0f, overflow = x > 88.8f;
+  const ExpParts e = exp_parts(x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x));  // NaN passes through
+  const int32_t half = e.n >> 1;
   const float scale_a = std::bit_cast<float>((half + 127) << 23);
-  const float scale_b = std::bit_cast<float>((ni - half + 127) << 23);
-  const float result = p * scale_a * scale_b;
+  const float scale_b = std::bit_cast<float>((e.n - half + 127) << 23);
+  const float result = e.p * scale_a * scale_b;
   return underflow ? 0.0f : (overflow ? INFINITY : result);
 }
 
@@ -72,25 +81,10 @@ inline double exp_vec(double x) {
 // exp(x) for x <= 0 (or NaN) as a term of a sum that holds exp(0) = 1, as in a log-sum-exp: below
 // -87.3 (results under float's smallest normal) it returns exp(-87.3) ~ 1.2e-38, which leaves such
 // a sum unchanged; with no overflow, no subnormal scaling and no selects it is a quarter cheaper
-// than exp_vec. NaN passes through.
+// than exp_vec (the same exp_parts). NaN passes through.
 inline float exp_of_nonpositive_term(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float shifted = xc * kLog2e + kRound;
-  const float n = shifted - kRound;
-  const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((ni + 127) << 23);  // n >= -126: a normal power of two
+  const ExpParts e = exp_parts(x < -87.3f ? -87.3f : x);
+  return e.p * std::bit_cast<float>((e.n + 127) << 23);  // n >= -126: a normal power of two
 }
 
 inline double exp_of_nonpositive_term(double x) {

@@ -21,21 +21,16 @@ def check_choices(model: str, **arguments) -> None:
             raise ValueError(f"{model}: {name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def channels_last_default(channels_last: bool | None, backend: str) -> bool:
-    """The layout a model runs in. None: channels_last on the segfast backend (oneDNN's 3x3
-    convolutions with 16-64 channels run faster in it on CPU: the quick suite's U-Net training step
-    went from 47.8 to 40.3 ms), the caller's layout on the torch backend (the stock baseline, as
-    users run it)."""
-    return backend == "segfast" if channels_last is None else bool(channels_last)
-
-
 class LayoutModel(nn.Module):
     """A model that runs its layers in channels_last when asked: parameters stored channels_last,
-    the input converted on the way in, NCHW logits out (an NCHW batch in, NCHW logits out)."""
+    the input converted on the way in, NCHW logits out."""
 
-    def _set_layout(self, channels_last: bool) -> None:
-        self.channels_last = channels_last
-        if channels_last:
+    def _set_layout(self, channels_last: bool | None, backend: str) -> None:
+        """None: channels_last on the segfast backend (oneDNN's 3x3 convolutions with 16-64 channels
+        run faster in it on CPU: the quick suite's U-Net training step went from 47.8 to 40.3 ms),
+        the caller's layout on the torch backend (the stock baseline, as users run it)."""
+        self.channels_last = backend == "segfast" if channels_last is None else bool(channels_last)
+        if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import (
-    BACKENDS,
-    NORMS,
-    ConvNormAct,
-    LayoutModel,
-    channels_last_default,
-    check_choices,
-    head,
-    max_pool,
-)
+from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, LayoutModel, check_choices, head, max_pool
 
 VARIANTS = ("8s", "16s", "32s")
 
@@ -67,7 +58,7 @@ class FCN(LayoutModel):
         self.score_fr = head(2 * widths[4], num_classes, backend)
         self.score_pool4 = head(widths[3], num_classes, backend) if variant in ("8s", "16s") else None
         self.score_pool3 = head(widths[2], num_classes, backend) if variant == "8s" else None
-        self._set_layout(channels_last_default(channels_last, backend))
+        self._set_layout(channels_last, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 32:

@@ -6,16 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segfast.models._layers import (
-    BACKENDS,
-    NORMS,
-    ConvNormAct,
-    LayoutModel,
-    channels_last_default,
-    check_choices,
-    head,
-    max_pool,
-)
+from segfast.models._layers import BACKENDS, NORMS, ConvNormAct, LayoutModel, check_choices, head, max_pool
 
 UPSAMPLES = ("transpose", "bilinear")
 
@@ -102,7 +93,7 @@ class UNet(LayoutModel):
         self.down = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], **layer) for i in range(depth))
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i], upsample, **layer) for i in reversed(range(depth)))
         self.head = head(widths[0], num_classes, backend)
-        self._set_layout(channels_last_default(channels_last, backend))
+        self._set_layout(channels_last, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 2**self.depth:
