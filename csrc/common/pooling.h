@@ -27,6 +27,12 @@ SEGFAST_HOST_DEVICE int64_t pool_output_size(int64_t in, int64_t kernel, int64_t
   return out;
 }
 
+// n / d by the division instruction: fast on the CPU (the CUDA kernels use cuda::FastDivider).
+struct PlainDivider {
+  int64_t d;
+  SEGFAST_HOST_DEVICE int64_t divide(int64_t n) const { return n / d; }
+};
+
 // One spatial dimension of a pooling window.
 struct PoolAxis {
   int64_t in, out, kernel, stride, pad, dilation;
@@ -57,10 +63,17 @@ struct PoolAxis {
   SEGFAST_HOST_DEVICE bool is_adjacent_pairs() const {
     return kernel == 2 && stride == 2 && dilation == 1 && pad == 0 && 2 * out <= in;
   }
-  // The output whose tap k lands on input coordinate i, or -1.
-  SEGFAST_HOST_DEVICE int64_t output_with_tap(int64_t i, int64_t k) const {
+  // The output whose tap k lands on input coordinate i, or -1; `by_stride` divides by the stride
+  // (the CUDA kernels pass a cuda::FastDivider).
+  template <typename Divider>
+  SEGFAST_HOST_DEVICE int64_t output_with_tap(int64_t i, int64_t k, const Divider& by_stride) const {
     const int64_t num = i + pad - k * dilation;
-    return num < 0 || num % stride != 0 || num / stride >= out ? -1 : num / stride;
+    if (num < 0) return -1;
+    const int64_t o = by_stride.divide(num);
+    return o * stride != num || o >= out ? -1 : o;
+  }
+  SEGFAST_HOST_DEVICE int64_t output_with_tap(int64_t i, int64_t k) const {
+    return output_with_tap(i, k, PlainDivider{stride});
   }
 };
 

@@ -1,7 +1,7 @@
 #pragma once
 // Log-sum-exp over one pixel's classes in a single pass, for the kernels that walk a pixel's classes
-// one thread at a time (CUDA cross_entropy, Dice, focal). The CPU kernels use cpu/softmax_tile.h,
-// a two-pass (max, then sum) version over a tile of pixels; both give the same answer on the
+// one thread at a time, or a warp at a time with merge() (CUDA cross_entropy, Dice, focal). The CPU kernels use
+// cpu/softmax_tile.h, a two-pass (max, then sum) version over a tile of pixels; both give the same answer on the
 // infinities: -inf logits add nothing, also before the first finite one (masked classes), a +inf
 // logit gives NaN as torch's log_softmax does, and a NaN logit reaches the result through the sum.
 #include <cmath>
@@ -26,7 +26,20 @@ struct OnlineLogSumExp {
       sum += exp(v - max);
     }
   }
+  // Takes in another part of the same pixel's classes (a warp's lanes each walk some of them).
+  // The order of parts changes the rounding only; the infinities combine as in add().
+  SEGFAST_HOST_DEVICE void merge(const OnlineLogSumExp& other) {
+    const acc_t m = other.max > max ? other.max : max;
+    sum = rescaled(sum, max, m) + rescaled(other.sum, other.max, m);
+    max = m;
+  }
   SEGFAST_HOST_DEVICE acc_t value() const { return max + log(sum); }
+
+ private:
+  // s exp(from - to): an empty part stays 0 (also at -inf), a NaN stays NaN, +inf - +inf gives NaN
+  SEGFAST_HOST_DEVICE static acc_t rescaled(acc_t s, acc_t from, acc_t to) {
+    return s == acc_t(0) ? acc_t(0) : s * exp(from - to);
+  }
 };
 
 // log sum_c exp x[c * class_stride], c < classes.

@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "cuda/activation_pass.cuh"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast::cuda {
@@ -14,12 +15,12 @@ namespace {
 using at::Tensor;
 
 template <Activation A, typename scalar_t>
-__global__ void bias_activation_kernel(scalar_t* z, const scalar_t* bias, scalar_t* out, int64_t n, int64_t channels,
-                                       int64_t inner, at::opmath_type<scalar_t> slope) {
+__global__ void bias_activation_kernel(scalar_t* z, const scalar_t* bias, scalar_t* out, int64_t n,
+                                       FastDivider by_channels, FastDivider by_inner, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, n) {
     acc_t v = static_cast<acc_t>(z[i]);
-    if (bias != nullptr) v += static_cast<acc_t>(bias[i / inner % channels]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[by_channels.divmod(by_inner.divide(i)).remainder]);
     const scalar_t stored = static_cast<scalar_t>(v);  // the activation reads z as stored, as stock does
     if (out != z) z[i] = stored;
     out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(stored), slope));
@@ -93,7 +94,7 @@ void bias_activation(const Tensor& z, const std::optional<Tensor>& bias, const T
     dispatch_activation(act, [&](auto a) {
       cuda::launch(bias_activation_kernel<decltype(a)::value, scalar_t>, blocks_for(n), kThreads,
                    z.mutable_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                   out.mutable_data_ptr<scalar_t>(), n, channels, inner,
+                   out.mutable_data_ptr<scalar_t>(), n, FastDivider(channels), FastDivider(inner),
                    static_cast<at::opmath_type<scalar_t>>(negative_slope));
     });
   });

@@ -11,6 +11,7 @@
 #include "common/class_index.h"
 #include "common/devices.h"
 #include "common/layout.h"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -25,14 +26,23 @@ struct Strides4 {
 template <typename scalar_t, typename mask_t>
 __global__ void affine_augment_kernel(const scalar_t* image, const mask_t* mask, const double* theta, scalar_t* out,
                                       mask_t* out_mask, int64_t batch, int64_t channels, int64_t in_h, int64_t in_w,
-                                      int64_t out_h, int64_t out_w, Strides4 is, Strides4 os, Strides4 ms,
-                                      mask_t ignore) {
+                                      cuda::FastDivider out_h, cuda::FastDivider out_w, Strides4 is, Strides4 os,
+                                      Strides4 ms, mask_t ignore) {
   using acc_t = at::opmath_type<scalar_t>;
-  SEGFAST_CUDA_KERNEL_LOOP(i, batch * out_h * out_w) {
-    const int64_t n = i / (out_h * out_w), oy = i / out_w % out_h, ox = i % out_w;
+  SEGFAST_CUDA_KERNEL_LOOP(i, batch * out_h.divisor() * out_w.divisor()) {
+    const auto [row, ox] = out_w.divmod(i);
+    const auto [n, oy] = out_h.divmod(row);
     const double* t = theta + 6 * n;
-    const AffineSample sample{t[0], t[1],         t[2],         t[3],          t[4],
-                              t[5], double(in_h), double(in_w), double(out_h), double(out_w)};
+    const AffineSample sample{t[0],
+                              t[1],
+                              t[2],
+                              t[3],
+                              t[4],
+                              t[5],
+                              double(in_h),
+                              double(in_w),
+                              double(out_h.divisor()),
+                              double(out_w.divisor())};
     double x, y;
     sample.source(static_cast<double>(ox), static_cast<double>(oy), x, y);
     const auto taps = bilinear_taps<acc_t>(x, y, in_w, in_h, is.s2, is.s3);
@@ -66,8 +76,8 @@ std::tuple<Tensor, Tensor> affine_augment_cuda(const Tensor& image, const Tensor
       cuda::launch(affine_augment_kernel<scalar_t, mask_t>, cuda::blocks_for(count), cuda::kThreads,
                    image.const_data_ptr<scalar_t>(), mask.const_data_ptr<mask_t>(), theta.const_data_ptr<double>(),
                    out.mutable_data_ptr<scalar_t>(), out_mask.mutable_data_ptr<mask_t>(), batch, channels,
-                   image.size(2), image.size(3), out_h, out_w, strides_of(image), strides_of(out), strides_of(mask),
-                   static_cast<mask_t>(ignore_index));
+                   image.size(2), image.size(3), cuda::FastDivider(out_h), cuda::FastDivider(out_w), strides_of(image),
+                   strides_of(out), strides_of(mask), static_cast<mask_t>(ignore_index));
     });
   });
   return {out, out_mask};

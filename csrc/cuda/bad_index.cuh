@@ -1,7 +1,10 @@
 #pragma once
 // A bad class index found on the device becomes a Python IndexError on the host: kernels record the
 // first bad pixel with atomicMin, and one device-to-host read after the kernel raises (a device-side
-// assert would end the CUDA context instead).
+// assert would end the CUDA context instead). That read waits for the stream, and a CUDA graph
+// capture cannot contain it: while the stream is capturing, the flag is not read, and what marks
+// bad input is the result itself (the losses' kernels make it NaN, confusion_matrix is filled with
+// -1), in every replay of the graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
@@ -24,11 +27,16 @@ class BadPixel {
 
   unsigned long long* flag() { return reinterpret_cast<unsigned long long*>(first_.mutable_data_ptr<int64_t>()); }
 
-  // the first bad pixel (n * pixels + s), or -1; synchronises with the stream
+  // the first bad pixel (n * pixels + s), or -1; synchronises with the stream, so never call it
+  // while capturing
   int64_t first() const { return first_.item<int64_t>(); }
+
+  // the flag, which the host may read: false inside a CUDA graph capture
+  static bool readable() { return !stream_is_capturing(); }
 
   void raise_if_any(const at::Tensor& target, int64_t pixels, int64_t classes, int64_t ignore_index,
                     const char* op) const {
+    if (!readable()) return;
     const int64_t bad = first();
     if (bad == -1) return;
     const int64_t n = bad / pixels, s = bad % pixels;

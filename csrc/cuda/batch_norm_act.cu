@@ -15,6 +15,7 @@
 
 #include "common/batch_norm_act.h"
 #include "common/layout.h"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -26,21 +27,29 @@ using at::Tensor;
 struct ChannelIndexing {
   int64_t batch, channels, inner;
   bool channels_last;
+  cuda::FastDivider by_channels, by_inner;
 
   __device__ int64_t values() const { return batch * inner; }
   // offset of value j (0 <= j < values()) of channel c
   __device__ int64_t offset(int64_t c, int64_t j) const {
-    return channels_last ? j * channels + c : (j / inner * channels + c) * inner + j % inner;
+    if (channels_last) return j * channels + c;
+    const auto [n, s] = by_inner.divmod(j);
+    return (n * channels + c) * inner + s;
   }
   __device__ int64_t channel_of(int64_t offset) const {
-    return channels_last ? offset % channels : offset / inner % channels;
+    return by_channels.divmod(channels_last ? offset : by_inner.divide(offset)).remainder;
   }
 };
 
 ChannelIndexing indexing_of(const Tensor& t) {
   int64_t inner = 1;
   for (int64_t d = 2; d < t.dim(); ++d) inner *= t.size(d);
-  return {t.size(0), t.size(1), inner, memory_format(t) == at::MemoryFormat::ChannelsLast};
+  return {t.size(0),
+          t.size(1),
+          inner,
+          memory_format(t) == at::MemoryFormat::ChannelsLast,
+          cuda::FastDivider(t.size(1)),
+          cuda::FastDivider(inner)};
 }
 
 // Block c: the batch mean and invstd of channel c (sums of values shifted by the channel's first,

@@ -1,10 +1,11 @@
 // Per-pixel softmax cross-entropy on CUDA, straight on (N, C, S) logits of any dense strides.
 //
-// One thread per pixel walks the classes once with an online log-sum-exp (common/softmax.h), so for NCHW logits a warp
-// reads 32 neighbouring pixels of one class plane: coalesced. Accumulation is float32 (float64 for float64). The
-// mean/sum reduction is deterministic: each block sums its pixels in a fixed tree, and the per-block partials are added
-// by ATen's sum, whose order is fixed too; no float atomics. Backward recomputes softmax from the saved per-pixel
-// log-sum-exp, as on CPU.
+// A pixel's classes are walked once with an online log-sum-exp (common/softmax.h), by one thread
+// (NCHW: a warp reads 32 neighbouring pixels of one class plane, coalesced) or, where a pixel's
+// classes are contiguous and many, by a warp (PixelThreads). Accumulation is float32 (float64 for
+// float64). The mean/sum reduction is deterministic: each block sums its pixels in a fixed tree,
+// and the per-block partials are added by ATen's sum, whose order is fixed too; no float atomics.
+// Backward recomputes softmax from the saved per-pixel log-sum-exp, as on CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +27,7 @@
 #include "common/reduction.h"
 #include "common/softmax.h"
 #include "cuda/bad_index.cuh"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -41,12 +43,15 @@ struct CrossEntropyArgs {
   int64_t target_batch_stride, target_pixel_stride;  // class-index targets
   int64_t ignore_index;
   acc_t smoothing;
+  cuda::FastDivider by_pixels;
 
-  SEGFAST_HOST_DEVICE int64_t offset(int64_t pixel) const {
-    return pixel / pixels * batch_stride + pixel % pixels * pixel_stride;
+  __device__ int64_t offset(int64_t pixel) const {
+    const auto [n, s] = by_pixels.divmod(pixel);
+    return n * batch_stride + s * pixel_stride;
   }
-  SEGFAST_HOST_DEVICE int64_t target_offset(int64_t pixel) const {
-    return pixel / pixels * target_batch_stride + pixel % pixels * target_pixel_stride;
+  __device__ int64_t target_offset(int64_t pixel) const {
+    const auto [n, s] = by_pixels.divmod(pixel);
+    return n * target_batch_stride + s * target_pixel_stride;
   }
   SEGFAST_HOST_DEVICE LabelSmoothing<acc_t> label_smoothing() const { return {smoothing, classes}; }
 };
@@ -54,6 +59,48 @@ struct CrossEntropyArgs {
 template <typename acc_t>
 __device__ acc_t class_weight(const acc_t* weight, int64_t c) {
   return weight == nullptr ? acc_t(1) : weight[c];
+}
+
+// The threads of one pixel. A thread per pixel walks all its classes: for NCHW logits a warp reads
+// 32 neighbouring pixels of one class plane, coalesced. Where a pixel's classes are contiguous and
+// many ((N, C) rows, channels_last with C >= 32) that thread would walk C classes alone, reading
+// one stride-C column: a warp per pixel instead, each lane every 32nd class, reading the row
+// coalesced, and the lanes' partial sums combined in a fixed butterfly (the same in every lane).
+template <bool kWarp>
+struct PixelThreads {
+  static constexpr int kThreads = kWarp ? 32 : 1;
+  int64_t pixel;
+  int first_class;
+
+  __device__ PixelThreads()
+      : pixel((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kThreads),
+        first_class(kWarp ? static_cast<int>(threadIdx.x % 32) : 0) {}
+
+  // the one thread that writes the pixel's results
+  __device__ bool leads() const { return first_class == 0; }
+
+  template <typename T>
+  __device__ T total(T value) const {
+    if constexpr (kWarp) return cuda::warp_sum(value);
+    return value;
+  }
+
+  template <typename acc_t>
+  __device__ OnlineLogSumExp<acc_t> total(OnlineLogSumExp<acc_t> part) const {
+    if constexpr (kWarp) {
+      for (int mask = 16; mask > 0; mask /= 2) {
+        OnlineLogSumExp<acc_t> other;
+        other.max = __shfl_xor_sync(0xffffffffu, part.max, mask);
+        other.sum = __shfl_xor_sync(0xffffffffu, part.sum, mask);
+        part.merge(other);  // lanes may round differently: the leader's value is the one used
+      }
+    }
+    return part;
+  }
+};
+
+inline bool warp_per_pixel(const at::Tensor& logits) {
+  return logits.stride(1) == 1 && logits.size(1) >= 32;
 }
 
 // The per-pixel sums of one pass over the classes: log-sum-exp, and for label smoothing or
@@ -64,13 +111,13 @@ struct PixelSums {
   acc_t lse, dot, mass;
 };
 
-template <bool kProb, typename scalar_t, typename acc_t>
-__device__ PixelSums<acc_t> pixel_sums(const scalar_t* x, const scalar_t* q, const acc_t* weight,
-                                       const CrossEntropyArgs<acc_t>& p, bool need_dot) {
+template <bool kProb, bool kWarp, typename scalar_t, typename acc_t>
+__device__ PixelSums<acc_t> pixel_sums(const PixelThreads<kWarp>& t, const scalar_t* x, const scalar_t* q,
+                                       const acc_t* weight, const CrossEntropyArgs<acc_t>& p, bool need_dot) {
   const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
   OnlineLogSumExp<acc_t> lse;
   acc_t dot = 0, mass = 0;
-  for (int64_t c = 0; c < p.classes; ++c) {
+  for (int64_t c = t.first_class; c < p.classes; c += t.kThreads) {
     const acc_t v = static_cast<acc_t>(x[c * p.class_stride]);
     lse.add(v);
     if (need_dot) {
@@ -80,33 +127,39 @@ __device__ PixelSums<acc_t> pixel_sums(const scalar_t* x, const scalar_t* q, con
       mass += coef;
     }
   }
-  return {lse.value(), dot, mass};
+  return {t.total(lse).value(), t.total(dot), t.total(mass)};
 }
 
-template <typename scalar_t, typename target_t, bool kProb>
+// A bad class index makes its pixel's loss NaN as well as being flagged: where the flag is not read
+// (inside a CUDA graph capture, cuda/bad_index.cuh) the loss still says that something is wrong.
+template <typename scalar_t, typename target_t, bool kProb, bool kWarp>
 __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
                                      const at::opmath_type<scalar_t>* weight,
                                      CrossEntropyArgs<at::opmath_type<scalar_t>> p, at::opmath_type<scalar_t>* lse_out,
                                      scalar_t* loss_out, at::opmath_type<scalar_t>* partial_loss,
                                      at::opmath_type<scalar_t>* partial_weight, unsigned long long* bad_pixel) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const PixelThreads<kWarp> t;
+  const int64_t i = t.pixel;
   acc_t loss = 0, pixel_weight = 0;
-  if (i < p.batch * p.pixels) {
+  if (i < p.batch * p.pixels) {  // the same for every thread of a pixel: its warp shuffles together
     const int64_t at = p.offset(i);
+    acc_t lse;
     if constexpr (kProb) {
-      const PixelSums<acc_t> s = pixel_sums<true>(logits + at, prob + at, weight, p, true);
-      lse_out[i] = s.lse;
+      const PixelSums<acc_t> s = pixel_sums<true>(t, logits + at, prob + at, weight, p, true);
+      lse = s.lse;
       loss = s.lse * s.mass - s.dot;
       pixel_weight = 1;
     } else {
       const int64_t cls = static_cast<int64_t>(target[p.target_offset(i)]);
       const bool valid = cls >= 0 && cls < p.classes;
-      if (cls != p.ignore_index && !valid) cuda::flag_bad_pixel(bad_pixel, i);
       const PixelSums<acc_t> s =
-          pixel_sums<false>(logits + at, static_cast<const scalar_t*>(nullptr), weight, p, p.smoothing != 0);
-      lse_out[i] = s.lse;
-      if (cls != p.ignore_index && valid) {
+          pixel_sums<false>(t, logits + at, static_cast<const scalar_t*>(nullptr), weight, p, p.smoothing != 0);
+      lse = s.lse;
+      if (cls != p.ignore_index && !valid) {
+        if (t.leads()) cuda::flag_bad_pixel(bad_pixel, i);
+        loss = std::numeric_limits<acc_t>::quiet_NaN();
+      } else if (cls != p.ignore_index) {
         const acc_t wt = class_weight(weight, cls);
         const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
         loss = smoothing.target_coef(wt) * (s.lse - static_cast<acc_t>(logits[at + cls * p.class_stride]));
@@ -114,7 +167,12 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
         pixel_weight = wt;
       }
     }
-    if (loss_out != nullptr) loss_out[i] = static_cast<scalar_t>(loss);
+    if (t.leads()) {
+      lse_out[i] = lse;
+      if (loss_out != nullptr) loss_out[i] = static_cast<scalar_t>(loss);
+    } else {
+      loss = pixel_weight = 0;  // the pixel's block-sum term is its leader's
+    }
   }
   if (partial_loss != nullptr) {
     loss = cuda::block_sum(loss);
@@ -126,7 +184,7 @@ __global__ void cross_entropy_kernel(const scalar_t* logits, const target_t* tar
   }
 }
 
-template <typename scalar_t, typename target_t, bool kProb>
+template <typename scalar_t, typename target_t, bool kProb, bool kWarp>
 __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const target_t* target, const scalar_t* prob,
                                               const at::opmath_type<scalar_t>* weight,
                                               CrossEntropyArgs<at::opmath_type<scalar_t>> p,
@@ -134,8 +192,9 @@ __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const targ
                                               const at::opmath_type<scalar_t>* grad_loss, bool per_pixel_grad,
                                               const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.batch * p.pixels) return;
+  const PixelThreads<kWarp> t;
+  const int64_t i = t.pixel;
+  if (i >= p.batch * p.pixels) return;  // a whole warp at once: no lane is left at a shuffle
   const int64_t at = p.offset(i);
   const LabelSmoothing<acc_t> smoothing = p.label_smoothing();
   acc_t scale = per_pixel_grad ? grad_loss[i] : grad_loss[0];
@@ -143,22 +202,24 @@ __global__ void cross_entropy_backward_kernel(const scalar_t* logits, const targ
   int64_t cls = -1;
   acc_t mass = 0, target_weight = 0;
   if constexpr (kProb) {
-    for (int64_t c = 0; c < p.classes; ++c) {
+    for (int64_t c = t.first_class; c < p.classes; c += t.kThreads) {
       mass += smoothing.probability_coef(class_weight(weight, c), static_cast<acc_t>(prob[at + c * p.class_stride]));
     }
+    mass = t.total(mass);
   } else {
     cls = static_cast<int64_t>(target[p.target_offset(i)]);
     if (cls == p.ignore_index || cls < 0 || cls >= p.classes) {  // forward refused bad indices already
       cls = -1;
       scale = 0;  // also when the mean's total weight is 0: torch gives 0, not NaN
-    } else {
+    } else {      // the same branch for every lane of a pixel's warp
       target_weight = class_weight(weight, cls);
       acc_t weight_total = 0;
-      for (int64_t c = 0; c < p.classes; ++c) weight_total += class_weight(weight, c);
+      for (int64_t c = t.first_class; c < p.classes; c += t.kThreads) weight_total += class_weight(weight, c);
+      weight_total = t.total(weight_total);
       mass = smoothing.target_coef(target_weight) + smoothing.spread_coef(weight_total);
     }
   }
-  for (int64_t c = 0; c < p.classes; ++c) {
+  for (int64_t c = t.first_class; c < p.classes; c += t.kThreads) {
     const acc_t w = class_weight(weight, c);
     const acc_t coef = kProb ? smoothing.probability_coef(w, static_cast<acc_t>(prob[at + c * p.class_stride]))
                              : smoothing.spread_coef(w);
@@ -204,15 +265,27 @@ CrossEntropyArgs<acc_t> args_of(const Operands& in, int64_t ignore_index, double
           index_target ? in.target.stride(0) : 0,
           index_target ? in.target.stride(1) : 0,
           ignore_index,
-          static_cast<acc_t>(label_smoothing)};
+          static_cast<acc_t>(label_smoothing),
+          cuda::FastDivider(x.size(2))};
 }
 
-// Calls f(target_t{}, kProb) for the target's type: probabilities of the logits' dtype, or class indices.
+// Calls f(target_t{}, kProb, kWarp) for the target's type (probabilities of the logits' dtype, or
+// class indices) and the threads per pixel.
 template <typename scalar_t, typename F>
-void dispatch_target(const Operands& in, F&& f) {
-  if (in.prob) return f(scalar_t{}, std::true_type{});
+void dispatch_target(const Operands& in, bool warp, F&& f) {
+  auto with_threads = [&](auto target_type, auto prob) {
+    if (warp) return f(target_type, prob, std::true_type{});
+    f(target_type, prob, std::false_type{});
+  };
+  if (in.prob) return with_threads(scalar_t{}, std::true_type{});
   dispatch_class_index(in.target.scalar_type(), "cross_entropy: class-index target",
-                       [&](auto index) { f(index, std::false_type{}); });
+                       [&](auto index) { with_threads(index, std::false_type{}); });
+}
+
+// Blocks of cuda::kThreads for `count` pixels of one or 32 threads each.
+unsigned int pixel_blocks(int64_t count, bool warp) {
+  const int64_t per_block = warp ? cuda::kThreads / 32 : cuda::kThreads;
+  return static_cast<unsigned int>((count + per_block - 1) / per_block);
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const Tensor& target_,
@@ -226,7 +299,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
   const int64_t batch = input.size(0), pixels = input.size(2), count = batch * pixels;
   Tensor lse = at::empty({batch, pixels}, input.options().dtype(acc_type));
   Tensor loss = reduction == Reduction::None ? at::empty({batch, pixels}, input.options()) : Tensor();
-  const int64_t blocks = (count + cuda::kThreads - 1) / cuda::kThreads;
+  const bool warp = warp_per_pixel(in.logits);
+  const int64_t blocks = pixel_blocks(count, warp);
   Tensor partial = at::zeros({2, reduction == Reduction::None ? 0 : blocks}, input.options().dtype(acc_type));
   cuda::BadPixel bad_pixel(input);
   if (count > 0) {
@@ -235,10 +309,10 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& input, const
       const CrossEntropyArgs<acc_t> p = args_of<acc_t>(in, ignore_index, label_smoothing);
       const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
       acc_t* partial_p = reduction == Reduction::None ? nullptr : partial.mutable_data_ptr<acc_t>();
-      dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
+      dispatch_target<scalar_t>(in, warp, [&](auto target_type, auto prob, auto warp_per_pixel) {
         using target_t = decltype(target_type);
-        constexpr bool kProb = decltype(prob)::value;
-        cuda::launch(cross_entropy_kernel<scalar_t, target_t, kProb>, blocks, cuda::kThreads,
+        constexpr bool kProb = decltype(prob)::value, kWarp = decltype(warp_per_pixel)::value;
+        cuda::launch(cross_entropy_kernel<scalar_t, target_t, kProb, kWarp>, blocks, cuda::kThreads,
                      in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
                      kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.mutable_data_ptr<acc_t>(),
                      loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr, partial_p,
@@ -279,16 +353,16 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& input,
     using acc_t = at::opmath_type<scalar_t>;
     const CrossEntropyArgs<acc_t> p = args_of<acc_t>(in, ignore_index, label_smoothing);
     const acc_t* w = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-    dispatch_target<scalar_t>(in, [&](auto target_type, auto prob) {
+    const bool warp = warp_per_pixel(in.logits);
+    dispatch_target<scalar_t>(in, warp, [&](auto target_type, auto prob, auto warp_per_pixel) {
       using target_t = decltype(target_type);
-      constexpr bool kProb = decltype(prob)::value;
-      const auto blocks = static_cast<unsigned int>((count + cuda::kThreads - 1) / cuda::kThreads);
-      cuda::launch(cross_entropy_backward_kernel<scalar_t, target_t, kProb>, blocks, cuda::kThreads,
-                   in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
-                   kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.const_data_ptr<acc_t>(),
-                   grad_pixels.const_data_ptr<acc_t>(), reduction == Reduction::None,
-                   reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr,
-                   grad.mutable_data_ptr<scalar_t>());
+      constexpr bool kProb = decltype(prob)::value, kWarp = decltype(warp_per_pixel)::value;
+      cuda::launch(
+          cross_entropy_backward_kernel<scalar_t, target_t, kProb, kWarp>, pixel_blocks(count, warp), cuda::kThreads,
+          in.logits.const_data_ptr<scalar_t>(), kProb ? nullptr : in.target.const_data_ptr<target_t>(),
+          kProb ? in.target.const_data_ptr<scalar_t>() : nullptr, w, p, lse.const_data_ptr<acc_t>(),
+          grad_pixels.const_data_ptr<acc_t>(), reduction == Reduction::None,
+          reduction == Reduction::Mean ? divisor.const_data_ptr<acc_t>() : nullptr, grad.mutable_data_ptr<scalar_t>());
     });
   });
   return grad;

@@ -15,6 +15,7 @@
 #include "common/devices.h"
 #include "common/layout.h"
 #include "common/pooling.h"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -32,34 +33,58 @@ struct Element {
 struct Layout {
   int64_t channels, height, width;
   bool channels_last;
+  cuda::FastDivider by_channels, by_height, by_width;
 
-  SEGFAST_HOST_DEVICE Element at(int64_t i) const {
+  Layout(int64_t channels_, int64_t height_, int64_t width_, bool channels_last_)
+      : channels(channels_),
+        height(height_),
+        width(width_),
+        channels_last(channels_last_),
+        by_channels(channels_),
+        by_height(height_),
+        by_width(width_) {}
+
+  __device__ Element at(int64_t i) const {
     if (channels_last) {
-      const int64_t c = i % channels, pixel = i / channels;
-      return {pixel / (height * width), c, pixel / width % height, pixel % width};
+      const auto [pixel, c] = by_channels.divmod(i);
+      const auto [row, x] = by_width.divmod(pixel);
+      const auto [n, y] = by_height.divmod(row);
+      return {n, c, y, x};
     }
-    return {i / (channels * height * width), i / (height * width) % channels, i / width % height, i % width};
+    const auto [row, x] = by_width.divmod(i);
+    const auto [plane, y] = by_height.divmod(row);
+    const auto [n, c] = by_channels.divmod(plane);
+    return {n, c, y, x};
   }
-  SEGFAST_HOST_DEVICE int64_t index(int64_t n, int64_t c, int64_t y, int64_t x) const {
+  __device__ int64_t index(int64_t n, int64_t c, int64_t y, int64_t x) const {
     return channels_last ? ((n * height + y) * width + x) * channels + c
                          : ((n * channels + c) * height + y) * width + x;
   }
 };
 
-SEGFAST_HOST_DEVICE Layout input_layout(const Pool2d& p) {
-  return {p.channels, p.h.in, p.w.in, p.channels_last};
-}
-SEGFAST_HOST_DEVICE Layout output_layout(const Pool2d& p) {
-  return {p.channels, p.h.out, p.w.out, p.channels_last};
-}
+// The window geometry, the layouts of input and output, and the strides' dividers (backward finds
+// the windows covering an element by dividing by the stride, once per tap).
+struct PoolKernelArgs {
+  Pool2d p;
+  Layout in, out;
+  cuda::FastDivider by_stride_h, by_stride_w;
+
+  explicit PoolKernelArgs(const Pool2d& pool)
+      : p(pool),
+        in(pool.channels, pool.h.in, pool.w.in, pool.channels_last),
+        out(pool.channels, pool.h.out, pool.w.out, pool.channels_last),
+        by_stride_h(pool.h.stride),
+        by_stride_w(pool.w.stride) {}
+};
 
 // ---------------------------------------------------------------------------------------- max
 
 // argmax: the tap (kh * kW + kw) for compact codes, torch's flat plane offset for int64.
 template <typename scalar_t, typename index_t>
-__global__ void max_pool2d_kernel(const scalar_t* in, scalar_t* out, index_t* argmax, Pool2d p, int64_t count) {
+__global__ void max_pool2d_kernel(const scalar_t* in, scalar_t* out, index_t* argmax, PoolKernelArgs a, int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout il = input_layout(p), ol = output_layout(p);
+  const Pool2d& p = a.p;
+  const Layout &il = a.in, &ol = a.out;
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
     const Element o = ol.at(i);
     const int64_t kh0 = p.h.first_tap(o.y), kh1 = p.h.last_tap(o.y);
@@ -82,19 +107,20 @@ __global__ void max_pool2d_kernel(const scalar_t* in, scalar_t* out, index_t* ar
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void max_pool2d_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in, Pool2d p,
-                                           int64_t count) {
+__global__ void max_pool2d_backward_kernel(const scalar_t* grad_out, const index_t* argmax, scalar_t* grad_in,
+                                           PoolKernelArgs a, int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout il = input_layout(p), ol = output_layout(p);
+  const Pool2d& p = a.p;
+  const Layout &il = a.in, &ol = a.out;
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
     const Element e = il.at(i);
     const int64_t offset = e.y * p.w.in + e.x;
     acc_t sum = 0;
     for (int64_t kh = 0; kh < p.h.kernel; ++kh) {
-      const int64_t oy = p.h.output_with_tap(e.y, kh);
+      const int64_t oy = p.h.output_with_tap(e.y, kh, a.by_stride_h);
       if (oy < 0) continue;
       for (int64_t kw = 0; kw < p.w.kernel; ++kw) {
-        const int64_t ox = p.w.output_with_tap(e.x, kw);
+        const int64_t ox = p.w.output_with_tap(e.x, kw, a.by_stride_w);
         if (ox < 0) continue;
         const int64_t o = ol.index(e.n, e.c, oy, ox);
         if (argmax_is(argmax[o], kh * p.w.kernel + kw, offset)) sum += static_cast<acc_t>(grad_out[o]);
@@ -122,7 +148,7 @@ std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input_, IntArrayRef ker
       using index_t = decltype(index);
       cuda::launch(max_pool2d_kernel<scalar_t, index_t>, cuda::blocks_for(count), cuda::kThreads,
                    input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                   argmax.mutable_data_ptr<index_t>(), p, count);
+                   argmax.mutable_data_ptr<index_t>(), PoolKernelArgs(p), count);
     });
   });
   return {out, argmax};
@@ -147,7 +173,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
       using index_t = decltype(index);
       cuda::launch(max_pool2d_backward_kernel<scalar_t, index_t>, cuda::blocks_for(count), cuda::kThreads,
                    grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<index_t>(),
-                   grad_in.mutable_data_ptr<scalar_t>(), p, count);
+                   grad_in.mutable_data_ptr<scalar_t>(), PoolKernelArgs(p), count);
     });
   });
   return grad_in;
@@ -156,9 +182,11 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_out_, const Tensor& argmax_, 
 // ---------------------------------------------------------------------------------------- avg
 
 template <typename scalar_t>
-__global__ void avg_pool2d_kernel(const scalar_t* in, scalar_t* out, Pool2d p, AvgDivisor divisor, int64_t count) {
+__global__ void avg_pool2d_kernel(const scalar_t* in, scalar_t* out, PoolKernelArgs a, AvgDivisor divisor,
+                                  int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout il = input_layout(p), ol = output_layout(p);
+  const Pool2d& p = a.p;
+  const Layout &il = a.in, &ol = a.out;
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
     const Element o = ol.at(i);
     const AvgWindow wh = avg_window(o.y, p.h.in, p.h.kernel, p.h.stride, p.h.pad);
@@ -172,19 +200,20 @@ __global__ void avg_pool2d_kernel(const scalar_t* in, scalar_t* out, Pool2d p, A
 }
 
 template <typename scalar_t>
-__global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* grad_in, Pool2d p, AvgDivisor divisor,
-                                           int64_t count) {
+__global__ void avg_pool2d_backward_kernel(const scalar_t* grad_out, scalar_t* grad_in, PoolKernelArgs a,
+                                           AvgDivisor divisor, int64_t count) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout il = input_layout(p), ol = output_layout(p);
+  const Pool2d& p = a.p;
+  const Layout &il = a.in, &ol = a.out;
   SEGFAST_CUDA_KERNEL_LOOP(i, count) {
     const Element e = il.at(i);
     acc_t sum = 0;
     for (int64_t kh = 0; kh < p.h.kernel; ++kh) {
-      const int64_t oy = p.h.output_with_tap(e.y, kh);
+      const int64_t oy = p.h.output_with_tap(e.y, kh, a.by_stride_h);
       if (oy < 0) continue;
       const int64_t height_count = divisor.count(avg_window(oy, p.h.in, p.h.kernel, p.h.stride, p.h.pad));
       for (int64_t kw = 0; kw < p.w.kernel; ++kw) {
-        const int64_t ox = p.w.output_with_tap(e.x, kw);
+        const int64_t ox = p.w.output_with_tap(e.x, kw, a.by_stride_w);
         if (ox < 0) continue;
         const int64_t width_count = divisor.count(avg_window(ox, p.w.in, p.w.kernel, p.w.stride, p.w.pad));
         sum += divide(static_cast<acc_t>(grad_out[ol.index(e.n, e.c, oy, ox)]), divisor(height_count, width_count));
@@ -207,7 +236,7 @@ Tensor avg_pool2d_cuda(const Tensor& input_, IntArrayRef kernel, IntArrayRef str
   if (count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "avg_pool2d", [&] {
     cuda::launch(avg_pool2d_kernel<scalar_t>, cuda::blocks_for(count), cuda::kThreads, input.const_data_ptr<scalar_t>(),
-                 out.mutable_data_ptr<scalar_t>(), p, divisor, count);
+                 out.mutable_data_ptr<scalar_t>(), PoolKernelArgs(p), divisor, count);
   });
   return out;
 }
@@ -226,7 +255,8 @@ Tensor avg_pool2d_backward_cuda(const Tensor& grad_out_, IntArrayRef input_size,
   if (count == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "avg_pool2d_backward", [&] {
     cuda::launch(avg_pool2d_backward_kernel<scalar_t>, cuda::blocks_for(count), cuda::kThreads,
-                 grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), p, divisor, count);
+                 grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), PoolKernelArgs(p), divisor,
+                 count);
   });
   return grad_in;
 }

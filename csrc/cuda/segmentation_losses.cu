@@ -1,7 +1,8 @@
 // Dice and focal losses on CUDA, softmax fused in; per-pixel math from
 // common/segmentation_losses.h (shared with the CPU kernels). Sums over pixels go through per-block
 // partials added in a fixed order (no float atomics), so results are the same run to run. A bad
-// class index is flagged and raised as IndexError after the kernel, as in cross_entropy.
+// class index is flagged and raised as IndexError after the kernel, as in cross_entropy, and makes
+// the loss NaN (what remains of the check inside a CUDA graph capture, cuda/bad_index.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "common/class_index.h"
 #include "common/devices.h"
 #include "common/layout.h"
@@ -19,6 +22,7 @@
 #include "common/segmentation_losses.h"
 #include "common/softmax.h"
 #include "cuda/bad_index.cuh"
+#include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
 
 namespace segfast {
@@ -29,24 +33,30 @@ using at::Tensor;
 struct PixelIndexing {
   int64_t batch, classes, pixels, batch_stride, class_stride, pixel_stride, target_stride0, target_stride1,
       ignore_index;
+  cuda::FastDivider by_pixels;
+
+  // pixel i of the (N, S) pixels: (n, s)
+  __device__ cuda::QuotientRemainder split(int64_t i) const { return by_pixels.divmod(i); }
 
   __device__ int64_t logits_at(int64_t n, int64_t s) const { return n * batch_stride + s * pixel_stride; }
-  // the class of pixel (n, s), -1 when ignored, -2 when out of range (flagged in bad)
+  static constexpr int64_t kIgnored = -1, kBadClass = -2;
+
+  // the class of pixel (n, s), kIgnored, or kBadClass when out of range (flagged in bad)
   template <typename target_t>
   __device__ int64_t class_at(const target_t* t, int64_t n, int64_t s, unsigned long long* bad) const {
     const auto cls = static_cast<int64_t>(t[n * target_stride0 + s * target_stride1]);
-    if (cls == ignore_index) return -1;
+    if (cls == ignore_index) return kIgnored;
     if (cls < 0 || cls >= classes) {
       if (bad != nullptr) cuda::flag_bad_pixel(bad, n * pixels + s);
-      return -2;
+      return kBadClass;
     }
     return cls;
   }
 };
 
 PixelIndexing indexing_of(const Tensor& x, const Tensor& t, int64_t ignore_index) {
-  return {x.size(0),   x.size(1),   x.size(2),   x.stride(0), x.stride(1),
-          x.stride(2), t.stride(0), t.stride(1), ignore_index};
+  return {x.size(0),   x.size(1),   x.size(2),   x.stride(0),  x.stride(1),
+          x.stride(2), t.stride(0), t.stride(1), ignore_index, cuda::FastDivider(x.size(2))};
 }
 
 // Calls f(scalar_t{}, target_t{}) for the logits' floating type and the target's class-index type.
@@ -78,19 +88,20 @@ template <typename scalar_t, typename target_t>
 __global__ void pixel_lse_kernel(const scalar_t* x, const target_t* t, PixelIndexing g, at::opmath_type<scalar_t>* lse,
                                  unsigned long long* bad) {
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
-    const int64_t n = i / g.pixels, s = i % g.pixels;
+    const auto [n, s] = g.split(i);
     g.class_at(t, n, s, bad);
     lse[i] = pixel_logsumexp<at::opmath_type<scalar_t>>(x + g.logits_at(n, s), g.classes, g.class_stride);
   }
 }
 
-// Adds pixel s of image n to class c's sums: p y, p (or p^2) and y (pixel_lse_kernel has checked
-// the class index).
+// Adds pixel s of image n to class c's sums: p y, p (or p^2) and y (pixel_lse_kernel has flagged
+// a bad class index; its pixel makes the sums NaN).
 template <typename scalar_t, typename target_t, typename acc_t>
 __device__ __forceinline__ void add_dice_pixel(const scalar_t* x, const target_t* t, const PixelIndexing& g, int64_t n,
                                                int64_t s, int64_t c, bool squared, const acc_t* lse, acc_t& inter,
                                                acc_t& pred, acc_t& truth) {
   const int64_t cls = g.class_at(t, n, s, nullptr);
+  if (cls == PixelIndexing::kBadClass) pred = std::numeric_limits<acc_t>::quiet_NaN();
   if (cls < 0) return;
   const acc_t p = exp(static_cast<acc_t>(x[g.logits_at(n, s) + c * g.class_stride]) - lse[n * g.pixels + s]);
   pred += squared ? p * p : p;
@@ -151,7 +162,8 @@ __global__ void dice_sums_backward_kernel(const scalar_t* x, const target_t* t, 
                                           const at::opmath_type<scalar_t>* grad_sums, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
-    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const auto [n, s] = g.split(i);
+    const int64_t at = g.logits_at(n, s);
     const int64_t cls = g.class_at(t, n, s, nullptr);
     if (cls < 0) {
       for (int64_t c = 0; c < g.classes; ++c) grad[at + c * g.class_stride] = scalar_t(0);
@@ -241,10 +253,12 @@ __global__ void focal_loss_kernel(const scalar_t* x, const target_t* t, const do
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t loss = 0, counted = 0;
   if (i < g.batch * g.pixels) {
-    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const auto [n, s] = g.split(i);
+    const int64_t at = g.logits_at(n, s);
     const acc_t lse = pixel_logsumexp<acc_t>(x + at, g.classes, g.class_stride);
     lse_out[i] = lse;
     const int64_t cls = g.class_at(t, n, s, bad);
+    if (cls == PixelIndexing::kBadClass) loss = std::numeric_limits<acc_t>::quiet_NaN();
     if (cls >= 0) {
       loss = focal_terms<acc_t>(static_cast<acc_t>(x[at + cls * g.class_stride]) - lse,
                                 static_cast<acc_t>(alpha != nullptr ? alpha[cls] : 1.0), static_cast<acc_t>(gamma))
@@ -270,7 +284,8 @@ __global__ void focal_loss_backward_kernel(const scalar_t* x, const target_t* t,
                                            const at::opmath_type<scalar_t>* mean_divisor, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   SEGFAST_CUDA_KERNEL_LOOP(i, g.batch * g.pixels) {
-    const int64_t n = i / g.pixels, s = i % g.pixels, at = g.logits_at(n, s);
+    const auto [n, s] = g.split(i);
+    const int64_t at = g.logits_at(n, s);
     const int64_t cls = g.class_at(t, n, s, nullptr);
     acc_t scale = cls < 0 ? acc_t(0) : (per_pixel ? grad_loss[i] : grad_loss[0]);
     // ignored pixels keep 0, also when every pixel is ignored and the mean's divisor is 0

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -265,6 +266,18 @@ void warp_exchange(const void* mine, void* theirs, std::size_t bytes, int source
 
 void trap() {
   fail("__trap()");
+}
+
+namespace {
+std::atomic<bool> capturing{false};
+}
+
+bool stream_is_capturing() {
+  return capturing.load();
+}
+
+void set_stream_capturing(bool value) {
+  capturing.store(value);
 }
 
 }  // namespace segfast::sim

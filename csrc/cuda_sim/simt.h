@@ -62,6 +62,9 @@ int lane();
 // reads lane `source`'s (its own when `source` is outside the warp).
 void warp_exchange(const void* mine, void* theirs, std::size_t bytes, int source);
 [[noreturn]] void trap();
+// A stand-in for cudaStreamIsCapturing: the tests set it to run the kernels' graph-capture paths.
+bool stream_is_capturing();
+void set_stream_capturing(bool capturing);
 
 template <typename T>
 T shfl_down(unsigned int mask, T value, unsigned int delta) {
@@ -70,6 +73,15 @@ T shfl_down(unsigned int mask, T value, unsigned int delta) {
   const int source = lane() + static_cast<int>(delta);
   T out;
   warp_exchange(&value, &out, sizeof(T), source < 32 ? source : lane());
+  return out;
+}
+
+template <typename T>
+T shfl_xor(unsigned int mask, T value, int lane_mask) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 16);
+  TORCH_CHECK(mask == 0xffffffffu, "cuda-sim: only full-warp shuffles are simulated, got mask ", mask);
+  T out;
+  warp_exchange(&value, &out, sizeof(T), lane() ^ lane_mask);
   return out;
 }
 
@@ -86,6 +98,11 @@ inline void __trap() {
 template <typename T>
 T __shfl_down_sync(unsigned int mask, T value, unsigned int delta) {
   return segfast::sim::shfl_down(mask, value, delta);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned int mask, T value, int lane_mask) {
+  return segfast::sim::shfl_xor(mask, value, lane_mask);
 }
 
 // The atomics the kernels use; they return the old value, as CUDA's do.
