@@ -25,7 +25,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PIP_DISABLE_PIP_VERSI
 
 # (phase, name, seconds): the plan both the run and `plan` read
 STEPS=(
-  "1 build 150" "1 tests 60" "1 bench 40" "1 bench-bf16 35"
+  "1 build 140" "1 tests 90" "1 bench 30" "1 bench-bf16 25"
   "2 build 150" "2 memcheck 80" "2 racecheck 55"
 )
 
@@ -93,22 +93,26 @@ step build env SKBUILD_BUILD_DIR=build/gpu "$PY" -m pip install -q --no-build-is
   exit 1
 }
 if [ "$PHASE" = 1 ]; then
-  step tests "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  # every family's tests on the "cuda" backend of the device fixture (tests/conftest.py), graph capture included
+  step tests "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
   # segfast vs eager vs torch.compile: float32 NCHW, then bfloat16 channels_last (where the opt-in
   # implicit-GEMM convolution is eligible, timed as "segfast igemm")
   step bench "$PY" -m segfast bench --device cuda --quick --suite ops,models --out "$OUT" --no-charts
   step bench-bf16 "$PY" -m segfast bench --device cuda --quick --dtype bfloat16 --layout channels_last \
     --suite ops,models --out "$OUT" --no-charts
 else
-  # without the caching allocator, an out-of-bounds access inside a cached block is seen too; one
-  # float32 case of every kernel (forward and backward), and the bad-class-index paths
+  # without the caching allocator, an out-of-bounds access inside a cached block is seen too; the
+  # comparisons with the CPU twins reach every kernel (forward and backward, multi-block sizes),
+  # in float32 (and integer / index paths), plus the bad-class-index and graph-capture paths
   step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "float32 or bad_class"
-  # the kernels with shared memory and barriers: block sums (cross_entropy, Dice, focal,
-  # batch_norm_act statistics), the activation-backward columns kernel, the confusion matrix
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests \
+    -k "(twin or bad_class or graph) and not bfloat16 and not float64"
+  # the kernels with shared memory, shuffles and barriers: block sums (cross_entropy, Dice, focal,
+  # batch_norm_act statistics), the warp-per-pixel cross_entropy, the activation-backward columns
+  # kernel, the confusion matrix's per-warp counters
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    -k "float32 and (cross_entropy or dice or focal or batch_norm or channels_last or confusion)"
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests \
+    -k "twin and float32 and (class_targets or rows or dice_sums or focal_loss or batch_norm or conv2d or linear or confusion)"
 fi
 echo "::: phase $PHASE done, first failing status: $status" | tee -a "$LOG"
 exit "$status"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, assert_same_as_twin, dtype_id, seeded_classes, seeded_randn
 
 import segfast
 from segfast.augment import AugmentCollate, RandomAffine, affine_theta, parse_augment
@@ -42,13 +42,16 @@ def _batch(n=4, c=3, h=23, w=31, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("crop", [None, (17, 40)])
-def test_matches_grid_sample_and_exact_nearest(dtype, layout, crop):
+def test_matches_grid_sample_and_exact_nearest(device, dtype, layout, crop):
     image64, mask = _batch()
     transform = RandomAffine(rotate=40, flip=0.5, vflip=0.3, scale=(0.6, 1.8), translate=0.2, crop=crop)
     params = transform.sample(4, image64.shape[-2:], torch.Generator().manual_seed(1))
     size = crop or image64.shape[-2:]
     image = image64.to(dtype).to(memory_format=layout)
-    ours, ours_mask = segfast.ops.affine_augment(image, mask, params.theta, size, ignore_index=255)
+    ours, ours_mask = segfast.ops.affine_augment(
+        image.to(device.device), mask.to(device.device), params.theta, size, ignore_index=255
+    )
+    ours, ours_mask = ours.cpu(), ours_mask.cpu()
     assert ours.is_contiguous(memory_format=layout) and ours.dtype == dtype
     assert_close_to_reference(ours, _stock(image, params.theta, size), _stock(image64, params.theta, size), "image")
     assert torch.equal(ours_mask, _reference_mask(mask, params.theta, size, 255))
@@ -171,11 +174,45 @@ def test_bad_input(call, error, message):
         call()
 
 
-def test_opcheck_and_compile():
+def test_opcheck_and_compile(device):
     image, mask = _batch(2, 2, 6, 7)
     theta = RandomAffine(rotate=20).sample(2, (6, 7), torch.Generator().manual_seed(0)).theta
-    torch.library.opcheck(torch.ops.segfast.affine_augment.default, (image.float(), mask, theta, 5, 4, 255))
+    on_device = (image.float().to(device.device), mask.to(device.device), theta.to(device.device))
+    torch.library.opcheck(torch.ops.segfast.affine_augment.default, (*on_device, 5, 4, 255))
+    if device.name != "cpu":
+        return  # compile: the graph calls the same op
     compiled = torch.compile(lambda x, m, t: segfast.ops.affine_augment(x, m, t, (5, 4)), fullgraph=True)
     out, out_mask = compiled(image.float(), mask, theta)
     ref, ref_mask = segfast.ops.affine_augment(image.float(), mask, theta, (5, 4))
     assert torch.equal(out, ref) and torch.equal(out_mask, ref_mask)
+
+
+def test_mixed_devices_are_refused_without_touching_the_context(device):
+    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
+    memory access that ends the CUDA context (issue 15, defect 8)."""
+    if device.name != "cuda":
+        pytest.skip("needs a second device kind: a GPU beside the CPU")
+    image = torch.rand(1, 3, 8, 8, device="cuda")
+    theta = torch.eye(2, 3, dtype=torch.float64).unsqueeze(0)
+    cases = [lambda: torch.ops.segfast.affine_augment(image, torch.zeros(1, 8, 8, dtype=torch.long), theta, 8, 8, 255)]
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+
+
+# ------------------------------------------- the CUDA kernels against their CPU twin, op by op
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.int64], ids=dtype_id)
+def test_twin_affine_augment(accelerator, dtype, mask_dtype):
+    image = seeded_randn(3, 3, 40, 44, dtype=dtype)
+    mask = seeded_classes((3, 40, 44), 5, dtype=mask_dtype)
+    angle = torch.tensor([0.3, -0.5, 0.0], dtype=torch.float64)
+    scale = torch.tensor([1.1, 0.8, 1.0], dtype=torch.float64)
+    theta = torch.zeros(3, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 1] = angle.cos() / scale, -angle.sin() / scale
+    theta[:, 1, 0], theta[:, 1, 1] = angle.sin() / scale, angle.cos() / scale
+    theta[:, 0, 2], theta[2, 0, 0] = 0.1, -1.0  # a shift; the third sample flipped
+    assert_same_as_twin(*accelerator.both("affine_augment", image, mask, theta, 35, 38, 255), "image, mask")

@@ -4,7 +4,15 @@ running statistics over several steps, every mode and layout; the module; the op
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ACTIVATION_REFERENCES, assert_close_to_reference
+from conftest import (
+    ACTIVATION_REFERENCES,
+    LAYOUTS,
+    assert_close_to_reference,
+    assert_same_as_twin,
+    dtype_id,
+    seeded_randn,
+    skip_unless_supported,
+)
 
 import segfast
 
@@ -29,7 +37,14 @@ def _assert_same(ours, ref, running, leaves):
         torch.testing.assert_close(g_ours, g_ref)
 
 
-def _inputs(shape, dtype=torch.float64, layout=torch.contiguous_format, seed=0, affine=True, residual=False):
+def _inputs(
+    shape, dtype=torch.float64, layout=torch.contiguous_format, seed=0, affine=True, residual=False, device="cpu"
+):
+    x, w, b, r, stats = _cpu_inputs(shape, dtype, layout, seed, affine, residual)
+    return *(None if t is None else t.to(device) for t in (x, w, b, r)), tuple(t.to(device) for t in stats)
+
+
+def _cpu_inputs(shape, dtype, layout, seed, affine, residual):
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     x = (3 * torch.randn(shape, generator=g, dtype=torch.float64) + 2).to(dtype)
@@ -49,10 +64,10 @@ def _inputs(shape, dtype=torch.float64, layout=torch.contiguous_format, seed=0, 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_matches_batch_norm_then_activation_float64(shape, activation, training, layout, residual):
+def test_matches_batch_norm_then_activation_float64(device, shape, activation, training, layout, residual):
     if layout == torch.channels_last and len(shape) != 4:
         pytest.skip("channels_last is 4-D")
-    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual)
+    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual, device=device.device)
     leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
     ours_rm, ours_rv, ref_rm, ref_rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
     ours = segfast.ops.batch_norm_act(x, ours_rm, ours_rv, w, b, training, 0.3, 1e-5, activation, 0.2, r)
@@ -61,10 +76,11 @@ def test_matches_batch_norm_then_activation_float64(shape, activation, training,
     _assert_same(ours, ref, [(ours_rm, ref_rm), (ours_rv, ref_rv)], leaves)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_low_precision_within_twice_stock_error(dtype, layout):
-    x64, w64, b64, _, (rm, rv) = _inputs((4, 8, 9, 10), layout=layout)
+def test_low_precision_within_twice_stock_error(device, dtype, layout):
+    skip_unless_supported(device, dtype)
+    x64, w64, b64, _, (rm, rv) = _inputs((4, 8, 9, 10), layout=layout, device=device.device)
     low = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
     # the float64 reference of the same (rounded) inputs: the statistics' gradients are so sensitive to
     # input rounding that a reference of the unrounded inputs would measure the rounding, not the op
@@ -144,8 +160,8 @@ def test_saves_one_activation_sized_tensor():
     assert saved.total <= 2 * 8 * 4  # the input is the caller's; new state: mean and invstd
 
 
-def test_gradcheck_opcheck_compile():
-    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True)
+def test_gradcheck_opcheck_compile(device):
+    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True, device=device.device)
     args = [t.requires_grad_() for t in (x, w, b, r)]
     assert torch.autograd.gradcheck(
         lambda x, w, b, r: segfast.ops.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, "silu", 0.01, r), args
@@ -176,6 +192,8 @@ def test_gradcheck_opcheck_compile():
     def f(x, w, b):
         return segfast.ops.batch_norm_act(x, None, None, w, b, True).square().sum()
 
+    if device.name == "cuda-sim":
+        return  # the graph calls the same ops as eager (skip_on_simulation, after the checks above)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
     torch.testing.assert_close(
@@ -273,11 +291,11 @@ def test_positional_mistake_is_a_clear_type_error():
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_inplace_matches_batch_norm_then_activation_float64(
-    shape, activation, slope, training, layout, residual, affine
+    device, shape, activation, slope, training, layout, residual, affine
 ):
     if layout == torch.channels_last and len(shape) != 4:
         pytest.skip("channels_last is 4-D")
-    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual, affine=affine)
+    x, w, b, r, (rm0, rv0) = _inputs(shape, layout=layout, residual=residual, affine=affine, device=device.device)
     leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
     ours_rm, ours_rv, ref_rm, ref_rv = rm0.clone(), rv0.clone(), rm0.clone(), rv0.clone()
     ref = reference(x, ref_rm, ref_rv, w, b, training, 0.3, 1e-5, activation, slope, r)
@@ -440,3 +458,64 @@ def test_synchronised_variant_needs_a_process_group():
         segfast.ops.sync_batch_norm_act(x, None, None, torch.ones(3), torch.zeros(3))
     module = segfast.nn.SyncBatchNormAct2d(3)  # no process group: plain BatchNormAct2d
     torch.testing.assert_close(module(x), F.relu(F.batch_norm(x, None, None, training=True)))
+
+
+def test_mixed_devices_are_refused_without_touching_the_context(device):
+    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
+    memory access that ends the CUDA context (issue 15, defect 8)."""
+    if device.name != "cuda":
+        pytest.skip("needs a second device kind: a GPU beside the CPU")
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    cases = [
+        lambda: torch.ops.segfast.batch_norm_act(
+            x, torch.ones(3), None, None, None, True, 0.1, 1e-5, "relu", 0.0, None
+        ),
+        lambda: torch.ops.segfast.batch_norm_act(x, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0, x.cpu()),
+    ]
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+
+
+# ------------------------------------------- the CUDA kernels against their CPU twin, op by op
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+@pytest.mark.parametrize("activation, slope", [("relu", 0.0), ("leaky_relu", 0.1), ("silu", 0.0)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_twin_batch_norm_act(accelerator, dtype, layout, activation, slope, training, residual):
+    x = seeded_randn(4, 3, 20, 21, dtype=dtype, layout=layout, scale=2)  # 1680 values a channel
+    weight, bias = seeded_randn(3, seed=2) + 1.5, seeded_randn(3, seed=3)
+    running_mean, running_var = seeded_randn(3, seed=4), torch.rand(3, dtype=torch.float32) + 0.5
+    r = seeded_randn(4, 3, 20, 21, dtype=dtype, layout=layout, seed=5) if residual else None
+    args = (weight, bias, running_mean, running_var, training, 0.1, 1e-5, activation, slope, r)
+    ours, cpu = accelerator.both("batch_norm_act", x, *args)
+    assert_same_as_twin(ours, cpu, "forward")
+    out, mean, invstd = cpu
+    grad = seeded_randn(*x.shape, dtype=dtype, layout=layout, seed=6)
+    params = (weight, bias, mean, invstd, r, training, activation, slope)
+    mask = [True, residual, True, True]
+    assert_same_as_twin(*accelerator.both("batch_norm_act_backward", grad, x, *params, False, mask), "backward")
+    if activation != "leaky_relu":
+        return
+    # InPlace-ABN: the output overwrites the input; backward inverts the activation
+    ours_x, cpu_x = x.clone().to(accelerator.device), x.clone()
+    device_args = [a.to(accelerator.device) if isinstance(a, torch.Tensor) else a for a in args]
+    statistics = accelerator.ops.batch_norm_act_(ours_x, *device_args)
+    assert_same_as_twin([t.cpu() for t in statistics], torch.ops.segfast.batch_norm_act_(cpu_x, *args), "statistics")
+    assert_same_as_twin(ours_x.cpu(), cpu_x, "inplace output")
+    backward = (grad, out, *params, True, mask)
+    assert_same_as_twin(*accelerator.both("batch_norm_act_backward", *backward), "backward from the output")
+
+
+def test_twin_batch_norm_act_updates_running_statistics(accelerator):
+    x = seeded_randn(4, 3, 20, 21)
+    results = []
+    for ops, device in ((accelerator.ops, accelerator.device), (torch.ops.segfast, torch.device("cpu"))):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        ops.batch_norm_act(x.to(device), None, None, rm, rv, True, 0.3, 1e-5, "relu", 0.0, None)
+        results.append((rm.cpu(), rv.cpu()))
+    assert_same_as_twin(*results, "running statistics")

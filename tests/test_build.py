@@ -105,3 +105,21 @@ def test_compile_caches_are_keyed_by_segfast_op_schemas():
         check=True,
     ).stdout.strip()
     assert out == f"mine;segfast-ops-{digest}"
+
+
+def test_the_simulated_backend_runs_the_cuda_kernels(device):
+    """Under the device fixture's "cuda-sim", segfast's Python faces run the simulated CUDA kernels:
+    with the simulated stream capturing, a bad class index gives the CUDA path's NaN, where the CPU
+    kernel raises (tests/conftest.py)."""
+    if device.name != "cuda-sim":
+        pytest.skip("the routing of the simulation only")
+    import segfast._cuda_sim
+
+    x, target = torch.randn(2, 3, 5), torch.full((2, 5), 3)
+    segfast._cuda_sim.set_stream_capturing(True)
+    try:
+        assert segfast.ops.cross_entropy(x, target).isnan()
+    finally:
+        segfast._cuda_sim.set_stream_capturing(False)
+    with pytest.raises(IndexError, match="target class 3"):
+        segfast.ops.cross_entropy(x, target)

@@ -1,7 +1,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference, assert_grads_close_to_reference
+from conftest import (
+    ACTIVATION_REFERENCES,
+    LAYOUTS,
+    SavedBytes,
+    assert_close_to_reference,
+    assert_fused_act_same_as_twin,
+    assert_grads_close_to_reference,
+    dtype_id,
+    seeded_randn,
+    skip_unless_supported,
+)
 
 import segfast
 from segfast.bench.profiling import FreshOutputs
@@ -20,11 +30,11 @@ GEOMETRIES = [
 ]
 
 
-def _tensors(input_shape, weight_shape, dtype, layout=torch.contiguous_format, bias=True, seed=0):
+def _tensors(input_shape, weight_shape, dtype, layout=torch.contiguous_format, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(input_shape, generator=g, dtype=torch.float64)
-    w = torch.randn(weight_shape, generator=g, dtype=torch.float64) / weight_shape[1] ** 0.5
-    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64) if bias else None
+    x = torch.randn(input_shape, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device) / weight_shape[1] ** 0.5
+    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).to(device) if bias else None
     if x.dim() == 4:
         x = x.to(memory_format=layout)
     ref = [t.requires_grad_() for t in (x, w, b) if t is not None]
@@ -34,12 +44,14 @@ def _tensors(input_shape, weight_shape, dtype, layout=torch.contiguous_format, b
     return ref, low
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
-def test_matches_torch_forward_and_backward(geometry, activation, dtype):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+def test_matches_torch_forward_and_backward(device, layout, geometry, activation, dtype):
+    skip_unless_supported(device, dtype)
     input_shape, weight_shape, kwargs = GEOMETRIES[geometry]
-    (x64, w64, b64), (x, w, b) = _tensors(input_shape, weight_shape, dtype)
+    (x64, w64, b64), (x, w, b) = _tensors(input_shape, weight_shape, dtype, layout, device=device.device)
     slope = 0.1
 
     def stock(x, w, b):
@@ -54,7 +66,7 @@ def test_matches_torch_forward_and_backward(geometry, activation, dtype):
     if activation in ("relu", "leaky_relu"):
         # where z rounds to the other side of the kink the derivative flips in any implementation;
         # give those outputs no gradient so that the comparison measures rounding, not coin flips
-        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
         grad = grad * (F.conv2d(x64, w64, b64, **kwargs).abs() > margin)
     inputs = ((x, w, b), (x, w, b), (x64, w64, b64))
     assert_grads_close_to_reference(("input", "weight", "bias"), (ours, theirs, ref), inputs, grad)
@@ -76,7 +88,7 @@ def test_few_input_channels_without_input_grad(kernel, padding, activation, dtyp
     assert_close_to_reference(ours, theirs, ref, "forward")
     grad = torch.randn_like(ref)
     if activation in ("relu", "leaky_relu"):
-        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
         grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
     assert_grads_close_to_reference(("weight", "bias"), (ours, theirs, ref), ((w, b), (w, b), (w64, b64)), grad)
 
@@ -117,8 +129,8 @@ def test_layout_follows_f_conv2d(layout, in_channels):
     assert gx.is_contiguous(memory_format=layout)
 
 
-def test_no_bias_and_leaky_relu_negative_slope():
-    (x64, w64, _), (x, w, _) = _tensors((2, 3, 8, 8), (4, 3, 3, 3), torch.float64, bias=False)
+def test_no_bias_and_leaky_relu_negative_slope(device):
+    (x64, w64, _), (x, w, _) = _tensors((2, 3, 8, 8), (4, 3, 3, 3), torch.float64, bias=False, device=device.device)
     ours = segfast.ops.conv2d_act(x, w, None, padding=1, activation="leaky_relu", negative_slope=-0.5)
     ref = F.leaky_relu(F.conv2d(x64, w64, None, padding=1), -0.5)
     torch.testing.assert_close(ours, ref)
@@ -126,8 +138,8 @@ def test_no_bias_and_leaky_relu_negative_slope():
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
-def test_gradcheck(activation):
-    (x, w, b), _ = _tensors((1, 2, 5, 6), (3, 2, 3, 2), torch.float64)
+def test_gradcheck(device, activation):
+    (x, w, b), _ = _tensors((1, 2, 5, 6), (3, 2, 3, 2), torch.float64, device=device.device)
     # keep pre-activations away from relu's kink, where finite differences are meaningless
     assert torch.autograd.gradcheck(
         lambda x, w, b: segfast.ops.conv2d_act(
@@ -187,10 +199,10 @@ def test_backward_allocates_only_gradients(activation):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
-def test_opcheck(activation, layout):
-    x = torch.randn(2, 3, 7, 8).to(memory_format=layout).requires_grad_()
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
+def test_opcheck(device, activation, layout):
+    x = torch.randn(2, 3, 7, 8, device=device.device).to(memory_format=layout).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, device=device.device, requires_grad=True)
+    b = torch.randn(4, device=device.device, requires_grad=True)
     torch.library.opcheck(torch.ops.segfast.conv2d_act.default, (x, w, b, [1, 2], [1, 1], [1, 1], 1, activation, 0.01))
     torch.library.opcheck(
         torch.ops.segfast.conv2d_act.default, (x, w, None, [1, 1], [0, 0], [2, 1], 1, activation, 0.01)
@@ -307,3 +319,66 @@ def test_module_state_dict_loads_both_ways():
 def test_bad_input_raises_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0), (3, 0)])
+@pytest.mark.parametrize("activation", ["relu", "silu", "none"])
+@pytest.mark.parametrize("channels", [(32, 64), (64, 48)])
+def test_implicit_gemm_matches_stock(device, monkeypatch, dtype, kernel, padding, activation, channels):
+    """The opt-in tensor-core convolution (SEGFAST_CUDA_CONV=igemm); the simulation does not run its
+    WMMA fragments (docs/cuda-sim.md), so a GPU only."""
+    if device.name != "cuda":
+        pytest.skip("the implicit-GEMM convolution runs on a GPU only")
+    monkeypatch.setenv("SEGFAST_CUDA_CONV", "igemm")
+    c_in, c_out = channels
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(2, c_in, 13, 10, generator=g, dtype=torch.float64).cuda().to(memory_format=torch.channels_last)
+    w64 = 0.1 * torch.randn(c_out, c_in, kernel, kernel, generator=g, dtype=torch.float64).cuda()
+    w64 = w64.to(memory_format=torch.channels_last)
+    b64 = torch.randn(c_out, generator=g, dtype=torch.float64).cuda()
+    ref = [t.requires_grad_() for t in (x64, w64, b64)]
+    low = [t.detach().to(dtype).requires_grad_() for t in ref]
+    act = ACTS[activation]
+
+    def stock(x, w, b):
+        return act(F.conv2d(x, w, b, padding=padding), 0.01)
+
+    ours = segfast.ops.conv2d_act(*low, padding=padding, activation=activation)
+    outputs = (ours, stock(*low), stock(*ref))
+    assert_close_to_reference(*outputs, "igemm forward")
+    grad = torch.randn_like(outputs[2])
+    assert_grads_close_to_reference(("input", "weight", "bias"), outputs, (low, low, ref), grad)
+
+
+def test_mixed_devices_are_refused_without_touching_the_context(device):
+    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
+    memory access that ends the CUDA context (issue 15, defect 8)."""
+    if device.name != "cuda":
+        pytest.skip("needs a second device kind: a GPU beside the CPU")
+    x = torch.randn(1, 2, 6, 6, device="cuda")
+    cases = [
+        lambda: torch.ops.segfast.conv2d_act(x, torch.randn(3, 2, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0),
+        lambda: torch.ops.segfast.linear_act(torch.randn(4, 3, device="cuda"), torch.randn(5, 3), None, "relu", 0.0),
+    ]
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+
+
+# ------------------------------------------- the CUDA kernels against their CPU twin, op by op
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+@pytest.mark.parametrize("activation, slope", [("relu", 0.0), ("leaky_relu", -0.2), ("gelu", 0.0), ("sigmoid", 0.0)])
+def test_twin_conv2d_act(accelerator, dtype, layout, activation, slope):
+    # the CUDA bias + activation pass and activation backward (planes kernel for NCHW, columns for
+    # channels_last) around the vendor convolution
+    x = seeded_randn(2, 4, 30, 33, dtype=dtype, layout=layout)
+    weight = seeded_randn(6, 4, 3, 3, dtype=dtype, layout=layout, seed=2)
+    bias = seeded_randn(6, dtype=dtype, seed=3)
+    assert_fused_act_same_as_twin(
+        accelerator, "conv2d_act", x, weight, bias, ([1, 1], [1, 1], [1, 1], 1), activation, slope
+    )

@@ -1,7 +1,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ACTIVATION_REFERENCES, SavedBytes, assert_close_to_reference
+from conftest import (
+    ACTIVATION_REFERENCES,
+    SavedBytes,
+    assert_close_to_reference,
+    assert_fused_act_same_as_twin,
+    dtype_id,
+    seeded_randn,
+    skip_unless_supported,
+)
 
 import segfast
 from segfast.bench.profiling import FreshOutputs
@@ -10,23 +18,25 @@ ACTS = ACTIVATION_REFERENCES
 SHAPES = [(7,), (5, 7), (2, 3, 7), (0, 7), (300, 7)]  # unbatched, batch, extra dims, empty, > one row block
 
 
-def _tensors(input_shape, out_features, dtype, bias=True, seed=0):
+def _tensors(input_shape, out_features, dtype, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ref = [
-        torch.randn(input_shape, generator=g, dtype=torch.float64),
-        torch.randn(out_features, input_shape[-1], generator=g, dtype=torch.float64) / input_shape[-1] ** 0.5,
-        torch.randn(out_features, generator=g, dtype=torch.float64) if bias else None,
+        torch.randn(input_shape, generator=g, dtype=torch.float64).to(device),
+        torch.randn(out_features, input_shape[-1], generator=g, dtype=torch.float64).to(device)
+        / input_shape[-1] ** 0.5,
+        torch.randn(out_features, generator=g, dtype=torch.float64).to(device) if bias else None,
     ]
     low = [None if t is None else t.to(dtype).requires_grad_() for t in ref]
     return [None if t is None else t.requires_grad_() for t in ref], low
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_torch_forward_and_backward(bias, shape, activation, dtype):
-    (x64, w64, b64), (x, w, b) = _tensors(shape, 6, dtype, bias)
+def test_matches_torch_forward_and_backward(device, bias, shape, activation, dtype):
+    skip_unless_supported(device, dtype)
+    (x64, w64, b64), (x, w, b) = _tensors(shape, 6, dtype, bias, device=device.device)
 
     def stock(x, w, b):
         return ACTS[activation](F.linear(x, w, b), 0.1)
@@ -36,7 +46,7 @@ def test_matches_torch_forward_and_backward(bias, shape, activation, dtype):
     assert_close_to_reference(ours, theirs, ref, "forward")
     grad = torch.randn_like(ref)
     if activation in ("relu", "leaky_relu"):  # no gradient where rounding may flip the kink
-        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
         grad = grad * (F.linear(x64, w64, b64).abs() > margin)
     wrt = [t for t in (x, w, b) if t is not None]
     wrt64 = [t for t in (x64, w64, b64) if t is not None]
@@ -64,8 +74,8 @@ def test_none_is_f_linear_bitwise():
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
-def test_gradcheck(activation):
-    (x, w, b), _ = _tensors((3, 4), 2, torch.float64)
+def test_gradcheck(device, activation):
+    (x, w, b), _ = _tensors((3, 4), 2, torch.float64, device=device.device)
     assert torch.autograd.gradcheck(lambda x, w, b: segfast.ops.linear_act(x, w, b, activation, 0.2), (x, w, b))
 
 
@@ -96,8 +106,9 @@ def test_bias_gradient_deterministic_across_thread_counts():
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "none"])
-def test_opcheck(activation):
-    x, w, b = torch.randn(3, 5, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True), torch.randn(6)
+def test_opcheck(device, activation):
+    x = torch.randn(3, 5, 4, device=device.device, requires_grad=True)
+    w, b = torch.randn(6, 4, device=device.device, requires_grad=True), torch.randn(6, device=device.device)
     torch.library.opcheck(torch.ops.segfast.linear_act.default, (x, w, b, activation, 0.01))
     torch.library.opcheck(torch.ops.segfast.linear_act.default, (x, w, None, activation, 0.01))
 
@@ -143,3 +154,14 @@ def test_torch_compile_fullgraph_and_module_state_dict():
 def test_bad_input_raises_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# ------------------------------------------- the CUDA kernels against their CPU twin, op by op
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("activation, slope", [("relu", 0.0), ("silu", 0.0)])
+def test_twin_linear_act(accelerator, dtype, activation, slope):
+    x = seeded_randn(700, 40, dtype=dtype)  # rows over several row blocks of the columns kernel
+    weight, bias = seeded_randn(50, 40, dtype=dtype, seed=2), seeded_randn(50, dtype=dtype, seed=3)
+    assert_fused_act_same_as_twin(accelerator, "linear_act", x, weight, bias, (), activation, slope)

@@ -1,13 +1,25 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SavedBytes, assert_close_to_reference, every_window_reaches_the_input
-from hypothesis import assume, given, settings
+from conftest import (
+    LAYOUTS,
+    SavedBytes,
+    assert_close_to_reference,
+    assert_same_as_twin,
+    dtype_id,
+    every_window_reaches_the_input,
+    seeded_randn,
+    skip_unless_supported,
+)
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import segfast
 
-LAYOUTS = [torch.contiguous_format, torch.channels_last]
+# the device fixture is set up once per test, for all of its examples
+EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @st.composite
@@ -23,17 +35,17 @@ def pool_args(draw, with_dilation):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 5)), h, w), k, s, p, d, ceil
 
 
-def _input(shape, layout, dtype=torch.float64, seed=0):
+def _input(shape, layout, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype).to(memory_format=layout).requires_grad_()
+    return torch.randn(shape, generator=g, dtype=dtype).to(device, memory_format=layout).requires_grad_()
 
 
-@settings(max_examples=200, deadline=None)
+@EXAMPLES
 @given(args=pool_args(with_dilation=True), layout=st.sampled_from(LAYOUTS))
-def test_max_pool2d_matches_torch_exactly(args, layout):
+def test_max_pool2d_matches_torch_exactly(device, args, layout):
     shape, k, s, p, d, ceil = args
     assume(all(every_window_reaches_the_input(shape[2 + i], k[i], s[i], p[i], d[i], ceil) for i in range(2)))
-    x = _input(shape, layout)
+    x = _input(shape, layout, device=device.device)
     ours, ours_idx = segfast.ops.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
     ref, ref_idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
@@ -45,16 +57,16 @@ def test_max_pool2d_matches_torch_exactly(args, layout):
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-14, atol=1e-14)  # overlapping windows: summation order
 
 
-@settings(max_examples=200, deadline=None)
+@EXAMPLES
 @given(
     args=pool_args(with_dilation=False),
     layout=st.sampled_from(LAYOUTS),
     count_include_pad=st.booleans(),
     divisor=st.sampled_from([None, 1, 3, -2]),
 )
-def test_avg_pool2d_matches_torch(args, layout, count_include_pad, divisor):
+def test_avg_pool2d_matches_torch(device, args, layout, count_include_pad, divisor):
     shape, k, s, p, _, ceil = args
-    x = _input(shape, layout)
+    x = _input(shape, layout, device=device.device)
     ours = segfast.ops.avg_pool2d(x, k, s, p, ceil, count_include_pad, divisor)
     ref = F.avg_pool2d(x, k, s, p, ceil, count_include_pad, divisor)
     torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
@@ -65,11 +77,12 @@ def test_avg_pool2d_matches_torch(args, layout, count_include_pad, divisor):
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
-def test_low_precision_within_twice_stock_error(op, layout, dtype):
-    x64 = _input((2, 8, 15, 17), layout)
+def test_low_precision_within_twice_stock_error(device, op, layout, dtype):
+    skip_unless_supported(device, dtype)
+    x64 = _input((2, 8, 15, 17), layout, device=device.device)
     x = x64.detach().to(dtype).requires_grad_()
     args = dict(kernel_size=3, stride=2, padding=1)
     ours, stock, ref = (getattr(segfast.ops, op)(x, **args), getattr(F, op)(x, **args), getattr(F, op)(x64, **args))
@@ -105,8 +118,8 @@ def test_output_layout_and_fake_follow_torch(shape, view):
     )
 
 
-def test_max_pool2d_nan_propagates_like_torch():
-    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+def test_max_pool2d_nan_propagates_like_torch(device):
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, device=device.device)
     x[0, 0, 1, 1] = float("nan")
     x[0, 1, 2:4, 2:4] = float("nan")
     x[0, 1, 0, 0] = float("-inf")
@@ -121,33 +134,33 @@ def test_max_pool2d_nan_propagates_like_torch():
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_two_by_two_stride_two_path_matches_torch(size, ceil_mode, dtype, layout):
+def test_two_by_two_stride_two_path_matches_torch(device, size, ceil_mode, dtype, layout):
     # 2x2 / stride 2 pooling takes its own one-pass kernels (NCHW forward and backward, channels_last
     # max backward); odd sizes leave a last row / column out of every window, ties and NaN keep
     # torch's first-wins rule
     g = torch.Generator().manual_seed(1)
     x = torch.randint(-2, 3, (2, 3, *size), generator=g).to(dtype)  # many ties
     x[0, 0, 0, 1] = float("nan")
-    x = x.to(memory_format=layout).requires_grad_()
+    x = x.to(device.device, memory_format=layout).requires_grad_()
     grad_seed = torch.Generator().manual_seed(2)
     for divisor in (None, 3):
         ours = segfast.ops.avg_pool2d(x, 2, ceil_mode=ceil_mode, divisor_override=divisor)
         ref = F.avg_pool2d(x, 2, ceil_mode=ceil_mode, divisor_override=divisor)
         torch.testing.assert_close(ours, ref, equal_nan=True)
-        grad = torch.randn(ref.shape, generator=grad_seed).to(dtype)
+        grad = torch.randn(ref.shape, generator=grad_seed).to(device.device, dtype)
         torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
     ours, ours_idx = segfast.ops.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
     ref, ref_idx = F.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(ours_idx, ref_idx)
-    grad = torch.randn(ref.shape, generator=grad_seed).to(dtype)
+    grad = torch.randn(ref.shape, generator=grad_seed).to(device.device, dtype)
     (g_ours,) = torch.autograd.grad(segfast.ops.max_pool2d(x, 2, ceil_mode=ceil_mode), x, grad)
     torch.testing.assert_close(g_ours, torch.autograd.grad(ref, x, grad)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_window_of_only_padding(layout):
-    x = _input((1, 3, 1, 5), layout)
+def test_window_of_only_padding(device, layout):
+    x = _input((1, 3, 1, 5), layout, device=device.device)
     ours, ours_idx = segfast.ops.max_pool2d(x, 2, 1, 1, 2, return_indices=True)
     ref, ref_idx = F.max_pool2d(x.detach(), 2, 1, 1, 2, return_indices=True)
     torch.testing.assert_close(ours, ref)  # -inf, as torch
@@ -162,8 +175,8 @@ def test_unbatched_input():
     torch.testing.assert_close(segfast.ops.avg_pool2d(x, 3, 2, 1), F.avg_pool2d(x, 3, 2, 1))
 
 
-def test_large_window_uses_int32_argmax_and_stays_exact():
-    x = _input((1, 2, 20, 20), torch.contiguous_format)
+def test_large_window_uses_int32_argmax_and_stays_exact(device):
+    x = _input((1, 2, 20, 20), torch.contiguous_format, device=device.device)
     out = segfast.ops.max_pool2d(x, 17, 1)  # 289 taps > 256
     (g,) = torch.autograd.grad(out.sum(), x)
     (g_ref,) = torch.autograd.grad(F.max_pool2d(x, 17, 1).sum(), x)
@@ -172,8 +185,8 @@ def test_large_window_uses_int32_argmax_and_stays_exact():
     assert argmax.dtype == torch.int32
 
 
-def test_empty_batch_returns_empty_like_torch():
-    x = torch.randn(0, 3, 8, 8)
+def test_empty_batch_returns_empty_like_torch(device):
+    x = torch.randn(0, 3, 8, 8, device=device.device)
     assert segfast.ops.max_pool2d(x, 2).shape == F.max_pool2d(x, 2).shape == (0, 3, 4, 4)
     assert segfast.ops.avg_pool2d(x, 2).shape == (0, 3, 4, 4)
 
@@ -193,14 +206,14 @@ def test_max_pool2d_saves_one_byte_per_output(layout):
 
 
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
-def test_gradcheck(op):
-    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+def test_gradcheck(device, op):
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, device=device.device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: getattr(segfast.ops, op)(t, 3, 2, 1, ceil_mode=True), (x,))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(layout):
-    x = torch.randn(2, 3, 9, 8).to(memory_format=layout).requires_grad_()
+def test_opcheck(device, layout):
+    x = torch.randn(2, 3, 9, 8, device=device.device).to(memory_format=layout).requires_grad_()
     for return_indices in (False, True):
         torch.library.opcheck(
             torch.ops.segfast.max_pool2d.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], True, return_indices)
@@ -250,3 +263,66 @@ def test_modules_mirror_torch():
         (segfast.nn.AvgPool2d(3, 2, 1, count_include_pad=False), torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
     ]:
         torch.testing.assert_close(ours(x), stock(x))
+
+
+def test_mixed_devices_are_refused_without_touching_the_context(device):
+    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
+    memory access that ends the CUDA context (issue 15, defect 8)."""
+    if device.name != "cuda":
+        pytest.skip("needs a second device kind: a GPU beside the CPU")
+    grad = torch.randn(1, 2, 4, 4, device="cuda")
+    argmax = torch.zeros(1, 2, 4, 4, dtype=torch.uint8)
+    cases = [
+        lambda: torch.ops.segfast.max_pool2d_backward(grad, argmax, [1, 2, 8, 8], [2, 2], [2, 2], [0, 0], [1, 1], False)
+    ]
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+
+
+# ------------------------------------------- the CUDA kernels against their CPU twin, op by op
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, ceil_mode",
+    [
+        ((3, 3), (2, 2), (1, 1), (1, 1), False),
+        ((2, 3), (1, 2), (0, 1), (2, 1), True),
+        ((17, 17), (1, 1), (8, 8), (1, 1), False),
+    ],
+    ids=["3x3s2", "dilated-ceil", "289-taps"],
+)
+@pytest.mark.parametrize("return_indices", [False, True], ids=["argmax", "indices"])
+def test_twin_max_pool2d(accelerator, dtype, layout, kernel, stride, padding, dilation, ceil_mode, return_indices):
+    x = seeded_randn(2, 3, 37, 41, dtype=dtype, layout=layout)
+    x[0, 1, 5, 5] = math.nan  # a NaN wins its windows, as in torch
+    window = (kernel, stride, padding, dilation, ceil_mode)
+    ours, cpu = accelerator.both("max_pool2d", x, *window, return_indices)
+    assert_same_as_twin(ours, cpu, "forward")
+    grad = seeded_randn(*cpu[0].shape, dtype=dtype, layout=layout, seed=2)
+    assert_same_as_twin(*accelerator.both("max_pool2d_backward", grad, cpu[1], list(x.shape), *window), "backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+@pytest.mark.parametrize(
+    "kernel, stride, padding, ceil_mode, count_include_pad, divisor_override",
+    [
+        ((3, 3), (2, 2), (1, 1), False, True, None),
+        ((2, 3), (1, 2), (1, 1), True, False, None),
+        ((4, 4), (3, 3), (2, 2), True, True, 5),
+    ],
+    ids=["3x3s2", "ceil-exclude-pad", "divisor"],
+)
+def test_twin_avg_pool2d(
+    accelerator, dtype, layout, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    x = seeded_randn(2, 3, 37, 41, dtype=dtype, layout=layout)
+    window = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    ours, cpu = accelerator.both("avg_pool2d", x, *window)
+    assert_same_as_twin(ours, cpu, "forward")
+    grad = seeded_randn(*cpu.shape, dtype=dtype, layout=layout, seed=2)
+    assert_same_as_twin(*accelerator.both("avg_pool2d_backward", grad, list(x.shape), *window), "backward")
