@@ -362,8 +362,8 @@ def test_inplace_autograd_rules_of_in_place_ops():
         assert y._version > version
 
 
-def test_inplace_gradcheck_opcheck_compile():
-    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True)
+def test_inplace_gradcheck_opcheck_compile(device):
+    x, w, b, r, (rm, rv) = _inputs((2, 3, 4, 4), residual=True, device=device.device)
     args = [t.requires_grad_() for t in (x, w, b, r)]
 
     def f(x, w, b, r, training=True):
@@ -379,6 +379,8 @@ def test_inplace_gradcheck_opcheck_compile():
     def loss(x, w, b):
         return segfast.ops.batch_norm_act(x * 2, None, None, w, b, True, activation="leaky_relu", inplace=True).sum()
 
+    if device.name == "cuda-sim":
+        return  # the graph calls the same ops as eager (skip_on_simulation, after the checks above)
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b), loss(x, w, b))
     torch.testing.assert_close(

@@ -118,15 +118,15 @@ def test_probability_targets_match_torch(device, shape, weighted, reduction, dty
 
 
 @pytest.mark.parametrize("view", ["gapped", "expanded", "transposed"])
-def test_non_dense_logits(view):
-    base = torch.randn(6, 10, 3, dtype=torch.float64, requires_grad=True)
+def test_non_dense_logits(device, view):
+    base = torch.randn(6, 10, 3, dtype=torch.float64, device=device.device, requires_grad=True)
     logits = {
         "gapped": lambda: base[:, ::2],
         "expanded": lambda: base[:1, :5].expand(6, 5, 3),
         "transposed": lambda: base[:, :5].transpose(0, 2),
     }[view]()
-    target = torch.randint(0, 5, logits.shape[:1] + logits.shape[2:])
-    probs = torch.rand(logits.shape, dtype=torch.float64).softmax(1)
+    target = torch.randint(0, 5, logits.shape[:1] + logits.shape[2:], device=device.device)
+    probs = torch.rand(logits.shape, dtype=torch.float64, device=device.device).softmax(1)
     for tgt in (target, probs):
         ours, ref = segfast.ops.cross_entropy(logits, tgt), F.cross_entropy(logits, tgt)
         torch.testing.assert_close(ours, ref)
@@ -556,3 +556,23 @@ def test_twin_bad_class_index_raises(accelerator):
     for ops, device in ((accelerator.ops, accelerator.device), (torch.ops.segfast, "cpu")):
         with pytest.raises(IndexError, match=r"target class 3 at \(n=1, pixel=149\) is outside \[0, 3\)"):
             ops.cross_entropy(as_pixels(x).to(device), as_pixel_targets(target).to(device), None, "mean", -100, 0.0)
+
+
+def test_follows_the_current_stream_and_device(device):
+    """The kernels launch on the caller's current stream, and on the logits' device (a second GPU
+    where the machine has one)."""
+    if device.name != "cuda":
+        pytest.skip("streams and devices are a GPU's")
+    logits, target, weight = _case((4, 19, 32, 24))
+    expected = F.cross_entropy(logits, target, weight=weight, label_smoothing=0.1)
+    for index in range(min(torch.cuda.device_count(), 2)):
+        x = logits.to(f"cuda:{index}").requires_grad_()
+        t, w = target.to(f"cuda:{index}"), weight.to(f"cuda:{index}")
+        side = torch.cuda.Stream(device=index)
+        side.wait_stream(torch.cuda.current_stream(index))
+        with torch.cuda.stream(side):
+            loss = segfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+            (grad,) = torch.autograd.grad(loss, x)
+        side.synchronize()
+        torch.testing.assert_close(loss.cpu(), expected)
+        assert grad.device == x.device and grad.isfinite().all()
