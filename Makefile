@@ -8,6 +8,7 @@ BUILD_DIR  = build/$(notdir $(VENV))
 SOURCES   := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 SEGFAST_SANITIZE ?= OFF
+SEGFAST_SIM_TSAN ?= OFF
 # SEGFAST_CUDA=AUTO|ON|OFF (CUDA kernels with a CUDA torch); SEGFAST_CUDA_CHECK=ON (CPU torch: nvcc
 # compiles csrc/cuda/*.cu without linking). Both reach CMake through pyproject.toml.
 SEGFAST_CUDA ?= AUTO
@@ -27,7 +28,7 @@ EXTRA_DEPS_2.14.1 = torchvision==0.29.1
 LINTERS = ruff==0.17.6 clang-format==23.1.5
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: venv build test bench info fuzz asan wheel lint format clean
+.PHONY: venv build test bench info fuzz asan tsan wheel lint format clean
 venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
@@ -39,6 +40,7 @@ $(VENV)/.deps: Makefile
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	SKBUILD_BUILD_DIR=$(BUILD_DIR) SEGFAST_SANITIZE=$(SEGFAST_SANITIZE) SEGFAST_CUDA_SIM=$(SEGFAST_CUDA_SIM) \
+	  SEGFAST_SIM_TSAN=$(SEGFAST_SIM_TSAN) \
 	  $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -64,6 +66,16 @@ asan:
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(ASAN_VENV)/bin/python -m pytest -q -s -p no:cacheprovider $(ASAN_TESTS)
+
+# the CUDA kernels' comparisons with their CPU twins on the simulation, its kernels built with
+# ThreadSanitizer (each simulated thread a TSan fiber, barriers and shuffles as its synchronisation:
+# a shared-memory access no barrier orders is reported), in its own venv; one OpenMP thread, as
+# TSan cannot see the synchronisation inside torch's uninstrumented OpenMP runtime
+TSAN_VENV ?= .venv-tsan
+tsan:
+	SKBUILD_INSTALL_STRIP=false $(MAKE) build VENV=$(TSAN_VENV) SEGFAST_SIM_TSAN=ON  # symbols for the reports
+	LD_PRELOAD="$$(g++ -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_on_error=1:exitcode=66 OMP_NUM_THREADS=1 \
+	  $(TSAN_VENV)/bin/python -m pytest -q -s -p no:cacheprovider -m cuda_sim -k twin tests
 
 # dist/: a CPU wheel (torch 2.13) and a CUDA wheel (torch 2.14.1, cu130), each repaired by auditwheel,
 # inspected and installed into a fresh venv for a smoke test of every op (tools/build_wheel.py)

@@ -23,6 +23,42 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+// SEGFAST_SIM_TSAN (`make tsan`): the kernels are compiled with ThreadSanitizer, this file is not
+// (its scheduler hands state from fiber to fiber, which TSan would take for races). Each
+// simulated thread is a TSan fiber, switched to without synchronisation, and what orders the
+// threads of a block on a GPU orders them here: a __syncthreads is a release by every thread
+// arriving and an acquire by every thread leaving, a shuffle the same for its warp's lanes, and a
+// launch or the end of a block a release/acquire between the blocks (which run one after another
+// here; races between concurrent blocks are out of reach). A shared-memory access that no
+// barrier orders is then a data race that TSan reports, with the kernel's stack.
+#ifdef SEGFAST_SIM_TSAN
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+namespace {
+constexpr unsigned kNoSync = 1;  // __tsan_switch_to_fiber_no_sync
+void tsan_switch_to(void* fiber) {
+  __tsan_switch_to_fiber(fiber, kNoSync);
+}
+void tsan_release(void* token) {
+  __tsan_release(token);
+}
+void tsan_acquire(void* token) {
+  __tsan_acquire(token);
+}
+}  // namespace
+#else
+namespace {
+void tsan_switch_to(void*) {}
+void tsan_release(void*) {}
+void tsan_acquire(void*) {}
+}  // namespace
+#endif
+
 thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
 thread_local dim3 blockDim;
@@ -77,7 +113,9 @@ struct Fiber {
   // others (it waits at the next barrier), never two
   std::array<std::array<unsigned char, 16>, 2> slots;
   int exchanges = 0;
+  int barriers = 0;            // __syncthreads passed in this block
   void* fake_stack = nullptr;  // ASan's bookkeeping across switches
+  void* tsan_fiber = nullptr;  // TSan's, under SEGFAST_SIM_TSAN
 };
 
 // One launch's fibers and scheduler; blocks reuse the fibers.
@@ -89,6 +127,13 @@ struct Launch {
   void* scheduler_sp = nullptr;
   const void* scheduler_stack = nullptr;  // for ASan
   std::size_t scheduler_stack_bytes = 0;
+  // TSan's synchronisation objects (their addresses): the launching thread's fiber, the start of
+  // block b (released by the launch or block b - 1 ending, token b % 2), the block's barriers and
+  // each warp's exchanges (alternating, as a thread is at most one barrier ahead of another)
+  void* tsan_host = nullptr;
+  char block_token[2] = {}, barrier_token[2] = {};
+  std::vector<std::array<char, 2>> warp_tokens;
+  unsigned long long block = 0;
 };
 
 Launch* launch_state = nullptr;
@@ -117,6 +162,8 @@ void yield(State state) {
   Launch& l = *launch_state;
   Fiber& f = (*l.fibers)[l.current];
   f.state = state;
+  if (state == State::Done) tsan_release(&l.block_token[(l.block + 1) % 2]);
+  tsan_switch_to(l.tsan_host);
 #ifdef __SANITIZE_ADDRESS__
   __sanitizer_start_switch_fiber(state == State::Done ? nullptr : &f.fake_stack, l.scheduler_stack,
                                  l.scheduler_stack_bytes);
@@ -127,6 +174,7 @@ void yield(State state) {
 
 [[noreturn]] void fiber_main() {
   entered();
+  tsan_acquire(&launch_state->block_token[launch_state->block % 2]);
   try {
     (*launch_state->body)();
   } catch (const std::exception& e) {
@@ -171,6 +219,7 @@ void run_block(Launch& l) {
     Fiber& f = fibers[t];
     f.state = State::Runnable;
     f.exchanges = 0;
+    f.barriers = 0;
 #ifdef __SANITIZE_ADDRESS__
     // a finished fiber never unwinds: its frames' redzones are still poisoned
     ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
@@ -196,6 +245,7 @@ void run_block(Launch& l) {
       if (f.state != State::Runnable) continue;
       l.current = t;
       set_thread_index(t);
+      tsan_switch_to(f.tsan_fiber);
 #ifdef __SANITIZE_ADDRESS__
       void* scheduler_fake = nullptr;
       __sanitizer_start_switch_fiber(&scheduler_fake, f.stack.get(), kStackBytes);
@@ -232,22 +282,37 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& thread_body) {
   l.body = &thread_body;
   l.fibers = &fibers;
   l.threads = static_cast<int>(threads);
+  l.warp_tokens.resize((threads + kWarp - 1) / kWarp);
+#ifdef SEGFAST_SIM_TSAN
+  l.tsan_host = __tsan_get_current_fiber();
+  for (Fiber& f : fibers) {
+    if (f.tsan_fiber == nullptr) f.tsan_fiber = __tsan_create_fiber(0);
+  }
+#endif
   launch_state = &l;
   blockDim = block;
   gridDim = grid;
+  threadIdx = blockIdx = dim3();    // the first use of a thread_local allocates it: before the release
+  tsan_release(&l.block_token[0]);  // what the host wrote before the launch
   for (unsigned int z = 0; z < grid.z; ++z) {
     for (unsigned int y = 0; y < grid.y; ++y) {
       for (unsigned int x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
         run_block(l);
+        ++l.block;
       }
     }
   }
+  tsan_acquire(&l.block_token[l.block % 2]);  // what the last block wrote, for the host
   launch_state = nullptr;
 }
 
 void syncthreads() {
+  Launch& l = *launch_state;
+  const int me = l.current, parity = (*l.fibers)[me].barriers++ % 2;
+  tsan_release(&l.barrier_token[parity]);
   yield(State::AtSyncthreads);
+  tsan_acquire(&l.barrier_token[parity]);
 }
 
 int lane() {
@@ -259,8 +324,11 @@ void warp_exchange(const void* mine, void* theirs, std::size_t bytes, int source
   std::vector<Fiber>& fibers = *l.fibers;
   const int me = l.current, from = me / kWarp * kWarp + source;
   const int parity = fibers[me].exchanges++ % 2;
+  char* token = &l.warp_tokens[me / kWarp][parity];
   std::memcpy(fibers[me].slots[parity].data(), mine, bytes);
+  tsan_release(token);
   yield(State::AtWarpBarrier);  // every live lane has offered its value
+  tsan_acquire(token);
   std::memcpy(theirs, fibers[from < l.threads ? from : me].slots[parity].data(), bytes);
 }
 
