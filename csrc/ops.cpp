@@ -90,6 +90,24 @@ SEGFAST_TORCH_LIBRARY(SEGFAST_OPS_NAMESPACE, m) {
       "focal_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, float gamma, "
       "Tensor lse, Tensor count, str reduction, int ignore_index) -> Tensor");
 
+  // Sigmoid (binary and multi-label) losses on (N, C, S) logits and a target of the same shape:
+  // probabilities of the logits' dtype, or 0 / 1 as int64, int32 or uint8; elements whose target
+  // equals ignore_index are left out. sigmoid_sums: per (sample, class), (5, N, C) float32 (float64
+  // for float64): sum p*y, sum p (p^2 if squared), sum y, sum of BCE-with-logits, count of elements;
+  // Dice and BCE are Python math on these.
+  m.def("sigmoid_sums(Tensor input, Tensor target, int ignore_index, bool squared) -> Tensor");
+  m.def(
+      "sigmoid_sums_backward(Tensor grad_sums, Tensor input, Tensor target, int ignore_index, bool squared) "
+      "-> Tensor");
+  // sigmoid_focal_loss: torchvision's sigmoid_focal_loss per element, alpha per class (or none);
+  // returns (loss, count), count = the elements left in (the mean's divisor).
+  m.def(
+      "sigmoid_focal_loss(Tensor input, Tensor target, Tensor? alpha, float gamma, str reduction, "
+      "int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "sigmoid_focal_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, float gamma, "
+      "Tensor count, str reduction, int ignore_index) -> Tensor");
+
   // Joint image + mask augmentation: per sample, the affine map theta (N, 2, 3), from output to
   // input coordinates normalised to [-1, 1] (F.affine_grid's convention, align_corners=False),
   // samples the (N, C, H, W) image bilinearly (zeros outside, as F.grid_sample) and the (N, H, W)

@@ -17,6 +17,7 @@ __all__ = [
     "BatchNormAct2d",
     "Conv2dAct",
     "CrossEntropyLoss",
+    "DiceBCELoss",
     "DiceCELoss",
     "DiceLoss",
     "FocalLoss",
@@ -286,7 +287,8 @@ def _as_buffer(value) -> torch.Tensor | None:
 
 
 class DiceLoss(nn.Module):
-    """Soft Dice loss with the softmax fused in; arguments as :func:`segfast.ops.dice_loss`."""
+    """Soft Dice loss with the softmax (or, ``mode="binary"`` / ``"multilabel"``, the sigmoid) fused
+    in; arguments as :func:`segfast.ops.dice_loss`."""
 
     def __init__(
         self,
@@ -298,10 +300,12 @@ class DiceLoss(nn.Module):
         weight: torch.Tensor | float | Sequence[float] | None = None,
         batch: bool = False,
         reduction: str = "mean",
+        mode: str = "multiclass",
     ):
         super().__init__()
         self.register_buffer("weight", _as_buffer(weight))
         self.options = dict(
+            mode=mode,
             include_background=include_background,
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
@@ -316,7 +320,8 @@ class DiceLoss(nn.Module):
 
 
 class FocalLoss(nn.Module):
-    """Multi-class focal loss with the softmax fused in; arguments as :func:`segfast.ops.focal_loss`."""
+    """Focal loss with the softmax (or, ``mode="binary"`` / ``"multilabel"``, the sigmoid) fused in;
+    arguments as :func:`segfast.ops.focal_loss`."""
 
     def __init__(
         self,
@@ -324,15 +329,44 @@ class FocalLoss(nn.Module):
         alpha: torch.Tensor | float | Sequence[float] | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
+        mode: str = "multiclass",
     ):
         super().__init__()
         self.register_buffer("alpha", _as_buffer(alpha))
-        self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
+        self.gamma, self.ignore_index, self.reduction, self.mode = gamma, ignore_index, reduction, mode
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ops.focal_loss(
-            input, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index, reduction=self.reduction
+            input,
+            target,
+            mode=self.mode,
+            gamma=self.gamma,
+            alpha=self.alpha,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
         )
+
+
+class DiceBCELoss(nn.Module):
+    """``lambda_dice * Dice + lambda_bce * BCE`` of sigmoid logits from one fused pass (binary and
+    multi-label segmentation); arguments as :func:`segfast.ops.dice_bce_loss`."""
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        lambda_dice: float = 1.0,
+        lambda_bce: float = 1.0,
+        ignore_index: int = -100,
+        weight: torch.Tensor | float | Sequence[float] | None = None,
+        **dice_options,
+    ):
+        super().__init__()
+        self.register_buffer("weight", _as_buffer(weight))
+        self.options = dict(mode=mode, lambda_dice=lambda_dice, lambda_bce=lambda_bce, ignore_index=ignore_index)
+        self.options.update(dice_options)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.dice_bce_loss(input, target, weight=self.weight, **self.options)
 
 
 class DiceCELoss(nn.Module):

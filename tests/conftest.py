@@ -147,6 +147,17 @@ class CapturedCall:
             segfast._cuda_sim.set_stream_capturing(False)
 
 
+def assert_mixed_devices_refused(device: Backend, cases) -> None:
+    """Each call (a direct torch.ops call with one argument left on the CPU) is a ValueError, not an
+    illegal memory access that ends the CUDA context (issue 15, defect 8). A GPU only."""
+    if device.name != "cuda":
+        pytest.skip("needs a second device kind: a GPU beside the CPU")
+    for call in cases:
+        with pytest.raises(ValueError, match="is on cpu but"):
+            call()
+    torch.cuda.synchronize()  # the context is alive
+
+
 def skip_unless_supported(device: Backend, dtype: torch.dtype):
     """float16 runs on the GPU only: the CPU kernels (and so the simulation, compared with them and
     run on CPU tensors) take float64, float32 and bfloat16."""

@@ -7,6 +7,7 @@ from conftest import (
     CapturedCall,
     as_pixel_targets,
     as_pixels,
+    assert_mixed_devices_refused,
     assert_same_as_twin,
     dtype_id,
     seeded_classes,
@@ -108,17 +109,13 @@ def test_bad_class_index_inside_a_cuda_graph_marks_the_matrix(device):
 
 
 def test_mixed_devices_are_refused_without_touching_the_context(device):
-    """A direct torch.ops call with one argument left on the CPU is a ValueError, not an illegal
-    memory access that ends the CUDA context (issue 15, defect 8)."""
+    """One argument left on the CPU: a ValueError, the context alive (issue 15, defect 8)."""
     if device.name != "cuda":
         pytest.skip("needs a second device kind: a GPU beside the CPU")
     x = torch.randn(2, 4, 8, device="cuda")
     t = torch.randint(0, 4, (2, 8))
     cases = [lambda: torch.ops.segfast.confusion_matrix(x, t, 4, -100)]
-    for call in cases:
-        with pytest.raises(ValueError, match="is on cpu but"):
-            call()
-    torch.cuda.synchronize()  # the context is alive
+    assert_mixed_devices_refused(device, cases)
 
 
 # ------------------------------------------- the CUDA kernels against their CPU twin, op by op
@@ -136,3 +133,26 @@ def test_twin_confusion_matrix_from_predicted_classes(accelerator):
     pred = seeded_classes((3, 40, 41), 6, seed=7)
     target = seeded_classes((3, 40, 41), 6, ignore_index=-1, ignored=0.1)
     assert_same_as_twin(*accelerator.both("confusion_matrix", as_pixel_targets(pred), as_pixel_targets(target), 6, -1))
+
+
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+def test_binary_and_multilabel_metrics_count_each_class(mode):
+    g = torch.Generator().manual_seed(0)
+    classes = 1 if mode == "binary" else 3
+    logits = torch.randn(4, classes, 9, 11, generator=g)
+    target = torch.randint(0, 2, (4, classes, 9, 11), generator=g)
+    target[:, :, ::4] = 255
+    metrics = SegmentationMetrics(classes, ignore_index=255, mode=mode, threshold=0.3)
+    metrics.update(logits[:2], target[:2].squeeze(1) if mode == "binary" else target[:2])
+    metrics.update(logits[2:].sigmoid(), target[2:])  # probabilities: the same threshold, no second sigmoid
+    out = metrics.compute()
+    predicted, counted = logits.sigmoid() > 0.3, target != 255
+    for c in range(classes):
+        p, t, k = predicted[:, c], target[:, c] == 1, counted[:, c]
+        tp, fp, fn = (p & t & k).sum().item(), (p & ~t & k).sum().item(), (~p & t & k).sum().item()
+        assert out["iou"][c] == pytest.approx(tp / (tp + fp + fn))
+        assert out["dice"][c] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert out["pixels"] == counted.sum().item()
+    assert out["pixel_accuracy"] == pytest.approx(((predicted == (target == 1)) & counted).sum().item() / out["pixels"])
+    with pytest.raises(ValueError, match="targets must be 0, 1 or ignore_index"):
+        metrics.update(logits, torch.full_like(target, 2))

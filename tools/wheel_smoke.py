@@ -22,6 +22,8 @@ OPS = [
     "confusion_matrix",
     "dice_sums",
     "focal_loss",
+    "sigmoid_sums",
+    "sigmoid_focal_loss",
     "affine_augment",
 ]
 
@@ -58,8 +60,18 @@ def check_ops_on_cpu() -> None:
     torch.testing.assert_close(grad, torch.autograd.grad(F.cross_entropy(logits, target), logits)[0])
     matrix = ops.confusion_matrix(logits.detach(), target, 4)
     assert int(matrix.sum()) == target.numel()
-    for loss in (ops.dice_loss(logits, target), ops.focal_loss(logits, target)):
+    mask = (target > 1).unsqueeze(1)
+    binary = logits[:, :1]
+    for loss in (
+        ops.dice_loss(logits, target),
+        ops.focal_loss(logits, target),
+        ops.dice_bce_loss(binary, mask),
+        ops.focal_loss(binary, mask, mode="binary"),
+    ):
         assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, logits)[0]).all()
+    torch.testing.assert_close(
+        ops.dice_bce_loss(binary, mask, lambda_dice=0.0), F.binary_cross_entropy_with_logits(binary, mask.double())
+    )
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64).expand(2, 2, 3)
     image, mask = ops.affine_augment(x.detach(), target.new_zeros(2, 9, 9), identity)
     torch.testing.assert_close(image, x.detach())

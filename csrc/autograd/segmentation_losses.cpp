@@ -1,5 +1,6 @@
 // Autograd of dice_sums and focal_loss, in C++ (Autograd key).
-//  - dice_sums saves nothing but the caller's logits and target; backward recomputes the softmax.
+//  - dice_sums (autograd/loss_sums.h) saves nothing but the caller's logits and target; backward
+//    recomputes the softmax.
 //  - focal_loss saves them, the class weights alpha and one float per pixel (the log-sum-exp).
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -11,46 +12,23 @@
 #include <tuple>
 
 #include "autograd/autograd.h"
+#include "autograd/loss_sums.h"
 
 namespace segfast {
 namespace {
 
 using at::Tensor;
 
-using DiceSumsSignature = Tensor(const Tensor&, const Tensor&, int64_t, bool);
-using DiceSumsBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
 using FocalSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, double,
                                                           c10::string_view, int64_t);
 using FocalBackwardSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, OptionalTensor, double,
                                       const Tensor&, const Tensor&, c10::string_view, int64_t);
 
 constexpr char kDiceSums[] = "segfast::dice_sums";
-constexpr auto dice_sums_op = registered_op<DiceSumsSignature, kDiceSums>;
+constexpr char kDiceSumsBackward[] = "segfast::dice_sums_backward";
 
 constexpr char kFocalLoss[] = "segfast::focal_loss";
 constexpr auto focal_loss_op = registered_op<FocalSignature, kFocalLoss>;
-
-struct DiceSums : torch::autograd::Function<DiceSums> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t ignore_index,
-                               bool squared) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor sums = dice_sums_op().call(input, target, ignore_index, squared);
-    ctx->save_for_backward({input, target});  // the caller's tensors: nothing new is kept
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["squared"] = squared;
-    return {sums};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<DiceSumsBackwardSignature>("segfast::dice_sums_backward");
-    variable_list result(4);
-    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
-    const variable_list saved = ctx->get_saved_variables();
-    const auto& d = ctx->saved_data;
-    result[0] = op.call(grads[0], saved[0], saved[1], d.at("ignore_index").toInt(), d.at("squared").toBool());
-    return result;
-  }
-};
 
 struct FocalLoss : torch::autograd::Function<FocalLoss> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, OptionalTensor alpha,
@@ -81,7 +59,7 @@ struct FocalLoss : torch::autograd::Function<FocalLoss> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segfast, Autograd, m) {
-  m.impl("dice_sums", &AutogradKernel<DiceSums, DiceSumsSignature, kDiceSums>::call);
+  m.impl("dice_sums", &AutogradKernel<LossSums<kDiceSums, kDiceSumsBackward>, LossSumsSignature, kDiceSums>::call);
   m.impl("focal_loss", &AutogradKernel<FocalLoss, FocalSignature, kFocalLoss>::call);
 }
 

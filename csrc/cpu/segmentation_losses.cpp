@@ -17,6 +17,7 @@
 #include "common/layout.h"
 #include "common/reduction.h"
 #include "common/segmentation_losses.h"
+#include "cpu/focal_powers.h"
 #include "cpu/output_cache.h"
 #include "cpu/softmax_tile.h"
 #include "cpu/vec_math.h"
@@ -253,29 +254,17 @@ SEGFAST_CPU_MULTIVERSION void tile_focal_terms(const Tile<scalar_t, kUnit> t, co
                                                at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t pixels = t.pixels;
-  acc_t log_pt[kTile], weight[kTile], pt[kTile], q_gamma[kTile], q_gamma_less_1[kTile];
+  acc_t log_pt[kTile], weight[kTile], pt[kTile], q[kTile], q_gamma[kTile], q_gamma_less_1[kTile];
   for (int64_t j = 0; j < pixels; ++j) {
     log_pt[j] = cls[j] < 0 ? acc_t(0) : cpu::widen<acc_t>(t.row(cls[j])[j * t.pixel_stride()]) - lse[j];
     weight[j] = cls[j] < 0 ? acc_t(0) : alpha.of<acc_t>(cls[j]);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < pixels; ++j) pt[j] = exp_vec(log_pt[j]);
-  const bool small_integer = gamma >= acc_t(0) && gamma <= acc_t(8) && acc_t(static_cast<int>(gamma)) == gamma;
-  if (small_integer) {  // focal_power's repeated multiplication, one factor at a time over the tile
-    for (int64_t j = 0; j < pixels; ++j) q_gamma[j] = q_gamma_less_1[j] = acc_t(1);
-    for (int i = 0; i < static_cast<int>(gamma); ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < pixels; ++j) {
-        q_gamma_less_1[j] = q_gamma[j];
-        q_gamma[j] *= acc_t(1) - pt[j];
-      }
-    }
-  } else {
-    for (int64_t j = 0; j < pixels; ++j) {
-      q_gamma[j] = focal_power(acc_t(1) - pt[j], gamma);
-      q_gamma_less_1[j] = focal_power(acc_t(1) - pt[j], gamma - acc_t(1));
-    }
+  for (int64_t j = 0; j < pixels; ++j) {
+    pt[j] = exp_vec(log_pt[j]);
+    q[j] = acc_t(1) - pt[j];
   }
+  cpu::focal_powers(q, pixels, gamma, q_gamma, q_gamma_less_1);
 #pragma omp simd
   for (int64_t j = 0; j < pixels; ++j) {
     const FocalTerms<acc_t> terms =

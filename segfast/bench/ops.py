@@ -287,6 +287,60 @@ def stock_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) 
     return (-((1 - log_p.exp()) ** gamma) * log_p).mean()
 
 
+def sigmoid_losses(settings: Settings) -> Iterator[Case]:
+    """Binary Dice + BCE on one-channel masks, multi-label focal on C channels."""
+    n, h, w = (4, 256, 256) if settings.quick else (8, 512, 512)
+    logits = _image(settings, n, 1, h, w)
+    mask = torch.randint(0, 2, (n, 1, h, w), device=settings.device).to(logits.dtype)
+    yield from _pair_cases(
+        settings,
+        "dice_bce_loss",
+        f"{n}x1x{h}x{w}",
+        stock_dice_bce,
+        lambda x, t: segfast.ops.dice_bce_loss(x, t, mode="binary"),
+        [logits, mask],
+        [logits],
+        None,
+        n,
+        fwd_bytes=nbytes(logits, mask),
+        bwd_bytes=nbytes(logits, logits, mask),
+    )
+    c = 5
+    logits = _image(settings, n, c, h // 2, w // 2)
+    labels = torch.randint(0, 2, (n, c, h // 2, w // 2), device=settings.device).to(logits.dtype)
+    yield from _pair_cases(
+        settings,
+        "sigmoid_focal_loss",
+        f"{n}x{c}x{h // 2}x{w // 2}",
+        stock_sigmoid_focal,
+        lambda x, t: segfast.ops.focal_loss(x, t, mode="multilabel", alpha=0.25),
+        [logits, labels],
+        [logits],
+        None,
+        n,
+        fwd_bytes=nbytes(logits, labels),
+        bwd_bytes=nbytes(logits, logits, labels),
+    )
+
+
+def stock_dice_bce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Binary Dice + BCE as usually written: sigmoid, sums per (sample, class), and
+    F.binary_cross_entropy_with_logits."""
+    p = torch.sigmoid(logits)
+    dims = list(range(2, logits.dim()))
+    dice = 1 - (2 * (p * target).sum(dims) + smooth) / (p.sum(dims) + target.sum(dims) + smooth)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def stock_sigmoid_focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """torchvision.ops.sigmoid_focal_loss(alpha=0.25, gamma=2, reduction="mean"), its code."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * ((1 - p_t) ** 2)
+    return ((0.25 * target + 0.75 * (1 - target)) * loss).mean()
+
+
 def confusion_matrix(settings: Settings) -> Iterator[Case]:
     n, c, h, w = (4, 21, 128, 128) if settings.quick else (8, 21, 256, 256)
     logits = _image(settings, n, c, h, w, requires_grad=False)
@@ -317,6 +371,7 @@ FAMILIES = {
     "conv2d_act": conv2d_act,
     "linear_act": linear_act,
     "segmentation_losses": segmentation_losses,
+    "sigmoid_losses": sigmoid_losses,
     "confusion_matrix": confusion_matrix,
 }
 

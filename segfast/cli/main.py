@@ -235,7 +235,7 @@ def _add_bench(sub) -> None:
         default="",
         help="comma-separated families/models within the suites, e.g. "
         "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-        "segmentation_losses, confusion_matrix; models: unet, unet_iabn, fcn; augment: int64, uint8)",
+        "segmentation_losses, sigmoid_losses, confusion_matrix; models: unet, unet_iabn, fcn; augment: int64, uint8)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))

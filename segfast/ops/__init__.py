@@ -15,6 +15,7 @@ from segfast.ops.linear_act import linear_act
 from segfast.ops.metrics import confusion_matrix
 from segfast.ops.pooling import avg_pool2d, max_pool2d
 from segfast.ops.segmentation_losses import dice_loss, focal_loss
+from segfast.ops.sigmoid_losses import dice_bce_loss
 
 __all__ = [
     "ACTIVATIONS",
@@ -24,6 +25,7 @@ __all__ = [
     "confusion_matrix",
     "conv2d_act",
     "cross_entropy",
+    "dice_bce_loss",
     "dice_loss",
     "focal_loss",
     "l1_loss",

@@ -117,3 +117,29 @@ def entry(name: str):
     from segfast import _C
 
     return getattr(torch.ops.segfast, name).default if torch.compiler.is_compiling() else getattr(_C, name)
+
+
+def class_vector(op, name, value, classes, input, scalar_rule):
+    """``value`` as a (C,) tensor on input's device: a tensor or a sequence of C numbers as given, a
+    number (or 0-D tensor) expanded by ``scalar_rule(value, classes)``, as MONAI reads these arguments."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+            raise TypeError(
+                f"{op}: {name} must be a number, a sequence of {classes} numbers or a tensor, got {value!r}"
+            )
+        value = torch.tensor(value, dtype=torch.float64, device=input.device)
+    if value.dim() == 0:
+        value = scalar_rule(value, classes)
+    check_tensor(op, name, value, dims=(1,))
+    if value.shape[0] != classes:
+        raise ValueError(f"{op}: {name} must have shape ({classes},), got {tuple(value.shape)}")
+    if value.device != input.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but input is on {input.device}")
+    return value
+
+
+def every_class(value, classes):
+    """class_vector's rule for one number: the same for every class."""
+    return value.expand(classes)

@@ -16,9 +16,12 @@ from segfast.ops._common import (
     check_kernel_available,
     check_reduction,
     check_tensor,
+    class_vector,
     entry,
+    every_class,
     float_dtypes,
 )
+from segfast.ops.sigmoid_losses import dice_of_sums, sigmoid_dice_loss, sigmoid_focal_loss
 
 
 @torch.library.register_fake("segfast::dice_sums")
@@ -63,7 +66,8 @@ def _pixels(op, kernel, input, target):
     if input.shape[1] == 1:  # softmax over one channel is 1 everywhere: loss constant, gradient 0
         raise ValueError(
             f"{op}: input has one channel, but the softmax of one channel is 1 everywhere (the loss would be "
-            "constant and its gradient 0); give the logits of every class, background included (C >= 2)"
+            "constant and its gradient 0); for one foreground class pass mode='binary' (a sigmoid), else give "
+            "the logits of every class, background included (C >= 2)"
         )
     pixel_shape = input.shape[:1] + input.shape[2:]
     if target.shape != pixel_shape:
@@ -78,31 +82,6 @@ def _pixels(op, kernel, input, target):
     return input.reshape(n, c, pixels), target.reshape(n, pixels)
 
 
-def _class_vector(op, name, value, classes, input, scalar_rule):
-    """``value`` as a (C,) tensor on input's device: a tensor or a sequence of C numbers as given, a
-    number (or 0-D tensor) expanded by ``scalar_rule(value, classes)``, as MONAI reads these arguments."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
-            raise TypeError(
-                f"{op}: {name} must be a number, a sequence of {classes} numbers or a tensor, got {value!r}"
-            )
-        value = torch.tensor(value, dtype=torch.float64, device=input.device)
-    if value.dim() == 0:
-        value = scalar_rule(value, classes)
-    check_tensor(op, name, value, dims=(1,))
-    if value.shape[0] != classes:
-        raise ValueError(f"{op}: {name} must have shape ({classes},), got {tuple(value.shape)}")
-    if value.device != input.device:
-        raise ValueError(f"{op}: {name} is on {value.device} but input is on {input.device}")
-    return value
-
-
-def _every_class(value, classes):
-    return value.expand(classes)
-
-
 def _background_one_minus(value, classes):
     """MONAI's scalar focal alpha: 1 - alpha for the background class 0, alpha for the others."""
     return torch.cat([1 - value.reshape(1), value.expand(classes - 1)])
@@ -112,6 +91,7 @@ def dice_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     *,
+    mode: str = "multiclass",
     weight: torch.Tensor | float | Sequence[float] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -122,7 +102,9 @@ def dice_loss(
     smooth_dr: float = 1e-5,
 ) -> torch.Tensor:
     """Soft Dice loss of softmax(input) against one-hot class targets, as MONAI's ``DiceLoss``
-    (``softmax=True, to_onehot_y=True``) defines it, with ignore_index.
+    (``softmax=True, to_onehot_y=True``) defines it, with ignore_index; or, with ``mode="binary"`` /
+    ``"multilabel"``, of sigmoid(input) against 0 / 1 (or probability) targets of the logits' shape
+    (MONAI's ``sigmoid=True``; segfast.ops.sigmoid_losses, where the modes are described).
 
     For each sample and class (over all samples when ``batch``), over the pixels whose target is
     not ``ignore_index``: I = sum p y, P = sum p (sum p^2 if ``squared_pred``), G = sum y, and
@@ -131,7 +113,10 @@ def dice_loss(
     Args:
         input: logits (N, C, d1, ...), float32/float64/bfloat16 (float16 on CUDA); the sums
             accumulate in float32 (float64 for float64), so 16-bit inputs at 512x512 cannot overflow.
-        target: class indices (N, d1, ...) int64/int32/uint8 in [0, C) or ``ignore_index``.
+        target: class indices (N, d1, ...) int64/int32/uint8 in [0, C) or ``ignore_index``
+            (multiclass); 0 / 1 or probabilities shaped as the sigmoid modes take them.
+        mode: "multiclass" (softmax over C >= 2 classes), "binary" ((N, 1, ...) logits) or
+            "multilabel" (a sigmoid per class).
         include_background: keep class 0 in the loss.
         weight: class weights multiplying each class's loss (before dropping the background): a (C,)
             tensor, a sequence of C numbers, or one number for every class (MONAI's rule).
@@ -139,29 +124,28 @@ def dice_loss(
 
     Backward saves nothing but the caller's logits and targets; it recomputes the softmax.
     """
+    if mode != "multiclass":
+        options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
+        options.update(include_background=include_background, batch=batch, squared_pred=squared_pred)
+        return sigmoid_dice_loss(input, target, mode=mode, smooth_nr=smooth_nr, smooth_dr=smooth_dr, **options)
     x, t = _pixels("dice_loss", "dice_sums", input, target)
     check_reduction("dice_loss", reduction)
     smooth_nr = check_float_arg("dice_loss", "smooth_nr", smooth_nr, 0.0)
     smooth_dr = check_float_arg("dice_loss", "smooth_dr", smooth_dr, 0.0)
-    weight = _class_vector("dice_loss", "weight", weight, x.shape[1], input, _every_class)
+    weight = class_vector("dice_loss", "weight", weight, x.shape[1], input, every_class)
     if not include_background and x.shape[1] < 2:
         raise ValueError("dice_loss: include_background=False needs at least 2 classes")
-    inter, pred, truth = entry("dice_sums")(x, t, ignore_index, bool(squared_pred))
-    if batch:
-        inter, pred, truth = inter.sum(0, keepdim=True), pred.sum(0, keepdim=True), truth.sum(0, keepdim=True)
-    loss = 1 - (2 * inter + smooth_nr) / (pred + truth + smooth_dr)
-    if weight is not None:
-        loss = loss * weight.to(loss.dtype)
-    if not include_background:
-        loss = loss[:, 1:]
-    loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
-    return loss.to(input.dtype)
+    sums = entry("dice_sums")(x, t, ignore_index, bool(squared_pred))
+    return dice_of_sums(
+        sums, "dice_loss", weight, include_background, batch, smooth_nr, smooth_dr, reduction, input.dtype
+    )
 
 
 def focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     *,
+    mode: str = "multiclass",
     gamma: float = 2.0,
     alpha: torch.Tensor | float | Sequence[float] | None = None,
     ignore_index: int = -100,
@@ -169,21 +153,31 @@ def focal_loss(
 ) -> torch.Tensor:
     """Multi-class focal loss (Lin et al. 2017) with the softmax fused in:
     -alpha_t (1 - p_t)^gamma log p_t per pixel, p_t the softmax probability of the target class.
+    With ``mode="binary"`` / ``"multilabel"``: torchvision's ``sigmoid_focal_loss`` per element,
+    alpha_t BCE (1 - p_t)^gamma with p = sigmoid(x), p_t = p y + (1 - p)(1 - y) and alpha_t =
+    alpha y + (1 - alpha)(1 - y) (1 without alpha; torchvision's default is alpha=0.25, segfast's
+    None), over the sigmoid modes' targets (segfast.ops.sigmoid_losses).
 
     Args:
         input: logits (N, C, d1, ...); target: (N, d1, ...) class indices, as ``dice_loss``.
         gamma: focusing parameter >= 0 (0 with no alpha is cross-entropy).
         alpha: class weights alpha_c: a (C,) tensor or a sequence of C numbers; or one number a,
             which weighs the background class 0 by 1 - a and every other class by a (MONAI's rule
-            for softmax focal loss); or None.
-        reduction: "mean" (over the non-ignored pixels), "sum", or "none" (target's shape).
+            for softmax focal loss); or None. Sigmoid modes: one number for every class (the
+            weight of y = 1), or one per class.
+        reduction: "mean" (over the non-ignored pixels / elements), "sum", or "none" (target's
+            shape; the logits' shape in the sigmoid modes).
 
     Backward keeps one float per pixel (the log-sum-exp), as cross_entropy.
     """
+    if mode != "multiclass":
+        return sigmoid_focal_loss(
+            input, target, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index, reduction=reduction
+        )
     x, t = _pixels("focal_loss", "focal_loss", input, target)
     check_reduction("focal_loss", reduction)
     gamma = check_float_arg("focal_loss", "gamma", gamma, 0.0)
-    alpha = _class_vector("focal_loss", "alpha", alpha, x.shape[1], input, _background_one_minus)
+    alpha = class_vector("focal_loss", "alpha", alpha, x.shape[1], input, _background_one_minus)
     if alpha is not None and alpha.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("focal_loss: alpha must not require grad")
     loss, _, _ = entry("focal_loss")(x, t, alpha, gamma, reduction, ignore_index)
