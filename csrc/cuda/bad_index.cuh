@@ -34,13 +34,16 @@ class BadPixel {
   // the flag, which the host may read: false inside a CUDA graph capture
   static bool readable() { return !stream_is_capturing(); }
 
-  void raise_if_any(const at::Tensor& target, int64_t pixels, int64_t classes, int64_t ignore_index,
-                    const char* op) const {
-    if (!readable()) return;
+  // IndexError for a bad target class at the first flagged pixel; returns that pixel (its target
+  // class good: a caller checking more than the target looks there) or -1, also while capturing
+  int64_t raise_if_any(const at::Tensor& target, int64_t pixels, int64_t classes, int64_t ignore_index,
+                       const char* op) const {
+    if (!readable()) return -1;
     const int64_t bad = first();
-    if (bad == -1) return;
+    if (bad == -1) return -1;
     const int64_t n = bad / pixels, s = bad % pixels;
     check_class_index(op, target[n][s].item<int64_t>(), n, s, classes, ignore_index);
+    return bad;
   }
 
  private:

@@ -138,9 +138,8 @@ Tensor confusion_matrix_cuda(const Tensor& input, const Tensor& target, int64_t 
     return matrix;
   }
   // the flag holds the first pixel whose target or prediction is bad: the host reads which, for CPU's message
-  bad_pixel.raise_if_any(target, pixels, num_classes, ignore_index, "confusion_matrix");
-  const int64_t first_bad = bad_pixel.first();
-  if (first_bad != -1) {
+  const int64_t first_bad = bad_pixel.raise_if_any(target, pixels, num_classes, ignore_index, "confusion_matrix");
+  if (first_bad != -1) {  // its target is good: the prediction is bad
     const int64_t n = first_bad / pixels, s = first_bad % pixels;
     const int64_t predicted = logits ? input[n].select(1, s).argmax().item<int64_t>() : input[n][s].item<int64_t>();
     raise_bad_class_index("confusion_matrix", "predicted class", predicted, n, s, num_classes, {});
