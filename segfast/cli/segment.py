@@ -46,11 +46,14 @@ def build_model(config: dict, backend: str) -> nn.Module:
     )
 
 
-def datasets(config: dict, split: str):
-    """The data set of a split ("train", "val", "test") for a run's config."""
+def datasets(config: dict, split: str, decoded: bool = False):
+    """The data set of a split ("train", "val", "test") for a run's config; ``decoded``: a folder's
+    images as their uint8 (H, W, C) bytes (for the augmentation, which writes the float batch)."""
     if config["data"] == "digits":
         return DigitsSegmentation(split, size=config["image_size"], seed=config["seed"])
-    full = FolderDataset(config["images_dir"], config["masks_dir"], config["num_classes"], config["ignore_index"])
+    full = FolderDataset(
+        config["images_dir"], config["masks_dir"], config["num_classes"], config["ignore_index"], decoded=decoded
+    )
     # the user's folder: a fixed split by seed, val_fraction for validation (test = val)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config["seed"])).tolist()
     n_val = max(1, int(round(config["val_fraction"] * len(full)))) if len(full) > 1 else 0
@@ -174,7 +177,9 @@ def run_train(args) -> int:
     if args.resume:
         resumed_from, checkpoint = checkpoints.load_for_resume(args.resume, config)
     torch.manual_seed(args.seed)
-    train_set, val_set = datasets(config, "train"), datasets(config, "val")
+    # with --augment, a folder's images travel as bytes and the augmentation writes the float batch
+    decoded = bool(args.augment) and config["data"] != "digits"
+    train_set, val_set = datasets(config, "train", decoded), datasets(config, "val")
     per_process = args.batch_size // world
     order = checkpoints.EpochOrder(len(train_set), not args.no_shuffle, args.seed, rank, world)
     # a generator of its own: the loader must not draw from the global RNG, which is saved as state
@@ -202,7 +207,10 @@ def run_train(args) -> int:
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])
     loss_fn = _loss(config, args.backend, device)
-    augment = parse_augment(args.augment, config["ignore_index"]) if args.augment else None
+    augment = None
+    if args.augment:
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
+        augment = parse_augment(args.augment, config["ignore_index"], out_dtype=torch.float32, out_memory_format=layout)
     trained = DistributedDataParallel(model) if world > 1 else model
     step_model = torch.compile(trained) if args.compile else trained
     main_process = rank == 0
@@ -241,7 +249,10 @@ def run_train(args) -> int:
             images, masks = images.to(device), masks.to(device)
             if augment is not None:  # one pass over the batch, on the training device
                 images, masks, _ = augment(
-                    images, masks, checkpoints.step_generator(args.seed, rank, position.global_step)
+                    images,
+                    masks,
+                    checkpoints.step_generator(args.seed, rank, position.global_step),
+                    image_layout="NHWC" if decoded else "NCHW",
                 )
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

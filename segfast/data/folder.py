@@ -23,12 +23,15 @@ class FolderDataset(Dataset):
     """Pairs ``images_dir/<stem>.png|jpg|jpeg`` with ``masks_dir/<stem>.png``.
 
     Items are ``(image, mask)``: image float32 (C, H, W) in [0, 1] (C = 1 for grayscale, 3 for
-    colour), mask int64 (H, W) holding the PNG's palette indices or gray levels. Every mask
+    colour), or with ``decoded=True`` the file's bytes as uint8 (H, W, C) (a quarter of the bytes
+    through the DataLoader; ``segfast.augment.RandomAffine`` takes them with
+    ``image_layout="NHWC"`` and writes the float batch), mask int64 (H, W) holding the PNG's palette
+    indices or gray levels. Every mask
     value must be < ``num_classes`` or equal ``ignore_index``; a file that breaks this, a missing
     partner or a size mismatch raises ValueError naming the file.
     """
 
-    def __init__(self, images_dir, masks_dir, num_classes: int, ignore_index: int = 255):
+    def __init__(self, images_dir, masks_dir, num_classes: int, ignore_index: int = 255, decoded: bool = False):
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
         for d in (self.images_dir, self.masks_dir):
             if not d.is_dir():
@@ -44,7 +47,7 @@ class FolderDataset(Dataset):
                 f"e.g. {images[missing[0]].name}"
             )
         self.pairs = [(images[s], masks[s]) for s in sorted(images)]
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.decoded = num_classes, ignore_index, decoded
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -52,16 +55,17 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int):
         Image = _pil()
         image_path, mask_path = self.pairs[index]
-        image = read_image(image_path)
+        image = read_image(image_path, self.decoded)
+        size = image.shape[:2] if self.decoded else image.shape[1:]
         with Image.open(mask_path) as m:
             if m.mode not in ("P", "L", "I", "I;16"):
                 raise ValueError(
                     f"FolderDataset: {mask_path} must be an index (palette) or grayscale PNG, got mode {m.mode}"
                 )
             mask = torch.from_numpy(np.array(m, dtype=np.int64))
-        if mask.shape != image.shape[1:]:
+        if mask.shape != size:
             raise ValueError(
-                f"FolderDataset: {mask_path} is {tuple(mask.shape)} but {image_path.name} is {tuple(image.shape[1:])}"
+                f"FolderDataset: {mask_path} is {tuple(mask.shape)} but {image_path.name} is {tuple(size)}"
             )
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bad.any():
@@ -72,14 +76,16 @@ class FolderDataset(Dataset):
         return image, mask
 
 
-def read_image(path) -> torch.Tensor:
-    """An image file as float32 (C, H, W) in [0, 1]: C = 1 for grayscale, else RGB."""
+def read_image(path, decoded: bool = False) -> torch.Tensor:
+    """An image file as float32 (C, H, W) in [0, 1], or with ``decoded`` as its uint8 (H, W, C)
+    bytes: C = 1 for grayscale, else RGB."""
     Image = _pil()
     with Image.open(path) as im:
         im = im.convert("L") if im.mode in ("L", "I", "I;16", "1") else im.convert("RGB")
-        array = np.array(im, dtype=np.float32) / 255.0
+        array = np.array(im, dtype=np.uint8)
     t = torch.from_numpy(array)
-    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    t = t.unsqueeze(-1) if t.dim() == 2 else t
+    return t if decoded else t.permute(2, 0, 1).float().div(255.0).contiguous()
 
 
 def write_mask_png(mask: torch.Tensor, path, num_classes: int) -> None:
