@@ -16,7 +16,11 @@ sys.path.insert(0, str(ROOT))
 from segfast.bench.report import README_BEGIN, README_END, readme_section  # noqa: E402
 
 # the files the README shows, in order
-RESULTS = ["benchmarks/results/bench-cpu-float32-nchw.json"]
+RESULTS = [
+    "benchmarks/results/bench-cpu-float32-nchw.json",
+    # segfast bench --suite augment --only bytes --reps 15, in a torch 2.14.1 venv (torchvision 0.29.1 goes with it)
+    "benchmarks/results/bench-cpu-augment-bytes-torch2.14.json",
+]
 
 
 def render(readme: str) -> str:

@@ -87,6 +87,7 @@ void bind_ops(pybind11::module& m) {
   OpEntry<Tensor(const Tensor&, const Tensor&, OptionalTensor, Str, int64_t, double, bool)>::bind(m,
                                                                                                   "cross_entropy_loss");
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, int64_t)>::bind(m, "confusion_matrix");
+  OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>::bind(m, "softmax_stats");
   OpEntry<Tensor(const Tensor&, const Tensor&, int64_t, bool)>::bind(m, "dice_sums");
   OpEntry<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, OptionalTensor, double, Str, int64_t)>::bind(
       m, "focal_loss");

@@ -74,6 +74,11 @@ SEGFAST_TORCH_LIBRARY(SEGFAST_OPS_NAMESPACE, m) {
   // of (N, C, S) logits (argmax over C, fused) or (N, S) predicted classes against (N, S) targets.
   m.def("confusion_matrix(Tensor input, Tensor target, int num_classes, int ignore_index) -> Tensor");
 
+  // What a prediction says of itself, per pixel of (N, C, S) logits, in one read: (argmax int64
+  // (N, S), max softmax probability (N, S), softmax entropy (N, S) in nats), the last two in the
+  // logits' dtype. Not differentiable.
+  m.def("softmax_stats(Tensor input) -> (Tensor, Tensor, Tensor)");
+
   // Segmentation losses on (N, C, S) logits and (N, S) class indices, softmax fused in.
   // dice_sums: per (sample, class) over the non-ignored pixels, (3, N, C) float32 (float64 for
   // float64): sum p*y, sum p (p^2 if squared), sum y; the Dice formula itself is Python math on these.

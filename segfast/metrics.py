@@ -1,4 +1,5 @@
-"""Segmentation metrics from a confusion matrix computed by segfast's fused argmax + bincount op."""
+"""Segmentation metrics from a confusion matrix computed by segfast's fused argmax + bincount op,
+and the expected calibration error from its softmax_stats op."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 import torch.distributed as dist
 
 from segfast.ops.metrics import confusion_matrix
+from segfast.ops.softmax_stats import softmax_stats
 
-__all__ = ["SegmentationMetrics", "confusion_matrix"]
+__all__ = ["CalibrationError", "SegmentationMetrics", "confusion_matrix"]
 
 
 class SegmentationMetrics:
@@ -114,3 +116,47 @@ class SegmentationMetrics:
             "pixel_accuracy": (correct / total).item() if total > 0 else float("nan"),
             "pixels": int(total.item()),
         }
+
+
+class CalibrationError:
+    """Expected calibration error of a softmax segmentation, pixel by pixel, over batches.
+
+    Each pixel's confidence (its max softmax probability, from ``segfast.ops.softmax_stats``) falls
+    into one of ``bins`` equal-width bins of (0, 1] (bin b holds (b / bins, (b + 1) / bins]);
+    ``compute()`` returns ``sum_b |accuracy_b - confidence_b| * pixels_b / pixels`` (the L1 ECE of
+    Guo et al. 2017, torchmetrics' ``MulticlassCalibrationError(norm="l1")``), pixels whose target
+    is ``ignore_index`` left out.
+
+    ``update(logits, target)``: logits (N, C, ...) floating, target (N, ...) class indices.
+    """
+
+    def __init__(self, bins: int = 15, ignore_index: int = 255, device=None):
+        if not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"CalibrationError: bins must be a positive int, got {bins!r}")
+        self.bins, self.ignore_index = bins, ignore_index
+        # per bin: pixels, sum of confidences, correct predictions (float64: exact counts to 2^53)
+        self.sums = torch.zeros(3, bins, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        argmax, confidence, _ = softmax_stats(logits)
+        if target.shape != argmax.shape:
+            raise ValueError(
+                f"CalibrationError: target must have shape {tuple(argmax.shape)}, got {tuple(target.shape)}"
+            )
+        keep = target != self.ignore_index
+        confidence = confidence[keep].double()
+        bin_of = (confidence * self.bins).ceil().long().clamp(1, self.bins) - 1
+        correct = (argmax[keep] == target[keep]).double()
+        for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
+            self.sums[row].index_add_(0, bin_of, values)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def compute(self) -> float:
+        pixels, confidence, correct = self.sums
+        total = pixels.sum()
+        if total == 0:
+            return float("nan")
+        return ((correct - confidence).abs().sum() / total).item()

@@ -30,7 +30,7 @@ def test_info_command_prints_build():
     assert "built against torch" in out
     listed = next(line for line in out.splitlines() if line.startswith("ops")).split(None, 1)[1].split(", ")
     public = {"affine_augment", "avg_pool2d", "confusion_matrix", "conv2d_act", "cross_entropy", "dice_sums"}
-    public |= {"focal_loss", "linear_act", "max_pool2d"}
+    public |= {"focal_loss", "linear_act", "max_pool2d", "softmax_stats"}
     assert public <= set(listed), listed
 
 

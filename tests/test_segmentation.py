@@ -172,13 +172,19 @@ def test_train_eval_predict_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(checkpoint), "--backend", "torch"]) == 0
     out = capsys.readouterr().out
-    assert "mIoU" in out and "pixel accuracy" in out and "class  IoU     Dice" in out
+    assert "mIoU" in out and "pixel accuracy" in out and "class  IoU     Dice" in out and "ECE 0." in out
     Image = pytest.importorskip("PIL.Image")
     image_path, mask_path = tmp_path / "digit.png", tmp_path / "mask.png"
     Image.fromarray((DigitsSegmentation("test", count=1).tensors[0][0, 0] * 255).byte().numpy()).save(image_path)
     assert main(["predict", "--checkpoint", str(checkpoint), "--image", str(image_path), "--out", str(mask_path)]) == 0
     with Image.open(mask_path) as written:
         assert written.mode == "P" and written.size == (64, 64)
+    argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(image_path), "--out", str(mask_path)]
+    assert main([*argv, "--explain", "--explain-class", "3"]) == 0
+    assert "Grad-CAM of class 3" in capsys.readouterr().out
+    for name in ("confidence", "entropy", "saliency"):
+        with Image.open(tmp_path / f"mask_{name}.png") as written:
+            assert written.mode == "RGB" and written.size == (64, 64)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):

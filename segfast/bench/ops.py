@@ -364,6 +364,29 @@ def confusion_matrix(settings: Settings) -> Iterator[Case]:
     )
 
 
+def softmax_stats(settings: Settings) -> Iterator[Case]:
+    n, c, h, w = (4, 21, 128, 128) if settings.quick else (8, 21, 256, 256)
+    logits = _image(settings, n, c, h, w, requires_grad=False)
+
+    def stock(logits):
+        p = logits.softmax(1)
+        return logits.argmax(1), p.amax(1), torch.special.entr(p).sum(1)
+
+    yield from _pair_cases(
+        settings,
+        "softmax_stats",
+        f"{n}x{c}x{h}x{w}",
+        stock,
+        segfast.ops.softmax_stats,
+        [logits],
+        [],
+        None,
+        n,
+        fwd_bytes=nbytes(logits) + n * h * w * (8 + 2 * logits.element_size()),
+        bwd_bytes=0,
+    )
+
+
 FAMILIES = {
     "batch_norm_act": batch_norm_act,
     "cross_entropy": cross_entropy,
@@ -373,6 +396,7 @@ FAMILIES = {
     "segmentation_losses": segmentation_losses,
     "sigmoid_losses": sigmoid_losses,
     "confusion_matrix": confusion_matrix,
+    "softmax_stats": softmax_stats,
 }
 
 

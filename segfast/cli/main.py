@@ -197,6 +197,14 @@ def _add_eval_predict_export(sub) -> None:
     predict.add_argument("--image", type=Path, required=True)
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--backend", choices=["segfast", "torch"], default=None)
+    predict.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write <out>_confidence.png, <out>_entropy.png and <out>_saliency.png (Grad-CAM) overlays",
+    )
+    predict.add_argument(
+        "--explain-class", type=int, default=None, help="the class Grad-CAM explains (default: most predicted non-0)"
+    )
     predict.set_defaults(run=_predict)
     export = sub.add_parser("export", help="fold BatchNorm and write a torch.export program (.pt2) for predict")
     export.add_argument("--checkpoint", type=Path, required=True)
@@ -235,7 +243,7 @@ def _add_bench(sub) -> None:
         default="",
         help="comma-separated families/models within the suites, e.g. "
         "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-        "segmentation_losses, sigmoid_losses, confusion_matrix; models: unet, unet_iabn, fcn; "
+        "segmentation_losses, sigmoid_losses, confusion_matrix, softmax_stats; models: unet, unet_iabn, fcn; "
         "augment: bytes, int64, uint8)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -21,7 +21,7 @@ import segfast.nn as snn
 from segfast.augment import parse_augment
 from segfast.cli import checkpoint as checkpoints
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
-from segfast.metrics import SegmentationMetrics
+from segfast.metrics import CalibrationError, SegmentationMetrics
 from segfast.models import FCN, UNet
 
 
@@ -107,6 +107,7 @@ def _autocast(device: torch.device, amp: str | None):
 def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=None, channels_last=False) -> dict:
     model.eval()
     metrics = SegmentationMetrics(config["num_classes"], config["ignore_index"], device=device)
+    calibration = CalibrationError(ignore_index=config["ignore_index"], device=device)
     for images, masks in loader:
         images, masks = images.to(device), masks.to(device)
         if channels_last:
@@ -114,8 +115,10 @@ def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=Non
         with _autocast(device, amp):
             logits = model(images)
         metrics.update(logits.float(), masks)
+        calibration.update(logits.float(), masks)
     metrics.all_reduce()
-    return metrics.compute()
+    calibration.all_reduce()
+    return metrics.compute() | {"ece": calibration.compute()}
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -313,7 +316,7 @@ def run_eval(args) -> int:
     )
     print(
         f"  mIoU {result['miou']:.4f}  mean Dice {result['mean_dice']:.4f}  "
-        f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%"
+        f"pixel accuracy {100 * result['pixel_accuracy']:.2f}%  ECE {result['ece']:.4f} (15 bins)"
     )
     print("  class  IoU     Dice")
     for c, (iou, dice) in enumerate(zip(result["iou"], result["dice"])):
@@ -368,10 +371,32 @@ def run_predict(args) -> int:
         image = (
             image.mean(0, keepdim=True) if config["in_channels"] == 1 else image.expand(config["in_channels"], -1, -1)
         )
+    if args.explain and str(args.checkpoint).endswith(".pt2"):
+        raise ValueError("--explain needs a checkpoint (Grad-CAM reads the model's decoder block), not a .pt2")
     mask = model(image.unsqueeze(0)).argmax(1)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_mask_png(mask, args.out, config["num_classes"])
     counts = torch.bincount(mask.flatten(), minlength=config["num_classes"])
     present = ", ".join(f"{c}: {int(n)}" for c, n in enumerate(counts) if n)
     print(f"wrote {args.out} ({tuple(mask.shape)} palette PNG; pixels per class {present})")
+    if args.explain:
+        _write_explanation(model, image, args.out, args.explain_class)
     return 0
+
+
+def _write_explanation(model, image, out: Path, class_index) -> None:
+    """The three overlays beside the mask: confidence, entropy (/ log C), Grad-CAM saliency."""
+    from PIL import Image
+
+    from segfast.explain import explain, overlay
+
+    maps = explain(model, image, class_index)
+    written = []
+    for name, heat in (("confidence", maps.confidence), ("entropy", maps.entropy), ("saliency", maps.saliency)):
+        path = out.with_name(f"{out.stem}_{name}.png")
+        Image.fromarray(overlay(image, heat).numpy()).save(path)
+        written.append(path.name)
+    print(
+        f"wrote {', '.join(written)} beside it: mean confidence {maps.confidence.mean():.3f}, mean entropy "
+        f"{maps.entropy.mean():.3f} of log C, Grad-CAM of class {maps.saliency_class}"
+    )

@@ -16,6 +16,7 @@ from segfast.ops.metrics import confusion_matrix
 from segfast.ops.pooling import avg_pool2d, max_pool2d
 from segfast.ops.segmentation_losses import dice_loss, focal_loss
 from segfast.ops.sigmoid_losses import dice_bce_loss
+from segfast.ops.softmax_stats import softmax_stats
 
 __all__ = [
     "ACTIVATIONS",
@@ -31,5 +32,6 @@ __all__ = [
     "l1_loss",
     "linear_act",
     "max_pool2d",
+    "softmax_stats",
     "sync_batch_norm_act",
 ]
