@@ -14,7 +14,14 @@ from torch import nn
 
 from segfast.ops.softmax_stats import softmax_stats
 
-__all__ = ["Explanation", "decoder_block", "explain", "grad_cam", "overlay"]
+__all__ = ["Explanation", "decoder_block", "explain", "grad_cam", "overlay", "two_class"]
+
+
+def two_class(logits: torch.Tensor) -> torch.Tensor:
+    """A binary model's (N, 1, ...) logits x as the (N, 2, ...) logits (0, x), whose softmax is
+    (1 - sigmoid(x), sigmoid(x)): argmax, confidence and entropy then read as for any model. Logits
+    with more channels come back as they are."""
+    return torch.cat([torch.zeros_like(logits), logits], 1) if logits.shape[1] == 1 else logits
 
 
 @dataclass
@@ -47,7 +54,7 @@ def grad_cam(model: nn.Module, layer: nn.Module, image: torch.Tensor, class_inde
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.update(output=output))
     try:
         with torch.enable_grad():
-            logits = model(image)
+            logits = two_class(model(image))
             activation = captured["output"]
             region = logits.argmax(1, keepdim=True) == class_index
             region = region if region.any() else torch.ones_like(region)
@@ -64,11 +71,12 @@ def grad_cam(model: nn.Module, layer: nn.Module, image: torch.Tensor, class_inde
 
 def explain(model: nn.Module, image: torch.Tensor, class_index: int | None = None, layer=None) -> Explanation:
     """The maps of one (C, H, W) image. ``class_index``: the class Grad-CAM explains; default the
-    most frequent predicted class other than 0 (background), or 0 when nothing else is predicted."""
+    most frequent predicted class other than 0 (background), or 0 when nothing else is predicted.
+    A binary model (one sigmoid channel) reads as two classes, 0 and 1 (``two_class``)."""
     model.eval()
     batch = image.unsqueeze(0)
     with torch.no_grad():
-        logits = model(batch).float()
+        logits = two_class(model(batch).float())
     mask, confidence, entropy = (t[0].cpu() for t in softmax_stats(logits))
     classes = logits.shape[1]
     if class_index is None:

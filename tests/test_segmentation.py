@@ -1,9 +1,11 @@
 """U-Net / FCN, the digits and folder data sets, and the segmentation workflow of the CLI."""
 
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +161,43 @@ def test_train_on_a_folder_augments_its_bytes(tmp_path, capsys):
     assert main(args) == 0
     assert "augment rotate=20" in capsys.readouterr().out
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("loss", ["bce", "dice", "focal", "dice-bce"])
+def test_binary_segmentation_end_to_end(tmp_path, capsys, loss):
+    """--num-classes 1: one sigmoid channel, a binary loss, binary metrics, 0 / 1 masks out."""
+    checkpoint = tmp_path / "binary.pt"
+    args = [*"train --model unet --data digits --num-classes 1 --epochs 1 --max-steps 3 --batch-size 4".split()]
+    assert main([*args, "--loss", loss, "--out", str(checkpoint)] + TINY) == 0
+    assert torch.load(checkpoint, weights_only=True)["config"]["num_classes"] == 1
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "ECE" in out and "      0  " in out and "      1  " not in out
+    if loss != "bce":
+        return
+    Image = pytest.importorskip("PIL.Image")
+    image_path, mask_path = tmp_path / "digit.png", tmp_path / "mask.png"
+    Image.fromarray((DigitsSegmentation("test", count=1).tensors[0][0, 0] * 255).byte().numpy()).save(image_path)
+    argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(image_path), "--out", str(mask_path)]
+    assert main([*argv, "--explain"]) == 0
+    with Image.open(mask_path) as written:
+        assert set(np.unique(np.array(written)).tolist()) <= {0, 1}
+    assert (tmp_path / "mask_saliency.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-classes", "1", "--loss", "ce"], "with one class .binary. use one of bce, dice, focal, dice-bce"),
+        (["--loss", "dice-bce"], r"--loss dice-bce is for binary segmentation \(--num-classes 1\)"),
+        (["--num-classes", "5"], "--data digits has 11 classes, or 1 .binary.; got 5"),
+    ],
+)
+def test_binary_options_are_checked(tmp_path, capsys, extra, message):
+    args = [*"train --model unet --data digits --epochs 1 --max-steps 1 --batch-size 2 --out".split()]
+    assert main([*args, str(tmp_path / "x.pt"), *extra] + TINY) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_train_eval_predict_resume(tmp_path, capsys):

@@ -156,15 +156,20 @@ def _add_train(sub) -> None:
     )
     seg.add_argument(
         "--loss",
-        choices=["ce", "dice", "focal", "dice-ce"],
-        default="ce",
-        help="cross-entropy, soft Dice, focal (gamma 2), or Dice + cross-entropy",
+        choices=["ce", "dice", "focal", "dice-ce", "bce", "dice-bce"],
+        default=None,
+        help="cross-entropy, soft Dice, focal (gamma 2), Dice + cross-entropy (default ce); with --num-classes 1 "
+        "(binary: one sigmoid channel) bce, dice, focal or dice-bce (default bce)",
     )
     seg.add_argument("--ignore-index", type=int, default=255)
     seg.add_argument("--class-weights", type=float, nargs="+", default=None)
     seg.add_argument("--images-dir", type=Path, help="--data folder: images (png/jpg)")
     seg.add_argument("--masks-dir", type=Path, help="--data folder: index-PNG masks, same file stems")
-    seg.add_argument("--num-classes", type=int, help="--data folder")
+    seg.add_argument(
+        "--num-classes",
+        type=int,
+        help="--data folder; 1 means binary (masks 0 / 1; --data digits: digit vs background)",
+    )
     seg.add_argument("--in-channels", type=int, default=3, help="--data folder: 1 (gray) or 3 (RGB)")
     seg.add_argument("--val-fraction", type=float, default=0.15, help="--data folder")
     seg.add_argument(

@@ -21,6 +21,7 @@ import segfast.nn as snn
 from segfast.augment import parse_augment
 from segfast.cli import checkpoint as checkpoints
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
+from segfast.explain import two_class
 from segfast.metrics import CalibrationError, SegmentationMetrics
 from segfast.models import FCN, UNet
 
@@ -50,7 +51,7 @@ def datasets(config: dict, split: str, decoded: bool = False):
     """The data set of a split ("train", "val", "test") for a run's config; ``decoded``: a folder's
     images as their uint8 (H, W, C) bytes (for the augmentation, which writes the float batch)."""
     if config["data"] == "digits":
-        return DigitsSegmentation(split, size=config["image_size"], seed=config["seed"])
+        return DigitsSegmentation(split, size=config["image_size"], seed=config["seed"], binary=_binary(config))
     full = FolderDataset(
         config["images_dir"], config["masks_dir"], config["num_classes"], config["ignore_index"], decoded=decoded
     )
@@ -60,11 +61,31 @@ def datasets(config: dict, split: str, decoded: bool = False):
     return Subset(full, order[n_val:] if split == "train" else order[:n_val])
 
 
+def _binary(config: dict) -> bool:
+    """num_classes 1: binary segmentation, one sigmoid channel (the losses' mode="binary")."""
+    return config["num_classes"] == 1
+
+
+BINARY_LOSSES = ("bce", "dice", "focal", "dice-bce")
+
+
 def _loss(config: dict, backend: str, device) -> nn.Module:
     """The training loss. Dice and focal exist as segfast ops only: the torch backend changes the layers."""
     weight = torch.tensor(config["class_weights"], device=device) if config["class_weights"] else None
     ignore = config["ignore_index"]
-    name = config.get("loss", "ce")
+    name = config.get("loss") or ("bce" if _binary(config) else "ce")
+    if _binary(config):
+        if name not in BINARY_LOSSES:
+            raise ValueError(f"--loss {name}: with one class (binary) use one of {', '.join(BINARY_LOSSES)}")
+        if name == "bce":
+            return segfast.nn.DiceBCELoss(mode="binary", lambda_dice=0.0, ignore_index=ignore, weight=weight)
+        if name == "dice":
+            return segfast.nn.DiceLoss(mode="binary", ignore_index=ignore, weight=weight)
+        if name == "focal":
+            return segfast.nn.FocalLoss(mode="binary", ignore_index=ignore, alpha=weight)
+        return segfast.nn.DiceBCELoss(mode="binary", ignore_index=ignore, weight=weight)
+    if name in ("bce", "dice-bce"):
+        raise ValueError(f"--loss {name} is for binary segmentation (--num-classes 1)")
     if name == "dice":
         return segfast.nn.DiceLoss(ignore_index=ignore, weight=weight)
     if name == "focal":
@@ -106,7 +127,8 @@ def _autocast(device: torch.device, amp: str | None):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=None, channels_last=False) -> dict:
     model.eval()
-    metrics = SegmentationMetrics(config["num_classes"], config["ignore_index"], device=device)
+    mode = "binary" if _binary(config) else "multiclass"
+    metrics = SegmentationMetrics(config["num_classes"], config["ignore_index"], device=device, mode=mode)
     calibration = CalibrationError(ignore_index=config["ignore_index"], device=device)
     for images, masks in loader:
         images, masks = images.to(device), masks.to(device)
@@ -114,8 +136,10 @@ def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=Non
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(images)
-        metrics.update(logits.float(), masks)
-        calibration.update(logits.float(), masks)
+        logits = logits.float()
+        # binary: probabilities, so that logits which happen to lie in [0, 1] are not read as probabilities
+        metrics.update(logits.sigmoid() if mode == "binary" else logits, masks)
+        calibration.update(two_class(logits), masks)
     metrics.all_reduce()
     calibration.all_reduce()
     return metrics.compute() | {"ece": calibration.compute()}
@@ -133,13 +157,17 @@ def _config_from(args) -> dict:
     if args.data == "folder" and (args.images_dir is None or args.masks_dir is None or args.num_classes is None):
         raise ValueError("--data folder needs --images-dir, --masks-dir and --num-classes")
     digits = args.data == "digits"
+    if digits and args.num_classes not in (None, 1, DigitsSegmentation.num_classes):
+        raise ValueError(
+            f"--data digits has {DigitsSegmentation.num_classes} classes, or 1 (binary); got {args.num_classes}"
+        )
     config = {
         "task": "segment",
         "model": args.model,
         "data": args.data,
         "seed": args.seed,
         "in_channels": 1 if digits else args.in_channels,
-        "num_classes": DigitsSegmentation.num_classes if digits else args.num_classes,
+        "num_classes": (args.num_classes or DigitsSegmentation.num_classes) if digits else args.num_classes,
         "image_size": args.image_size,
         "base_width": args.base_width,
         "depth": args.depth,
@@ -373,10 +401,11 @@ def run_predict(args) -> int:
         )
     if args.explain and str(args.checkpoint).endswith(".pt2"):
         raise ValueError("--explain needs a checkpoint (Grad-CAM reads the model's decoder block), not a .pt2")
-    mask = model(image.unsqueeze(0)).argmax(1)[0]
+    mask = two_class(model(image.unsqueeze(0))).argmax(1)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_mask_png(mask, args.out, config["num_classes"])
-    counts = torch.bincount(mask.flatten(), minlength=config["num_classes"])
+    classes = max(config["num_classes"], 2)
+    write_mask_png(mask, args.out, classes)
+    counts = torch.bincount(mask.flatten(), minlength=classes)
     present = ", ".join(f"{c}: {int(n)}" for c, n in enumerate(counts) if n)
     print(f"wrote {args.out} ({tuple(mask.shape)} palette PNG; pixels per class {present})")
     if args.explain:

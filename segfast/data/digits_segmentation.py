@@ -29,7 +29,8 @@ class DigitsSegmentation(TensorDataset):
     "test", so test canvases show unseen handwriting. Canvases are generated at construction,
     deterministically from ``seed`` and the split.
 
-    Items are ``(image, mask)``: image float32 (1, size, size) in [0, 1], mask int64 (size, size).
+    Items are ``(image, mask)``: image float32 (1, size, size) in [0, 1], mask int64 (size, size);
+    with ``binary=True`` the mask is 1 on any digit, 0 elsewhere (binary segmentation).
     """
 
     num_classes = 11
@@ -42,6 +43,7 @@ class DigitsSegmentation(TensorDataset):
         seed: int = 0,
         digit_sizes: tuple[int, int] = (14, 28),
         digits_per_image: tuple[int, int] = (1, 3),
+        binary: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"DigitsSegmentation: split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -72,4 +74,4 @@ class DigitsSegmentation(TensorDataset):
                 )[0, 0].clamp(0, 1)
                 canvas[i, 0, y : y + side, x : x + side] = digit
                 mask[i, y : y + side, x : x + side][digit > 0.35] = labels[pick] + 1
-        super().__init__(canvas, mask)
+        super().__init__(canvas, (mask > 0).long() if binary else mask)

@@ -67,11 +67,12 @@ class FolderDataset(Dataset):
             raise ValueError(
                 f"FolderDataset: {mask_path} is {tuple(mask.shape)} but {image_path.name} is {tuple(size)}"
             )
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        # binary segmentation (num_classes 1): masks hold 0 / 1
+        bad = (mask >= max(self.num_classes, 2)) & (mask != self.ignore_index)
         if bad.any():
             raise ValueError(
                 f"FolderDataset: {mask_path} holds value {int(mask[bad][0])}, not a class in "
-                f"[0, {self.num_classes}) nor ignore_index {self.ignore_index}"
+                f"[0, {max(self.num_classes, 2)}) nor ignore_index {self.ignore_index}"
             )
         return image, mask
 
