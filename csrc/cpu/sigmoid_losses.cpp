@@ -259,10 +259,11 @@ Tensor sigmoid_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_,
 
 // ----------------------------------------------------------------------------------- focal
 
-// A class row's focal terms (0 where left out): loss and slope per element.
-template <typename acc_t>
+// A class row's focal terms (0 where left out): per element the loss (forward) or its slope
+// (backward, kSlope), only the one asked for computed.
+template <bool kSlope, typename acc_t>
 SEGFAST_CPU_MULTIVERSION void class_focal_terms(const ClassTerms<acc_t>& t, int64_t pixels, const double* alpha,
-                                                int64_t c, acc_t gamma, acc_t* loss, acc_t* slope) {
+                                                int64_t c, acc_t gamma, acc_t* out) {
   acc_t q[kTile], alpha_t[kTile], q_gamma[kTile], q_gamma_less_1[kTile];
 #pragma omp simd
   for (int64_t j = 0; j < pixels; ++j) {
@@ -274,9 +275,25 @@ SEGFAST_CPU_MULTIVERSION void class_focal_terms(const ClassTerms<acc_t>& t, int6
   for (int64_t j = 0; j < pixels; ++j) {
     const SigmoidFocalTerms<acc_t> f = sigmoid_focal_terms_of_powers(
         SigmoidTerms<acc_t>{t.p[j], t.bce[j]}, t.y[j], alpha_t[j], q[j], q_gamma[j], q_gamma_less_1[j], gamma);
-    loss[j] = t.in[j] != acc_t(0) ? f.loss : acc_t(0);
-    slope[j] = t.in[j] != acc_t(0) ? f.slope : acc_t(0);
+    out[j] = t.in[j] != acc_t(0) ? (kSlope ? f.slope : f.loss) : acc_t(0);
   }
+}
+
+// A row's losses written at out[j * step] (when out is given) and summed with its count, the
+// partial sums in vector lanes (a fixed order for a given build and CPU, whatever the threads).
+template <typename scalar_t, typename acc_t>
+SEGFAST_CPU_MULTIVERSION void store_and_sum(const acc_t* value, const acc_t* in, int64_t pixels, scalar_t* out,
+                                            int64_t step, acc_t& sum, acc_t& count) {
+  acc_t s = 0, k = 0;
+#pragma omp simd reduction(+ : s, k)
+  for (int64_t j = 0; j < pixels; ++j) {
+    s += value[j];
+    k += in[j];
+  }
+  sum = s;
+  count = k;
+  if (out == nullptr) return;
+  for (int64_t j = 0; j < pixels; ++j) out[j * step] = cpu::narrow<scalar_t>(value[j]);
 }
 
 std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Tensor& target_,
@@ -303,15 +320,10 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
       for_each_class_row<scalar_t, decltype(target_type), kUnit>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
-            acc_t value[kTile], unused[kTile];
-            class_focal_terms(terms, pixels, a, c, static_cast<acc_t>(gamma), value, unused);
-            const int64_t step = kUnit ? 1 : g.pixel_stride;
-            acc_t row_sum = 0, row_count = 0;
-            for (int64_t j = 0; j < pixels; ++j) {
-              if (out != nullptr) out[offset + j * step] = cpu::narrow<scalar_t>(value[j]);
-              row_sum += value[j];
-              row_count += terms.in[j];
-            }
+            acc_t value[kTile], row_sum, row_count;
+            class_focal_terms<false>(terms, pixels, a, c, static_cast<acc_t>(gamma), value);
+            store_and_sum(value, terms.in, pixels, out == nullptr ? nullptr : out + offset, kUnit ? 1 : g.pixel_stride,
+                          row_sum, row_count);
             sum += row_sum;
             count += row_count;
           });
@@ -324,6 +336,22 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
     loss = at::scalar_tensor(reduction == Reduction::Mean ? sum / count : sum, input.options());
   }
   return {loss, at::scalar_tensor(count, input.options().dtype(acc_type))};
+}
+
+// out[j * step] = slope[j] times the loss's gradient: grad_loss[j * step] per element, else `scale`
+// (0 where left out).
+template <typename scalar_t, typename acc_t>
+SEGFAST_CPU_MULTIVERSION void store_gradient(const acc_t* slope, const acc_t* in, int64_t pixels,
+                                             const acc_t* grad_loss, acc_t scale, scalar_t* out, int64_t step) {
+  if (grad_loss == nullptr) {
+    for (int64_t j = 0; j < pixels; ++j) {
+      out[j * step] = cpu::narrow<scalar_t>(in[j] != acc_t(0) ? slope[j] * scale : acc_t(0));
+    }
+    return;
+  }
+  for (int64_t j = 0; j < pixels; ++j) {
+    out[j * step] = cpu::narrow<scalar_t>(in[j] != acc_t(0) ? slope[j] * grad_loss[j * step] : acc_t(0));
+  }
 }
 
 Tensor sigmoid_focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& input_, const Tensor& target_,
@@ -356,13 +384,10 @@ Tensor sigmoid_focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& in
       for_each_class_row<scalar_t, decltype(target_type), kUnit>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
-            acc_t unused[kTile], slope[kTile];
-            class_focal_terms(terms, pixels, a, c, static_cast<acc_t>(gamma), unused, slope);
-            const int64_t step = kUnit ? 1 : g.pixel_stride;
-            for (int64_t j = 0; j < pixels; ++j) {
-              const acc_t s = per_element ? gl[offset + j * step] : scale;
-              out[offset + j * step] = cpu::narrow<scalar_t>(terms.in[j] != acc_t(0) ? slope[j] * s : acc_t(0));
-            }
+            acc_t slope[kTile];
+            class_focal_terms<true>(terms, pixels, a, c, static_cast<acc_t>(gamma), slope);
+            store_gradient(slope, terms.in, pixels, per_element ? gl + offset : nullptr, scale, out + offset,
+                           kUnit ? 1 : g.pixel_stride);
           });
     });
   });

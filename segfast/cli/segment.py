@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
 
 import segfast
 import segfast.nn as snn
@@ -130,7 +132,8 @@ def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=Non
     mode = "binary" if _binary(config) else "multiclass"
     metrics = SegmentationMetrics(config["num_classes"], config["ignore_index"], device=device, mode=mode)
     calibration = CalibrationError(ignore_index=config["ignore_index"], device=device)
-    for images, masks in loader:
+    batches = tqdm(loader, desc="evaluating", unit="batch", disable=not sys.stderr.isatty(), leave=False)
+    for images, masks in batches:
         images, masks = images.to(device), masks.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
