@@ -20,6 +20,8 @@ RESULTS = [
     "benchmarks/results/bench-cpu-float32-nchw.json",
     # segfast bench --suite augment --only bytes --reps 15, in a torch 2.14.1 venv (torchvision 0.29.1 goes with it)
     "benchmarks/results/bench-cpu-augment-bytes-torch2.14.json",
+    # segfast bench --suite ops --only sigmoid_losses,softmax_stats --reps 15 (the families added after the full run)
+    "benchmarks/results/bench-cpu-sigmoid-losses-softmax-stats.json",
 ]
 
 
