@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
+from picture_grid import grid, save
 
 from segfast.augment import parse_augment
 from segfast.data import DigitsSegmentation
@@ -35,17 +35,9 @@ def main(argv=None) -> int:
     data = DigitsSegmentation("val", count=args.samples, seed=3)
     images, masks = data.tensors
     aug_images, aug_masks, _ = parse_augment(SPEC)(images, masks, torch.Generator().manual_seed(0))
-    rows = []
-    for i in range(args.samples):
-        gray = lambda x: (x[0].clamp(0, 1) * 255).byte()[..., None].expand(-1, -1, 3)  # noqa: E731
-        tiles = [gray(images[i]), to_rgb(masks[i]), gray(aug_images[i]), to_rgb(aug_masks[i])]
-        spacer = torch.full((64, 4, 3), 128, dtype=torch.uint8)
-        rows.append(torch.cat([t for tile in tiles for t in (tile, spacer)][:-1], 1))
-    picture = torch.cat(
-        [t for row in rows for t in (row, torch.full((4, row.shape[1], 3), 128, dtype=torch.uint8))][:-1]
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture.numpy()).resize((picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST).save(args.out)
+    gray = lambda x: (x[0].clamp(0, 1) * 255).byte()[..., None].expand(-1, -1, 3)  # noqa: E731
+    rows = [[gray(images[i]), to_rgb(masks[i]), gray(aug_images[i]), to_rgb(aug_masks[i])] for i in range(args.samples)]
+    save(grid(rows), args.out)
     print(f"wrote {args.out} ({SPEC})")
     return 0
 

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
+from picture_grid import grid, save
 
 from segfast.cli.segment import _model_from_checkpoint
 from segfast.data import DigitsSegmentation
@@ -35,15 +35,11 @@ def main(argv=None) -> int:
     for image in images:
         maps = explain(model, image)
         grey = (image[0].clamp(0, 1) * 255).byte()[..., None].expand(-1, -1, 3)
-        tiles = [grey, palette[maps.mask]] + [overlay(image, m) for m in (maps.confidence, maps.entropy, maps.saliency)]
-        spacer = torch.full((image.shape[1], 4, 3), 128, dtype=torch.uint8)
-        rows.append(torch.cat([t for tile in tiles for t in (tile, spacer)][:-1], 1))
+        rows.append(
+            [grey, palette[maps.mask]] + [overlay(image, m) for m in (maps.confidence, maps.entropy, maps.saliency)]
+        )
         print(f"class {maps.saliency_class}: mean confidence {maps.confidence.mean():.3f}")
-    picture = torch.cat(
-        [t for row in rows for t in (row, torch.full((4, row.shape[1], 3), 128, dtype=torch.uint8))][:-1]
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture.numpy()).resize((picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST).save(args.out)
+    save(grid(rows), args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -246,6 +246,13 @@ def test_large_outputs_from_the_output_cache_are_ordinary_tensors():
     assert batch_images.shape == (3, 3, 640, 640) and batch_masks.shape == (3, 640, 640)
 
 
+def _bytes_call(op=None, *args, image_dtype=torch.uint8, **options):
+    """op (segfast.ops.affine_augment by default) on a 1 x 3 x 4 x 4 image of image_dtype."""
+    op = op or segfast.ops.affine_augment
+    image, mask = torch.zeros(1, 3, 4, 4, dtype=image_dtype), torch.zeros(1, 4, 4, dtype=torch.uint8)
+    return op(image, mask, torch.zeros(1, 2, 3), *args, **options)
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
@@ -289,89 +296,19 @@ def test_large_outputs_from_the_output_cache_are_ordinary_tensors():
             TypeError,
             "mask dtype",
         ),
+        (lambda: _bytes_call(std=[1, 0, 1]), ValueError, "std must be nonzero"),
+        (lambda: _bytes_call(mean=[0.5, 0.5]), ValueError, "mean must be 3 finite numbers"),
+        (lambda: _bytes_call(color=torch.ones(2, 2)), ValueError, r"color must be a floating \(N, 2\) = \(1, 2\)"),
+        (lambda: _bytes_call(out_dtype=torch.int32), TypeError, "out_dtype must be one of"),
+        (lambda: _bytes_call(image_dtype=torch.int16), TypeError, "image dtype must be one of"),
+        (lambda: _bytes_call(image_layout="HWC"), ValueError, "image_layout must be one of NCHW, NHWC"),
         (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                std=[1, 0, 1],
-            ),
-            ValueError,
-            "std must be nonzero",
-        ),
-        (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                mean=[0.5, 0.5],
-            ),
-            ValueError,
-            "mean must be 3 finite numbers",
-        ),
-        (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                color=torch.ones(2, 2),
-            ),
-            ValueError,
-            r"color must be a floating \(N, 2\) = \(1, 2\)",
-        ),
-        (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                out_dtype=torch.int32,
-            ),
-            TypeError,
-            "out_dtype must be one of",
-        ),
-        (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.int16),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-            ),
-            TypeError,
-            "image dtype must be one of",
-        ),
-        (
-            lambda: segfast.ops.affine_augment(
-                torch.zeros(1, 4, 4, 3, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                image_layout="HWC",
-            ),
-            ValueError,
-            "image_layout must be one of NCHW, NHWC",
-        ),
-        (
-            lambda: torch.ops.segfast.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                4,
-                4,
-                255,
-                None,
-                torch.ones(2, 2),
-            ),
+            lambda: _bytes_call(torch.ops.segfast.affine_augment, 4, 4, 255, None, torch.ones(2, 2)),
             ValueError,
             r"normalize must be a floating \(2, C\) = \(2, 3\)",
         ),
         (
-            lambda: torch.ops.segfast.affine_augment(
-                torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 4, 4, dtype=torch.uint8),
-                torch.zeros(1, 2, 3),
-                4,
-                4,
-                255,
-                out_memory_format=torch.channels_last_3d,
-            ),
+            lambda: _bytes_call(torch.ops.segfast.affine_augment, 4, 4, 255, out_memory_format=torch.channels_last_3d),
             ValueError,
             "out_memory_format must be",
         ),

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,6 +225,14 @@ def test_train_eval_predict_resume(tmp_path, capsys):
     for name in ("confidence", "entropy", "saliency"):
         with Image.open(tmp_path / f"mask_{name}.png") as written:
             assert written.mode == "RGB" and written.size == (64, 64)
+    # the README's pictures come from these scripts
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for script, extra in (("explain_picture.py", ["--checkpoint", str(checkpoint)]), ("augment_picture.py", [])):
+        picture = tmp_path / script.replace(".py", ".png")
+        run = [sys.executable, str(examples / script), "--out", str(picture), "--samples", "2", *extra]
+        subprocess.run(run, check=True, capture_output=True)
+        with Image.open(picture) as written:
+            assert written.mode == "RGB" and written.size[1] == 3 * (2 * 64 + 4)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):

@@ -9,9 +9,11 @@
 
 namespace segfast {
 
-// The class torch.argmax picks along a class stride: the first maximum, or the first NaN.
+// The class torch.argmax picks along a class stride: the first maximum, or the first NaN; its value
+// goes to *best when asked for (softmax_stats normalises by it).
 template <typename acc_t, typename scalar_t>
-SEGFAST_HOST_DEVICE int64_t argmax_class(const scalar_t* x, int64_t classes, int64_t class_stride) {
+SEGFAST_HOST_DEVICE int64_t argmax_class(const scalar_t* x, int64_t classes, int64_t class_stride,
+                                         acc_t* best_value = nullptr) {
   acc_t best = static_cast<acc_t>(x[0]);
   int64_t arg = 0;
   for (int64_t c = 1; c < classes && best == best; ++c) {
@@ -21,6 +23,7 @@ SEGFAST_HOST_DEVICE int64_t argmax_class(const scalar_t* x, int64_t classes, int
       arg = c;
     }
   }
+  if (best_value != nullptr) *best_value = best;
   return arg;
 }
 

@@ -24,28 +24,12 @@ namespace {
 using at::Tensor;
 using cpu::kTile;
 
-// pred[j] = the class torch.argmax picks for the tile's pixel j: the first maximum, or the first
-// NaN (argmax_class of common/metrics.h, with the pixels vectorised).
+// pred[j] = the class torch.argmax picks for the tile's pixel j.
 template <typename scalar_t, bool kUnit>
 SEGFAST_CPU_MULTIVERSION void tile_argmax(const cpu::Tile<scalar_t, kUnit> t, int64_t* pred) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t ps = t.pixel_stride();
-  acc_t best[kTile];
-  int32_t arg[kTile];  // 32-bit in the loop: the same lane count as float
-  for (int64_t j = 0; j < t.pixels; ++j) {
-    best[j] = cpu::widen<acc_t>(t.row(0)[j * ps]);
-    arg[j] = 0;
-  }
-  for (int32_t c = 1; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-#pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
-      const bool take = (best[j] == best[j]) & ((v > best[j]) | (v != v));  // a NaN best stays
-      best[j] = take ? v : best[j];
-      arg[j] = take ? c : arg[j];
-    }
-  }
+  at::opmath_type<scalar_t> best[kTile];
+  int32_t arg[kTile];
+  cpu::tile_class_argmax(t, best, arg);
   for (int64_t j = 0; j < t.pixels; ++j) pred[j] = arg[j];
 }
 

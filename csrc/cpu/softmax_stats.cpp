@@ -25,24 +25,11 @@ SEGFAST_CPU_MULTIVERSION void tile_stats(const cpu::Tile<scalar_t, kUnit> t, int
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t ps = t.pixel_stride();
   acc_t best[kTile], sum[kTile], weighted[kTile];
-  int32_t arg[kTile];  // 32-bit in the loop: the same lane count as float
-  for (int64_t j = 0; j < t.pixels; ++j) {
-    best[j] = cpu::widen<acc_t>(t.row(0)[j * ps]);
-    arg[j] = 0;
-    sum[j] = weighted[j] = 0;
-  }
-  // torch.argmax's rule (common/metrics.h: argmax_class): the first maximum, or the first NaN; a
-  // NaN best makes every z NaN below, so the probability and entropy are NaN as torch's softmax
-  for (int32_t c = 1; c < t.classes; ++c) {
-    const scalar_t* x = t.row(c);
-#pragma omp simd
-    for (int64_t j = 0; j < t.pixels; ++j) {
-      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
-      const bool take = (best[j] == best[j]) & ((v > best[j]) | (v != v));
-      best[j] = take ? v : best[j];
-      arg[j] = take ? c : arg[j];
-    }
-  }
+  int32_t arg[kTile];
+  // a NaN best (torch.argmax picks the first NaN) makes every z NaN below, so the probability and
+  // entropy are NaN as torch's softmax gives them
+  cpu::tile_class_argmax(t, best, arg);
+  for (int64_t j = 0; j < t.pixels; ++j) sum[j] = weighted[j] = 0;
   for (int64_t c = 0; c < t.classes; ++c) {
     const scalar_t* x = t.row(c);
 #pragma omp simd

@@ -55,6 +55,29 @@ inline void tile_class_max(const Tile<scalar_t, kUnit>& t, at::opmath_type<scala
   }
 }
 
+// best[j], arg[j] = the value and the class torch.argmax picks for pixel j: the first maximum, or
+// the first NaN (common/metrics.h: argmax_class, with the pixels vectorised). arg is 32-bit: the
+// same lane count as float.
+template <typename scalar_t, bool kUnit>
+inline void tile_class_argmax(const Tile<scalar_t, kUnit>& t, at::opmath_type<scalar_t>* best, int32_t* arg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ps = t.pixel_stride();
+  for (int64_t j = 0; j < t.pixels; ++j) {
+    best[j] = cpu::widen<acc_t>(t.row(0)[j * ps]);
+    arg[j] = 0;
+  }
+  for (int32_t c = 1; c < t.classes; ++c) {
+    const scalar_t* x = t.row(c);
+#pragma omp simd
+    for (int64_t j = 0; j < t.pixels; ++j) {
+      const acc_t v = cpu::widen<acc_t>(x[j * ps]);
+      const bool take = (best[j] == best[j]) & ((v > best[j]) | (v != v));  // a NaN best stays
+      best[j] = take ? v : best[j];
+      arg[j] = take ? c : arg[j];
+    }
+  }
+}
+
 // lse[j] = log sum_c exp x(c, j): a max pass, then a sum-of-exp pass over the L1-resident tile.
 template <typename scalar_t, bool kUnit>
 SEGFAST_CPU_MULTIVERSION void tile_logsumexp(const Tile<scalar_t, kUnit> t, at::opmath_type<scalar_t>* lse) {

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/devices.h"
+#include "common/metrics.h"
 #include "common/softmax_stats.h"
 #include "cuda/fast_divide.cuh"
 #include "cuda/launch.cuh"
@@ -25,16 +26,8 @@ __global__ void softmax_stats_kernel(const scalar_t* input, int64_t batch, int64
   SEGFAST_CUDA_KERNEL_LOOP(i, batch * pixels.divisor()) {
     const auto [n, s] = pixels.divmod(i);
     const scalar_t* x = input + n * batch_stride + s * pixel_stride;
-    // torch.argmax's rule (common/metrics.h: argmax_class): the first maximum, or the first NaN
-    acc_t best = static_cast<acc_t>(x[0]);
-    int64_t arg = 0;
-    for (int64_t c = 1; c < classes && best == best; ++c) {
-      const acc_t v = static_cast<acc_t>(x[c * class_stride]);
-      if (v > best || v != v) {
-        best = v;
-        arg = c;
-      }
-    }
+    acc_t best;
+    const int64_t arg = argmax_class<acc_t>(x, classes, class_stride, &best);
     acc_t sum = 0, weighted = 0;
     for (int64_t c = 0; c < classes; ++c) {
       const acc_t z = static_cast<acc_t>(x[c * class_stride]) - best;
