@@ -21,8 +21,9 @@ export CCACHE_DIR ?= $(HOME)/.cache/segfast-ccache
 # without BASEDIR a clone in another folder gets no ccache hits
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-# torchvision for the conversion tests on its models, in the venv whose torch it matches
-EXTRA_DEPS_2.14.1 = torchvision==0.29.1
+# torchvision and segmentation_models_pytorch for the conversion tests on their models, in the venv
+# whose torch torchvision matches
+EXTRA_DEPS_2.14.1 = torchvision==0.29.1 segmentation-models-pytorch==0.6.0
 
 # pinned: a new release's rules or layout must not turn main red by itself
 LINTERS = ruff==0.17.6 clang-format==23.1.5

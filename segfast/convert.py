@@ -210,12 +210,26 @@ class _Tracer(fx.Tracer):
         return type(m).__module__ == snn.__name__ or super().is_leaf_module(m, qualified_name)
 
 
-def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
-    """The fx pass: fuses Conv2d/Linear -> activation pairs outside nn.Sequential."""
+_GRAPH_FUSED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+def _fuse_in_graph(model: nn.Module, report: ConversionReport, prefix: str = "") -> nn.Module:
+    """The fx pass: fuses Conv2d/Linear -> activation pairs outside nn.Sequential, and BatchNorm2d ->
+    [+ residual] -> activation. A module fx cannot trace (data-dependent control flow, smp's FPN) has
+    its children traced one by one, recursively: the parts that trace are converted. ``prefix``: the
+    module's qualified name in the converted model (for the report)."""
     try:
         gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:  # noqa: BLE001  (any tracing failure means: no graph pass)
-        report.kept.append(f"(whole model): not traceable by torch.fx ({type(e).__name__}: {str(e)[:120]})")
+        report.kept.append(
+            f"{prefix or '(whole model)'}: not traceable by torch.fx ({type(e).__name__}: {str(e)[:120]}); "
+            "its submodules were traced one by one"
+        )
+        for name, child in list(model.named_children()):
+            if any(type(m) in _GRAPH_FUSED for m in child.modules()):
+                converted = _fuse_in_graph(child, report, f"{prefix}{name}.")
+                if converted is not child:
+                    setattr(model, name, _keeping_interface(converted, child))
         return model
     modules = dict(gm.named_modules())
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
@@ -226,7 +240,7 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
         users = list(node.users)
         follower = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
         if isinstance(follower, nn.modules.batchnorm._BatchNorm):
-            report._followed_by[node.target] = f"{_describe(follower)} ({users[0].target})"
+            report._followed_by[prefix + node.target] = f"{_describe(follower)} ({prefix}{users[0].target})"
         activation = _activation_of_node(users[0], modules) if len(users) == 1 else None
         # a layer called from several places keeps its class: the activation follows only one call
         if activation is None or calls[node.target] != 1 or _fusable(modules[node.target]) is not None:
@@ -240,16 +254,46 @@ def _fuse_in_graph(model: nn.Module, report: ConversionReport) -> nn.Module:
         gm.graph.erase_node(act_node)
         fused_any = True
         report.converted.append(
-            f"{node.target}: {_describe(layer)} + {act_name} -> "
+            f"{prefix}{node.target}: {_describe(layer)} + {act_name} -> "
             f"segfast.nn.{type(fused).__name__}({activation[0]!r}) [fx]"
         )
-    fused_any |= _fuse_batch_norms_in_graph(gm, modules, calls, report)
+    fused_any |= _fuse_batch_norms_in_graph(gm, modules, calls, report, prefix)
     if not fused_any:
         return model
     gm.graph.lint()
     gm.recompile()
     report.traced = True
     return gm
+
+
+def _keeping_interface(gm: fx.GraphModule, original: nn.Module) -> fx.GraphModule:
+    """gm, traced from a submodule, made to answer as the original did: its class takes the
+    original class's methods and properties (all but forward and __init__) and gm the original's
+    plain attributes, since the parent, which fx could not trace, may use them (smp's FPN reads
+    its encoder's output_stride). forward is gm's; a deep copy keeps all of it."""
+    # a subclass of GraphModule itself, not of gm's per-instance class (fx derives a new one from
+    # this class for each copy; deriving from gm's would chain two generated __call__s into a loop)
+    namespace = {"__deepcopy__": _deepcopy_keeping_attributes, "forward": type(gm).forward}
+    for cls in reversed(type(original).__mro__):
+        if cls in nn.Module.__mro__:
+            continue
+        for key, value in vars(cls).items():
+            if key not in ("forward", "__init__") and not (key.startswith("__") and key.endswith("__")):
+                namespace[key] = value
+    gm.__class__ = type(type(original).__name__, (fx.GraphModule,), namespace)
+    for key, value in vars(original).items():
+        gm.__dict__.setdefault(key, value)
+    return gm
+
+
+def _deepcopy_keeping_attributes(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    """GraphModule's deep copy rebuilds the module from its graph; the original's attributes are
+    copied over too."""
+    copied = fx.GraphModule.__deepcopy__(self, memo)
+    for key, value in self.__dict__.items():
+        if key not in copied.__dict__:
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+    return copied
 
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -264,7 +308,9 @@ def _added_to(node: fx.Node, add: fx.Node) -> fx.Node | None:
     return other if isinstance(other, fx.Node) else None
 
 
-def _fuse_batch_norms_in_graph(gm: fx.GraphModule, modules: dict, calls: Counter, report: ConversionReport) -> bool:
+def _fuse_batch_norms_in_graph(
+    gm: fx.GraphModule, modules: dict, calls: Counter, report: ConversionReport, prefix: str = ""
+) -> bool:
     """BatchNorm2d -> activation, and BatchNorm2d -> + residual -> activation (torchvision's BasicBlock
     and Bottleneck, smp's ResNet encoders), each into one BatchNormAct2d call."""
     fused_any = False
@@ -292,7 +338,7 @@ def _fuse_batch_norms_in_graph(gm: fx.GraphModule, modules: dict, calls: Counter
             gm.graph.erase_node(dead)
         act_name = _describe(modules[act_node.target]) if act_node.op == "call_module" else str(act_node.target)
         report.converted.append(
-            f"{node.target}: BatchNorm2d{' + residual' if residual is not None else ''} + {act_name} -> "
+            f"{prefix}{node.target}: BatchNorm2d{' + residual' if residual is not None else ''} + {act_name} -> "
             f"segfast.nn.BatchNormAct2d({activation[0]!r}) [fx]"
         )
         fused_any = True
@@ -335,7 +381,7 @@ def convert(model: nn.Module, inplace: bool = False, *, fx_trace: bool = True) -
     model = model if inplace else copy.deepcopy(model)
     _fuse_in_sequentials(model, report)
     _swap_simple_layers(model, report)
-    if fx_trace and any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in model.modules()):
+    if fx_trace and any(type(m) in _GRAPH_FUSED for m in model.modules()):
         model = _fuse_in_graph(model, report)
     _report_unfused(model, report)
     return model, report

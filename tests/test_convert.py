@@ -265,3 +265,32 @@ def test_batchnorm_activation_and_residual_blocks_are_fused(training):
         torch.testing.assert_close(g, e)
     for (name, ours), theirs in zip(converted.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, msg=name)  # running statistics updated alike
+
+
+@pytest.mark.parametrize("architecture", ["Unet", "FPN"])
+def test_smp_models_when_installed(architecture):
+    """segmentation_models_pytorch's U-Net and FPN on a ResNet-18 encoder: outputs and gradients
+    equal the original's in training mode (float64). FPN's forward does not trace with torch.fx:
+    its submodules (the encoder, the decoder's blocks) are converted one by one and still answer
+    as the originals (FPN reads encoder.output_stride); a deep copy keeps that."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = getattr(smp, architecture)("resnet18", encoder_weights=None, classes=5).double().train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout2d):
+            m.p = 0.0  # equal outputs need the same (no) dropout mask
+    converted, report = segfast.convert(model)
+    fused = [line for line in report.converted if "BatchNormAct2d" in line]
+    assert len(fused) >= 17 and any("residual" in line for line in fused), report
+    if architecture == "FPN":
+        assert any("(whole model): not traceable" in line and "one by one" in line for line in report.kept)
+        assert converted.encoder.output_stride == model.encoder.output_stride
+        converted = copy.deepcopy(converted)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected, got = model(x), converted(x)
+    torch.testing.assert_close(got, expected)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    grads = {name: p.grad for name, p in converted.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
