@@ -1,5 +1,7 @@
 """The ``models`` suite: U-Net and FCN, a training step (forward + cross-entropy + backward + SGD
-step) and inference, stock layers vs segfast's, each eager and under torch.compile.
+step) and inference, stock layers vs segfast's, each eager and under torch.compile; and, where
+segmentation_models_pytorch is installed, its ResNet-18 U-Net as users have it against the same
+model through ``segfast.convert`` (channels_last parameters: the network runs channels_last).
 
 Inference compares what each side deploys: the stock model in eval mode (compiled with inductor's
 ``freezing``, which folds BatchNorm into the convolutions and constant weights), and segfast's model
@@ -18,6 +20,7 @@ from segfast.models import FCN, UNet
 
 SUITE = "models"
 NUM_CLASSES = 21
+RESNET18_UNET = "resnet18_unet"  # segmentation_models_pytorch's Unet("resnet18"), where installed
 
 
 def _build(name: str, backend: str, settings: Settings) -> torch.nn.Module:
@@ -38,10 +41,25 @@ def _build(name: str, backend: str, settings: Settings) -> torch.nn.Module:
 
 def _pair(name: str, settings: Settings) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
+    if name == RESNET18_UNET:
+        import segmentation_models_pytorch as smp
+
+        stock = smp.Unet("resnet18", encoder_weights=None, classes=NUM_CLASSES)
+        stock = stock.to(settings.device, settings.torch_dtype, memory_format=settings.memory_format)
+        ours, _ = segfast.convert(stock)
+        return stock, ours.to(memory_format=torch.channels_last)
     stock = _build(name, "torch", settings)
     ours = _build(name, "segfast", settings)
     ours.load_state_dict(stock.state_dict())  # same parameter names on both backends
     return stock, ours
+
+
+def _smp_installed() -> bool:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _train_step(model: torch.nn.Module, loss_fn, images, masks):
@@ -67,7 +85,10 @@ def _inference(model: torch.nn.Module, images):
 
 def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
     batch, size = (4, 64) if settings.quick else (8, 128)
-    for name in only or (("unet", "fcn") if settings.quick else ("unet", "unet_iabn", "fcn")):
+    names = only or (("unet", "fcn") if settings.quick else ("unet", "unet_iabn", "fcn", RESNET18_UNET))
+    for name in names:
+        if name == RESNET18_UNET and not _smp_installed():
+            continue
         g = torch.Generator().manual_seed(0)
         images = torch.randn(batch, 3, size, size, generator=g).to(settings.device, settings.torch_dtype)
         images = images.contiguous(memory_format=settings.memory_format)
@@ -94,8 +115,12 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
             {k: _train_step(m, losses[k], images, masks) for k, m in models.items()},
             batch,
             settings,
-            note="segfast's model runs channels_last inside (NCHW batch in, NCHW logits out)",
+            note="segfast's model runs channels_last inside (NCHW batch in, NCHW logits out)"
+            if name != RESNET18_UNET
+            else "segfast: segfast.convert of the smp model, parameters channels_last",
         )
+        if name == RESNET18_UNET:
+            continue  # inference: the converted model's BatchNorms are fused with their activations
 
         stock, ours = (m.eval() for m in _pair(name, settings))
         deployed = {EAGER: stock, SEGFAST: segfast.fold_batchnorm(ours)}

@@ -49,7 +49,7 @@ def _only(spec: str, suites: list[str], known: dict) -> dict[str, list[str]]:
     """--only names, each sent to the suite that knows it (suites left without a name do not run)."""
     names = {
         "ops": list(known["ops"].FAMILIES),
-        "models": ["unet", "unet_iabn", "fcn"],
+        "models": ["unet", "unet_iabn", "fcn", "resnet18_unet"],
         "augment": ["bytes", "int64", "uint8"],
         "overhead": known["overhead"].NAMES,
     }

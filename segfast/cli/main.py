@@ -248,7 +248,8 @@ def _add_bench(sub) -> None:
         default="",
         help="comma-separated families/models within the suites, e.g. "
         "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
-        "segmentation_losses, sigmoid_losses, confusion_matrix, softmax_stats; models: unet, unet_iabn, fcn; "
+        "segmentation_losses, sigmoid_losses, confusion_matrix, softmax_stats; "
+        "models: unet, unet_iabn, fcn, resnet18_unet (where smp is installed); "
         "augment: bytes, int64, uint8)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
