@@ -22,6 +22,8 @@ RESULTS = [
     "benchmarks/results/bench-cpu-augment-bytes-torch2.14.json",
     # segfast bench --suite ops --only sigmoid_losses,softmax_stats --reps 15 (the families added after the full run)
     "benchmarks/results/bench-cpu-sigmoid-losses-softmax-stats.json",
+    # segfast bench --suite models --only resnet18_unet --reps 11, torch 2.14.1 venv (smp installs there)
+    "benchmarks/results/bench-cpu-resnet18-unet-torch2.14.json",
 ]
 
 
