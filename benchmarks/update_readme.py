@@ -24,6 +24,8 @@ RESULTS = [
     "benchmarks/results/bench-cpu-sigmoid-losses-softmax-stats.json",
     # segfast bench --suite models --only resnet18_unet --reps 11, torch 2.14.1 venv (smp installs there)
     "benchmarks/results/bench-cpu-resnet18-unet-torch2.14.json",
+    # segfast bench --layout channels_last --suite ops,models --only batch_norm_act,unet,unet_iabn
+    "benchmarks/results/bench-cpu-float32-channels_last-batch-norm-unet.json",
 ]
 
 
