@@ -46,47 +46,63 @@ def decoder_block(model: nn.Module) -> nn.Module:
     raise ValueError(f"explain: no decoder block known for {type(model).__name__}; pass layer=")
 
 
-def grad_cam(model: nn.Module, layer: nn.Module, image: torch.Tensor, class_index: int) -> torch.Tensor:
-    """Grad-CAM of class_index for one (1, C, H, W) image: relu(sum_k a_k A_k) of the layer's output
-    A, a_k the spatial mean of d score / d A_k, score the class's logits summed over the pixels
-    predicted as it (all pixels when none is); upsampled bilinearly to (H, W), scaled to [0, 1]."""
+def _recorded_forward(model: nn.Module, layer: nn.Module, batch: torch.Tensor):
+    """(two-class logits, the layer's output A) of one forward recorded by autograd: the maps and
+    Grad-CAM's gradient both come from it."""
     captured = {}
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.update(output=output))
     try:
         with torch.enable_grad():
-            logits = two_class(model(image))
-            activation = captured["output"]
-            region = logits.argmax(1, keepdim=True) == class_index
-            region = region if region.any() else torch.ones_like(region)
-            score = (logits[:, class_index : class_index + 1] * region).sum()
-            (gradient,) = torch.autograd.grad(score, activation)
+            logits = two_class(model(batch))
     finally:
         handle.remove()
+    return logits, captured["output"]
+
+
+def _cam(logits, activation, predicted, class_index: int, size) -> torch.Tensor:
+    """relu(sum_k a_k A_k), a_k the spatial mean of d score / d A_k, score the class's logits summed
+    over the pixels predicted as it (``predicted`` (1, 1, H, W); all pixels when none is),
+    upsampled bilinearly to ``size``, scaled to [0, 1]."""
+    region = predicted == class_index
+    region = region if region.any() else torch.ones_like(region)
+    with torch.enable_grad():
+        score = (logits[:, class_index : class_index + 1] * region).sum()
+        (gradient,) = torch.autograd.grad(score, activation)
     weights = gradient.mean((2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
     peak = cam.max()
     return (cam / peak if peak > 0 else cam).float().cpu()
 
 
+def grad_cam(model: nn.Module, layer: nn.Module, image: torch.Tensor, class_index: int) -> torch.Tensor:
+    """Grad-CAM of class_index for one (1, C, H, W) image: relu(sum_k a_k A_k) of the layer's output
+    A, a_k the spatial mean of d score / d A_k, score the class's logits summed over the pixels
+    predicted as it (all pixels when none is); upsampled bilinearly to (H, W), scaled to [0, 1]."""
+    logits, activation = _recorded_forward(model, layer, image)
+    return _cam(logits, activation, logits.argmax(1, keepdim=True), class_index, image.shape[-2:])
+
+
 def explain(model: nn.Module, image: torch.Tensor, class_index: int | None = None, layer=None) -> Explanation:
-    """The maps of one (C, H, W) image. ``class_index``: the class Grad-CAM explains; default the
-    most frequent predicted class other than 0 (background), or 0 when nothing else is predicted.
-    A binary model (one sigmoid channel) reads as two classes, 0 and 1 (``two_class``)."""
+    """The maps of one (C, H, W) image, from one forward pass. ``class_index``: the class Grad-CAM
+    explains; default the most frequent predicted class other than 0 (background), or 0 when
+    nothing else is predicted. A binary model (one sigmoid channel) reads as two classes, 0 and 1
+    (``two_class``)."""
     model.eval()
     batch = image.unsqueeze(0)
-    with torch.no_grad():
-        logits = two_class(model(batch).float())
-    mask, confidence, entropy = (t[0].cpu() for t in softmax_stats(logits))
+    logits, activation = _recorded_forward(model, layer or decoder_block(model), batch)
+    predicted, confidence, entropy = softmax_stats(logits.detach().float())
     classes = logits.shape[1]
+    mask = predicted[0].cpu()
     if class_index is None:
         counts = torch.bincount(mask.flatten(), minlength=classes)
         counts[0] = 0 if counts[1:].any() else counts[0]
         class_index = int(counts.argmax())
     if not 0 <= class_index < classes:
         raise ValueError(f"explain: class {class_index} is not in [0, {classes})")
-    saliency = grad_cam(model, layer or decoder_block(model), batch, class_index)
-    return Explanation(mask, confidence, entropy / max(math.log(classes), 1e-12), saliency, class_index)
+    saliency = _cam(logits, activation, predicted[:, None], class_index, batch.shape[-2:])
+    entropy = entropy[0].cpu() / max(math.log(classes), 1e-12)
+    return Explanation(mask, confidence[0].cpu(), entropy, saliency, class_index)
 
 
 # a dark-blue -> red -> yellow ramp ("hot"-like), readable over grey images

@@ -138,17 +138,21 @@ class CalibrationError:
         self.sums = torch.zeros(3, bins, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        argmax, confidence, _ = softmax_stats(logits)
-        if target.shape != argmax.shape:
+        prediction, confidence, _ = softmax_stats(logits)
+        self.add(prediction, confidence, target)
+
+    def add(self, prediction: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor) -> None:
+        """``update`` from softmax_stats' outputs already at hand: (N, ...) predicted classes and
+        their max softmax probabilities."""
+        if target.shape != prediction.shape:
             raise ValueError(
-                f"CalibrationError: target must have shape {tuple(argmax.shape)}, got {tuple(target.shape)}"
+                f"CalibrationError: target must have shape {tuple(prediction.shape)}, got {tuple(target.shape)}"
             )
         keep = target != self.ignore_index
         confidence = confidence[keep].double()
         bin_of = (confidence * self.bins).ceil().long().clamp(1, self.bins) - 1
-        correct = (argmax[keep] == target[keep]).double()
-        for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
-            self.sums[row].index_add_(0, bin_of, values)
+        correct = (prediction[keep] == target[keep]).double()
+        self.sums.index_add_(1, bin_of, torch.stack([torch.ones_like(confidence), confidence, correct]))
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():

@@ -23,9 +23,10 @@ import segfast.nn as snn
 from segfast.augment import parse_augment
 from segfast.cli import checkpoint as checkpoints
 from segfast.data import DigitsSegmentation, FolderDataset, read_image, write_mask_png
-from segfast.explain import two_class
+from segfast.explain import Explanation, explain, overlay, two_class
 from segfast.metrics import CalibrationError, SegmentationMetrics
 from segfast.models import FCN, UNet
+from segfast.ops.softmax_stats import softmax_stats
 
 
 def build_model(config: dict, backend: str) -> nn.Module:
@@ -140,9 +141,11 @@ def evaluate(model: nn.Module, loader: DataLoader, config: dict, device, amp=Non
         with _autocast(device, amp):
             logits = model(images)
         logits = logits.float()
+        # one read of the logits for the predicted classes and confidences both figures use
+        predicted, confidence, _ = softmax_stats(two_class(logits))
         # binary: probabilities, so that logits which happen to lie in [0, 1] are not read as probabilities
-        metrics.update(logits.sigmoid() if mode == "binary" else logits, masks)
-        calibration.update(two_class(logits), masks)
+        metrics.update(logits.sigmoid() if mode == "binary" else predicted, masks)
+        calibration.add(predicted, confidence, masks)
     metrics.all_reduce()
     calibration.all_reduce()
     return metrics.compute() | {"ece": calibration.compute()}
@@ -404,25 +407,24 @@ def run_predict(args) -> int:
         )
     if args.explain and str(args.checkpoint).endswith(".pt2"):
         raise ValueError("--explain needs a checkpoint (Grad-CAM reads the model's decoder block), not a .pt2")
-    mask = two_class(model(image.unsqueeze(0))).argmax(1)[0]
+    # --explain: the mask and the maps from one forward pass
+    maps = explain(model, image, args.explain_class) if args.explain else None
+    mask = maps.mask if maps is not None else two_class(model(image.unsqueeze(0))).argmax(1)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     classes = max(config["num_classes"], 2)
     write_mask_png(mask, args.out, classes)
     counts = torch.bincount(mask.flatten(), minlength=classes)
     present = ", ".join(f"{c}: {int(n)}" for c, n in enumerate(counts) if n)
     print(f"wrote {args.out} ({tuple(mask.shape)} palette PNG; pixels per class {present})")
-    if args.explain:
-        _write_explanation(model, image, args.out, args.explain_class)
+    if maps is not None:
+        _write_explanation(maps, image, args.out)
     return 0
 
 
-def _write_explanation(model, image, out: Path, class_index) -> None:
+def _write_explanation(maps: Explanation, image, out: Path) -> None:
     """The three overlays beside the mask: confidence, entropy (/ log C), Grad-CAM saliency."""
     from PIL import Image
 
-    from segfast.explain import explain, overlay
-
-    maps = explain(model, image, class_index)
     written = []
     for name, heat in (("confidence", maps.confidence), ("entropy", maps.entropy), ("saliency", maps.saliency)):
         path = out.with_name(f"{out.stem}_{name}.png")
