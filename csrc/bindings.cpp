@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -14,6 +15,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "autograd/autograd.h"
+#include "cpu/dispatch.h"
 
 namespace {
 
@@ -73,6 +75,41 @@ struct OpEntry<Return(Args...)> {
   }
 };
 
+namespace dispatch = segfast::cpu::dispatch;
+
+dispatch::Choice choice_named(const std::string& name) {
+  for (int i = 0; i < dispatch::kChoices; ++i) {
+    const auto choice = static_cast<dispatch::Choice>(i);
+    if (name == dispatch::choice_name(choice)) return choice;
+  }
+  throw pybind11::value_error("unknown dispatch choice '" + name + "'");
+}
+
+// _C.dispatch_force(choice, path): "segfast" / "vendor" forces a CPU choice point's path, None
+// returns it to the table; _C.dispatch_choose(...) is the table's answer for one layer.
+void bind_dispatch(pybind11::module& m) {
+  m.def(
+      "dispatch_force",
+      [](const std::string& choice, const std::optional<std::string>& path) {
+        if (path && *path != "segfast" && *path != "vendor") {
+          throw pybind11::value_error("path must be 'segfast', 'vendor' or None, got '" + *path + "'");
+        }
+        dispatch::force(
+            choice_named(choice),
+            path ? std::optional(*path == "segfast" ? dispatch::Path::Segfast : dispatch::Path::Vendor) : std::nullopt);
+      },
+      pybind11::arg("choice"), pybind11::arg("path"));
+  m.def(
+      "dispatch_choose",
+      [](const std::string& choice, at::ScalarType dtype, int64_t kernel, int64_t in_channels, int64_t out_channels,
+         int64_t pixels, bool input_grad) {
+        const dispatch::ConvKey key{dtype, kernel, in_channels, out_channels, pixels, input_grad};
+        return dispatch::choose(choice_named(choice), key) == dispatch::Path::Segfast ? "segfast" : "vendor";
+      },
+      pybind11::arg("choice"), pybind11::arg("dtype"), pybind11::arg("kernel"), pybind11::arg("in_channels"),
+      pybind11::arg("out_channels"), pybind11::arg("pixels"), pybind11::arg("input_grad"));
+}
+
 using Tensor = at::Tensor;
 using OptionalTensor = const std::optional<at::Tensor>&;
 using Ints = at::IntArrayRef;
@@ -108,6 +145,7 @@ void bind_ops(pybind11::module& m) {
 
 PYBIND11_MODULE(_C, m) {
   bind_ops(m);
+  bind_dispatch(m);
   m.doc() = "segfast C++ operators (registered as torch.ops.segfast.*) and build information";
   m.def("build_info", &build_info, "How this segfast extension was built.");
 }

@@ -15,6 +15,7 @@ from conftest import (
 )
 
 import segfast
+from segfast.bench.dispatch import CHANNELS_LAST, DIRECT, FORCED, VENDOR, forcing
 from segfast.bench.profiling import FreshOutputs
 
 ACTS = ACTIVATION_REFERENCES
@@ -73,42 +74,43 @@ def test_matches_torch_forward_and_backward(device, layout, geometry, activation
     assert_grads_close_to_reference(("input", "weight", "bias"), (ours, theirs, ref), inputs, grad)
 
 
+@pytest.mark.parametrize("path", [VENDOR, CHANNELS_LAST, DIRECT])
+@pytest.mark.parametrize("input_grad", [False, True], ids=["first-layer", "input-grad"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "silu", "sigmoid", "leaky_relu"])
 @pytest.mark.parametrize("kernel, padding", [((3, 3), 1), ((7, 7), 3), ((1, 3), (0, 2)), ((5, 2), 0)])
-def test_few_input_channels_without_input_grad(kernel, padding, activation, dtype):
-    # the first layer of a network (RGB in, input needs no gradient) takes segfast's direct kernel
+def test_few_input_channels_on_every_cpu_path(kernel, padding, activation, dtype, input_grad, path):
+    # a network's first layer (RGB in, its input needs no gradient), forced onto each path the CPU
+    # dispatch table can choose (segfast's direct kernel, oneDNN channels_last or NCHW)
     (x64, w64, b64), (x, w, b) = _tensors((2, 3, 13, 70), (6, 3, *kernel), dtype)
-    x64, x = x64.detach(), x.detach()
+    if not input_grad:
+        x64, x = x64.detach(), x.detach()
 
     def stock(x, w, b):
         return ACTS[activation](F.conv2d(x, w, b, padding=padding), 0.1)
 
-    ours = segfast.ops.conv2d_act(x, w, b, padding=padding, activation=activation, negative_slope=0.1)
-    theirs, ref = stock(x, w, b), stock(x64, w64, b64)
-    assert_close_to_reference(ours, theirs, ref, "forward")
-    grad = torch.randn_like(ref)
-    if activation in ("relu", "leaky_relu"):
-        margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
-        grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
-    assert_grads_close_to_reference(("weight", "bias"), (ours, theirs, ref), ((w, b), (w, b), (w64, b64)), grad)
+    with forcing(FORCED[path]):
+        ours = segfast.ops.conv2d_act(x, w, b, padding=padding, activation=activation, negative_slope=0.1)
+        theirs, ref = stock(x, w, b), stock(x64, w64, b64)
+        assert_close_to_reference(ours, theirs, ref, "forward")
+        grad = torch.randn_like(ref)
+        if activation in ("relu", "leaky_relu"):
+            margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+            grad = grad * (F.conv2d(x64, w64, b64, padding=padding).abs() > margin)
+        names, inputs = ("input", "weight", "bias"), ((x, w, b), (x, w, b), (x64, w64, b64))
+        if not input_grad:
+            names, inputs = names[1:], tuple(i[1:] for i in inputs)
+        assert_grads_close_to_reference(names, (ours, theirs, ref), inputs, grad)
 
 
-def test_few_input_channels_gradcheck_and_determinism():
+@pytest.mark.parametrize("path", [VENDOR, CHANNELS_LAST, DIRECT])
+def test_few_input_channels_gradcheck(path):
     (x, w, b), _ = _tensors((2, 3, 6, 7), (4, 3, 3, 3), torch.float64)
     x = x.detach()
-    assert torch.autograd.gradcheck(lambda w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation="silu"), (w, b))
-    _, (x32, w32, b32) = _tensors((4, 3, 32, 32), (8, 3, 3, 3), torch.float32)
-    x32 = x32.detach()
-    threads = torch.get_num_threads()
-    grads = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            grads.append(torch.autograd.grad(segfast.ops.conv2d_act(x32, w32, b32, padding=1).sum(), (w32, b32)))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with forcing(FORCED[path]):
+        assert torch.autograd.gradcheck(
+            lambda w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation="silu"), (w, b)
+        )
 
 
 def test_none_is_bitwise_f_conv2d():
@@ -151,7 +153,7 @@ def test_gradcheck(device, activation):
     )
 
 
-@pytest.mark.parametrize("in_channels, groups", [(3, 1), (8, 1), (8, 2)])  # direct kernel, oneDNN, grouped
+@pytest.mark.parametrize("in_channels, groups", [(3, 1), (8, 1), (8, 2)])  # a first layer, a middle one, grouped
 def test_nan_reaches_its_receptive_field(in_channels, groups):
     x = torch.randn(1, in_channels, 9, 9, dtype=torch.float64)
     x[0, 0, 4, 4] = float("nan")

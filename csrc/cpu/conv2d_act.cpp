@@ -22,6 +22,7 @@
 #include "common/layout.h"
 #include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
+#include "cpu/dispatch.h"
 #include "cpu/vec_math.h"
 
 namespace segfast {
@@ -38,18 +39,24 @@ int64_t tile_pixels(bool nchw) {
   return nchw ? 4096 : 256;
 }
 
-// The format of the backward convolution. oneDNN (float32/bfloat16) computes the weight gradient
-// of a layer with few input channels much faster channels_last; converting such an input is cheap
-// (it is small), and the fused pass writes grad_z channels_last at no extra cost. Measured on the
-// 2-core dev machine, 3x3, 8x3x256x256 -> 32: weight-gradient convolution 4 ms channels_last vs
-// 22 ms NCHW. The forward stays in the caller's layout: its channels_last convolution is faster
-// too (19 vs 38 ms) but needs a second output-sized buffer, whose page faults ate the gain.
-constexpr int64_t kChannelsLastMaxInputChannels = 16;
+// The key of this layer in the dispatch table (cpu/dispatch.h).
+cpu::dispatch::ConvKey conv_key(const Tensor& input, const Tensor& weight, int64_t out_h, int64_t out_w,
+                                bool input_grad) {
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  return {input.scalar_type(),           kh == kw ? kh : 0, input.size(1), weight.size(0),
+          input.size(0) * out_h * out_w, input_grad};
+}
 
-MemoryFormat backward_format(const Tensor& input, const Tensor& weight) {
+// The format of the backward convolution: channels_last for an NCHW caller where the table says
+// so (oneDNN computes the weight gradient of a layer with few input channels much faster
+// channels_last; converting such an input is cheap, and the fused pass writes grad_z channels_last
+// at no extra cost). The forward stays in the caller's layout: its channels_last convolution is
+// faster too (19 vs 38 ms, 3x3, 8x3x256x256 -> 32) but needs a second output-sized buffer, whose
+// page faults ate the gain.
+MemoryFormat backward_format(const Tensor& input, const Tensor& weight, const cpu::dispatch::ConvKey& key) {
   const MemoryFormat out = conv_output_format(input, weight);
-  const bool onednn_dtype = input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16;
-  if (out == MemoryFormat::Contiguous && onednn_dtype && input.size(1) <= kChannelsLastMaxInputChannels) {
+  if (out == MemoryFormat::Contiguous &&
+      cpu::dispatch::choose(cpu::dispatch::Choice::ChannelsLastBackward, key) == cpu::dispatch::Path::Segfast) {
     return MemoryFormat::ChannelsLast;
   }
   return out;
@@ -156,11 +163,13 @@ void dispatch_pass_layout(PassLayout layout, F&& f) {
   }
 }
 
-// segfast's direct kernel serves NCHW callers of the shapes cpu::direct::eligible accepts.
-bool uses_direct_kernel(const Tensor& input, const Tensor& weight, IntArrayRef stride, IntArrayRef dilation,
-                        int64_t groups) {
+// segfast's direct kernel serves NCHW callers of the shapes cpu::direct::eligible accepts, where
+// the dispatch table says it is faster than oneDNN.
+bool uses_direct_kernel(cpu::dispatch::Choice choice, const cpu::dispatch::ConvKey& key, const Tensor& input,
+                        const Tensor& weight, IntArrayRef stride, IntArrayRef dilation, int64_t groups) {
   return conv_output_format(input, weight) == MemoryFormat::Contiguous &&
-         cpu::direct::eligible(input, weight, stride, dilation, groups);
+         cpu::direct::eligible(input, weight, stride, dilation, groups) &&
+         cpu::dispatch::choose(choice, key) == cpu::dispatch::Path::Segfast;
 }
 
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -172,7 +181,12 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
-  if (act != Activation::None && uses_direct_kernel(input, weight, stride, dilation, groups)) {
+  auto out_size = [&](int d) {
+    return (input.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
+  };
+  const cpu::dispatch::ConvKey key = conv_key(input, weight, out_size(0), out_size(1), false);
+  if (act != Activation::None &&
+      uses_direct_kernel(cpu::dispatch::Choice::DirectConvForward, key, input, weight, stride, dilation, groups)) {
     const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
@@ -196,7 +210,8 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
                                      double negative_slope, std::array<bool, 3> output_mask) {
   check_conv_backward_args(grad_output, saved, input, weight, stride, padding, dilation, groups, negative_slope);
   const Activation act = parse_activation(activation);
-  const MemoryFormat format = backward_format(input, weight);
+  const cpu::dispatch::ConvKey key = conv_key(input, weight, grad_output.size(2), grad_output.size(3), output_mask[0]);
+  const MemoryFormat format = backward_format(input, weight, key);
   const int64_t no_output_padding[2] = {0, 0};
   const int64_t out_channels = weight.size(0);
   auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) {
@@ -214,7 +229,8 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
-  if (!output_mask[0] && uses_direct_kernel(input, weight, stride, dilation, groups)) {
+  if (!output_mask[0] &&
+      uses_direct_kernel(cpu::dispatch::Choice::DirectConvWeightGrad, key, input, weight, stride, dilation, groups)) {
     const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     const Tensor g = grad_output.contiguous(), s = saved.contiguous();
     TORCH_CHECK_VALUE(s.sizes() == g.sizes() && g.size(2) == d.out_h && g.size(3) == d.out_w,

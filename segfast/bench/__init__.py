@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from tqdm import tqdm
 
-from segfast.bench import augment, models, ops, overhead, report
+from segfast.bench import augment, dispatch, models, ops, overhead, report
 from segfast.bench.cases import Case, Settings
 from segfast.bench.measure import (
     MachineLimits,
@@ -28,7 +28,7 @@ from segfast.bench.measure import (
     timed_call,
 )
 
-SUITES = {"ops": ops, "models": models, "augment": augment, "overhead": overhead}
+SUITES = {"ops": ops, "models": models, "augment": augment, "overhead": overhead, "dispatch": dispatch}
 __all__ = ["SUITES", "Row", "Settings", "report", "run"]
 
 
@@ -125,7 +125,9 @@ def run(
     cases = [case for suite in suites for case in SUITES[suite].cases(settings, (only or {}).get(suite))]
     bar = Progress(reps * len(cases), progress)
     rows: list[Row] = []
-    for case in cases:
+    cases.reverse()
+    while cases:
+        case = cases.pop()  # dropped after its rows: a suite may hold many cases' tensors until they run
         bar.case(f"{case.suite} {case.name} {case.shape} {case.step}")
         first_call_ms, notes = _first_calls(case)
         providers = {name: case.providers[name] for name in first_call_ms}

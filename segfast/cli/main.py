@@ -220,7 +220,7 @@ def _add_eval_predict_export(sub) -> None:
 
 BENCH_USAGE = """run the benchmark suites, or compare two result files:
 
-    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16|float64]
                   [--layout nchw|channels_last] [--quick] [--reps N] [--no-compile] [--out DIR]
     segfast bench compare A.json B.json
 """
@@ -241,7 +241,8 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--suite",
         default="ops,models,augment",
-        help="comma-separated: ops, models, augment, overhead (per-call cost at tiny sizes)",
+        help="comma-separated: ops, models, augment, overhead (per-call cost at tiny sizes), "
+        "dispatch (every CPU path of conv2d_act on a grid of shapes: the data of csrc/cpu/dispatch_table.inc)",
     )
     p.add_argument(
         "--only",
@@ -250,7 +251,7 @@ def _add_bench(sub) -> None:
         "cross_entropy,pooling,unet (ops: cross_entropy, pooling, conv2d_act, linear_act, "
         "segmentation_losses, sigmoid_losses, confusion_matrix, softmax_stats; "
         "models: unet, unet_iabn, fcn, resnet18_unet (where smp is installed); "
-        "augment: bytes, int64, uint8)",
+        "augment: bytes, int64, uint8; dispatch: forward, backward)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
