@@ -15,6 +15,7 @@ from conftest import (
 )
 
 import segfast
+from segfast import _C
 from segfast.bench.dispatch import CHANNELS_LAST, DIRECT, FORCED, VENDOR, forcing
 from segfast.bench.profiling import FreshOutputs
 
@@ -223,6 +224,36 @@ def test_torch_compile_fullgraph():
     grads_eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_inductor_takes_the_convolution_where_segfast_does_not_win(activation):
+    # under compile, conv2d_act decomposes into aten's convolution + the activation (inductor fuses
+    # and lays them out), with the same values and gradients; saved tensors as the op's own
+    from torch._inductor.utils import run_and_get_code
+
+    _, (x, w, b) = _tensors((2, 8, 12, 12), (6, 8, 3, 3), torch.float32)
+    fn = lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation=activation, negative_slope=0.1)  # noqa: E731
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), x, w, b)
+    assert not any("torch.ops.segfast.conv2d_act.default(" in c for c in code)
+    torch.testing.assert_close(out, fn(x, w, b), rtol=1e-5, atol=1e-5)
+    compiled = torch.autograd.grad(torch.compile(fn)(x, w, b).sum(), (x, w, b))
+    eager = torch.autograd.grad(fn(x, w, b).sum(), (x, w, b))
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_keeps_the_direct_kernel_where_the_table_picks_it():
+    x, w = torch.randn(8, 3, 256, 256), torch.randn(16, 3, 3, 3)
+    assert _C.dispatch_choose("direct_conv_forward", torch.float32, 3, 3, 16, 8 * 256 * 256, False) == "segfast"
+    from torch._inductor.utils import run_and_get_code
+
+    fn = lambda x, w: segfast.ops.conv2d_act(x, w, None, padding=1)  # noqa: E731
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), x, w)
+    assert any("torch.ops.segfast.conv2d_act.default(" in c for c in code)
+    torch.testing.assert_close(out, fn(x, w))
 
 
 def test_module_state_dict_loads_both_ways():
