@@ -256,6 +256,23 @@ def test_inductor_keeps_the_direct_kernel_where_the_table_picks_it():
     torch.testing.assert_close(out, fn(x, w))
 
 
+@pytest.mark.parametrize(
+    "input_shape, kernel, padding",
+    [((8, 3, 256, 256), 3, 1), ((8, 3, 32, 32), 3, 1), ((8, 1, 128, 128), 7, 0), ((2, 4, 64, 64), 5, 2)],
+)
+def test_inductor_decomposition_predicts_the_kernels_path(input_shape, kernel, padding):
+    # the decomposition keeps the op exactly where the CPU kernel would take the direct path
+    from torch.profiler import ProfilerActivity, profile
+
+    from segfast.ops.conv2d_act import _takes_direct_kernel
+
+    x, w = torch.randn(input_shape), torch.randn(16, input_shape[1], kernel, kernel)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        segfast.ops.conv2d_act(x, w, None, padding=padding)
+    direct = "aten::convolution" not in {e.name for e in prof.events()}
+    assert _takes_direct_kernel(x, w, [1, 1], [padding, padding], [1, 1], 1, "relu") == direct
+
+
 def test_module_state_dict_loads_both_ways():
     stock = torch.nn.Conv2d(3, 5, 3, padding=1, groups=1)
     ours = segfast.nn.Conv2dAct(3, 5, 3, padding=1, activation="none")

@@ -43,8 +43,9 @@ int64_t tile_pixels(bool nchw) {
 cpu::dispatch::ConvKey conv_key(const Tensor& input, const Tensor& weight, int64_t out_h, int64_t out_w,
                                 bool input_grad) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
-  return {input.scalar_type(),           kh == kw ? kh : 0, input.size(1), weight.size(0),
-          input.size(0) * out_h * out_w, input_grad};
+  const int64_t square_kernel = kh == kw ? kh : 0;
+  const int64_t pixels = input.size(0) * out_h * out_w;
+  return {input.scalar_type(), square_kernel, input.size(1), weight.size(0), pixels, input_grad};
 }
 
 // The format of the backward convolution: channels_last for an NCHW caller where the table says

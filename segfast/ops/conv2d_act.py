@@ -61,8 +61,9 @@ _ACTIVATE = {
 }
 
 
-def _takes_direct_kernel(input, weight, stride, dilation, groups, activation) -> bool:
-    """Whether the CPU kernel would run segfast's direct convolution here (csrc/cpu/dispatch.h)."""
+def _takes_direct_kernel(input, weight, stride, padding, dilation, groups, activation) -> bool:
+    """Whether the CPU kernel would run segfast's direct convolution here (csrc/cpu/conv2d_act.cpp:
+    cpu::direct::eligible and the dispatch table, csrc/cpu/dispatch.h)."""
     shape = (*input.shape, *weight.shape)
     if input.device.type != "cpu" or activation == "none" or not all(isinstance(d, int) for d in shape):
         return False  # symbolic sizes: the table needs numbers, and oneDNN's path is the default
@@ -71,8 +72,8 @@ def _takes_direct_kernel(input, weight, stride, dilation, groups, activation) ->
     n, c, h, w = input.shape
     kh, kw = weight.shape[2:]
     if c > 4 or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or kh != kw or kh > 7:
-        return False  # cpu::direct::eligible
-    pixels = n * h * w  # "same" padding is what the table measured; close enough to pick the path
+        return False
+    pixels = n * _conv_output_size(h, kh, 1, padding[0], 1) * _conv_output_size(w, kw, 1, padding[1], 1)
     return _C.dispatch_choose("direct_conv_forward", input.dtype, kh, c, weight.shape[0], pixels, False) == "segfast"
 
 
@@ -81,7 +82,7 @@ def _conv2d_act_for_inductor(input, weight, bias, stride, padding, dilation, gro
     """Under torch.compile: aten's convolution + the activation, which inductor fuses and lays out
     (channels_last where its layout pass finds that faster) - except where segfast's direct kernel
     is the table's choice. Same values; the same tensor saved for conv2d_act_backward."""
-    if _takes_direct_kernel(input, weight, stride, dilation, groups, activation):
+    if _takes_direct_kernel(input, weight, stride, padding, dilation, groups, activation):
         return keep_segfast_kernel("segfast::conv2d_act")
     z = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
     out = _ACTIVATE[activation](z, negative_slope)
