@@ -15,7 +15,6 @@ from conftest import (
 )
 
 import segfast
-from segfast import _C
 from segfast.bench.dispatch import CHANNELS_LAST, DIRECT, FORCED, VENDOR, forcing
 from segfast.bench.profiling import FreshOutputs
 
@@ -224,53 +223,6 @@ def test_torch_compile_fullgraph():
     grads_eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("activation", list(ACTS))
-def test_inductor_takes_the_convolution_where_segfast_does_not_win(activation):
-    # under compile, conv2d_act decomposes into aten's convolution + the activation (inductor fuses
-    # and lays them out), with the same values and gradients; saved tensors as the op's own
-    from torch._inductor.utils import run_and_get_code
-
-    _, (x, w, b) = _tensors((2, 8, 12, 12), (6, 8, 3, 3), torch.float32)
-    fn = lambda x, w, b: segfast.ops.conv2d_act(x, w, b, padding=1, activation=activation, negative_slope=0.1)  # noqa: E731
-    torch._dynamo.reset()
-    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), x, w, b)
-    assert not any("torch.ops.segfast.conv2d_act.default(" in c for c in code)
-    torch.testing.assert_close(out, fn(x, w, b), rtol=1e-5, atol=1e-5)
-    compiled = torch.autograd.grad(torch.compile(fn)(x, w, b).sum(), (x, w, b))
-    eager = torch.autograd.grad(fn(x, w, b).sum(), (x, w, b))
-    for a, e in zip(compiled, eager):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
-
-
-def test_inductor_keeps_the_direct_kernel_where_the_table_picks_it():
-    x, w = torch.randn(8, 3, 256, 256), torch.randn(16, 3, 3, 3)
-    assert _C.dispatch_choose("direct_conv_forward", torch.float32, 3, 3, 16, 8 * 256 * 256, False) == "segfast"
-    from torch._inductor.utils import run_and_get_code
-
-    fn = lambda x, w: segfast.ops.conv2d_act(x, w, None, padding=1)  # noqa: E731
-    torch._dynamo.reset()
-    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), x, w)
-    assert any("torch.ops.segfast.conv2d_act.default(" in c for c in code)
-    torch.testing.assert_close(out, fn(x, w))
-
-
-@pytest.mark.parametrize(
-    "input_shape, kernel, padding",
-    [((8, 3, 256, 256), 3, 1), ((8, 3, 32, 32), 3, 1), ((8, 1, 128, 128), 7, 0), ((2, 4, 64, 64), 5, 2)],
-)
-def test_inductor_decomposition_predicts_the_kernels_path(input_shape, kernel, padding):
-    # the decomposition keeps the op exactly where the CPU kernel would take the direct path
-    from torch.profiler import ProfilerActivity, profile
-
-    from segfast.ops.conv2d_act import _takes_direct_kernel
-
-    x, w = torch.randn(input_shape), torch.randn(16, input_shape[1], kernel, kernel)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        segfast.ops.conv2d_act(x, w, None, padding=padding)
-    direct = "aten::convolution" not in {e.name for e in prof.events()}
-    assert _takes_direct_kernel(x, w, [1, 1], [padding, padding], [1, 1], 1, "relu") == direct
 
 
 def test_module_state_dict_loads_both_ways():

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast import _C
 from segfast.ops._activation import keeps_preact
 from segfast.ops._common import check_kernel_available, entry, memory_format, pair
-from segfast.ops._inductor import for_inductor, keep_segfast_kernel
 
 _OP = "conv2d_act"
 
@@ -50,43 +48,6 @@ def _conv2d_act_backward_fake(
 
 
 # autograd: csrc/autograd/conv2d_act.cpp (C++, registered for the Autograd key)
-
-_ACTIVATE = {
-    "none": lambda z, slope: z,
-    "relu": lambda z, slope: torch.ops.aten.relu(z),
-    "leaky_relu": lambda z, slope: torch.ops.aten.leaky_relu(z, slope),
-    "silu": lambda z, slope: torch.ops.aten.silu(z),
-    "gelu": lambda z, slope: torch.ops.aten.gelu(z),
-    "sigmoid": lambda z, slope: torch.ops.aten.sigmoid(z),
-}
-
-
-def _takes_direct_kernel(input, weight, stride, padding, dilation, groups, activation) -> bool:
-    """Whether the CPU kernel would run segfast's direct convolution here (csrc/cpu/conv2d_act.cpp:
-    cpu::direct::eligible and the dispatch table, csrc/cpu/dispatch.h)."""
-    shape = (*input.shape, *weight.shape)
-    if input.device.type != "cpu" or activation == "none" or not all(isinstance(d, int) for d in shape):
-        return False  # symbolic sizes: the table needs numbers, and oneDNN's path is the default
-    if torch.channels_last in (memory_format(input), memory_format(weight)):
-        return False
-    n, c, h, w = input.shape
-    kh, kw = weight.shape[2:]
-    if c > 4 or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or kh != kw or kh > 7:
-        return False
-    pixels = n * _conv_output_size(h, kh, 1, padding[0], 1) * _conv_output_size(w, kw, 1, padding[1], 1)
-    return _C.dispatch_choose("direct_conv_forward", input.dtype, kh, c, weight.shape[0], pixels, False) == "segfast"
-
-
-@for_inductor("segfast::conv2d_act")
-def _conv2d_act_for_inductor(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope):
-    """Under torch.compile: aten's convolution + the activation, which inductor fuses and lays out
-    (channels_last where its layout pass finds that faster) - except where segfast's direct kernel
-    is the table's choice. Same values; the same tensor saved for conv2d_act_backward."""
-    if _takes_direct_kernel(input, weight, stride, padding, dilation, groups, activation):
-        return keep_segfast_kernel("segfast::conv2d_act")
-    z = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    out = _ACTIVATE[activation](z, negative_slope)
-    return out, (z if keeps_preact(activation, negative_slope) else input.new_empty(0))
 
 
 def _same_padding(op, weight, stride, dilation):
