@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import torch
@@ -122,12 +123,11 @@ def run(
     machine's measured bandwidth and GEMM rate, from which each row's floor is computed)."""
     torch._dynamo.config.recompile_limit = 64  # one compiled stock function serves several shapes and modes
     limits: MachineLimits = measure_limits(settings.device)
-    cases = [case for suite in suites for case in SUITES[suite].cases(settings, (only or {}).get(suite))]
+    cases = deque(case for suite in suites for case in SUITES[suite].cases(settings, (only or {}).get(suite)))
     bar = Progress(reps * len(cases), progress)
     rows: list[Row] = []
-    cases.reverse()
     while cases:
-        case = cases.pop()  # dropped after its rows: a suite may hold many cases' tensors until they run
+        case = cases.popleft()  # dropped after its rows: a suite may hold many cases' tensors until they run
         bar.case(f"{case.suite} {case.name} {case.shape} {case.step}")
         first_call_ms, notes = _first_calls(case)
         providers = {name: case.providers[name] for name in first_call_ms}

@@ -9,7 +9,7 @@ import torch
 
 # the four providers of the ops and models suites, in table order
 EAGER, COMPILE, SEGFAST, SEGFAST_COMPILE = "eager", "compile", "segfast", "segfast+compile"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

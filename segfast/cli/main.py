@@ -220,7 +220,7 @@ def _add_eval_predict_export(sub) -> None:
 
 BENCH_USAGE = """run the benchmark suites, or compare two result files:
 
-    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16|float64]
+    segfast bench [--suite ops,models,augment] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                   [--layout nchw|channels_last] [--quick] [--reps N] [--no-compile] [--out DIR]
     segfast bench compare A.json B.json
 """
