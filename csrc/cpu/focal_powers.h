@@ -1,15 +1,17 @@
 #pragma once
 // q^gamma and q^(gamma - 1) over a tile's values, for the focal losses (softmax and sigmoid):
 // vectorised repeated multiplication for the small integer gammas users pick (2 by default), one
-// factor at a time over the tile; focal_power (pow) per value otherwise.
+// factor at a time over the tile; focal_power (pow) per value otherwise. Always inlined: called
+// from multiversioned loops, a plain function would stay baseline x86-64 code (SSE2, 4 lanes).
 #include <cstdint>
 
+#include "common/macros.h"
 #include "common/segmentation_losses.h"
 
 namespace segfast::cpu {
 
 template <typename acc_t>
-void focal_powers(const acc_t* q, int64_t count, acc_t gamma, acc_t* q_gamma, acc_t* q_gamma_less_1) {
+SEGFAST_HOST_DEVICE void focal_powers(const acc_t* q, int64_t count, acc_t gamma, acc_t* q_gamma, acc_t* q_gamma_less_1) {
   const bool small_integer = gamma >= acc_t(0) && gamma <= acc_t(8) && acc_t(static_cast<int>(gamma)) == gamma;
   if (small_integer) {
     for (int64_t j = 0; j < count; ++j) q_gamma[j] = q_gamma_less_1[j] = acc_t(1);
