@@ -174,7 +174,10 @@ void channel_affine(const ChannelView& v, const Tensor& mean, const Tensor& invs
   }
 }
 
-template <Activation A, typename scalar_t>
+// kResidual is a template flag, not a test of r inside the loop: GCC turns that test into masked
+// loads from r = nullptr, and on Zen 4 each masked-off lane of an unmapped page is a microcode
+// assist (SiLU forward 8x64x64x64: 6.9 ms this way, 0.5 ms without).
+template <Activation A, bool kResidual, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void normalize_span(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t count,
                                              const at::opmath_type<scalar_t>* scale,
                                              const at::opmath_type<scalar_t>* shift, int64_t channel_step,
@@ -185,7 +188,7 @@ SEGFAST_CPU_MULTIVERSION void normalize_span(const scalar_t* x, const scalar_t* 
   for (int64_t i = 0; i < count; ++i) {
     const int64_t c = i * channel_step;
     acc_t z = cpu::widen<acc_t>(x[i]) * scale[c] + shift[c];
-    if (r != nullptr) z += cpu::widen<acc_t>(r[i]);
+    if constexpr (kResidual) z += cpu::widen<acc_t>(r[i]);
     out[i] = cpu::narrow<scalar_t>(activate<A>(z, slope));
   }
 }
@@ -199,21 +202,30 @@ void batch_norm_act_kernel(const Tensor& input, const Tensor* residual, const Ch
   const scalar_t* r = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const auto slope = static_cast<acc_t>(negative_slope);
-  if (!v.channels_last) {
-    at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t base = plane * v.inner, c = plane % v.channels;
-        normalize_span<A>(x + base, r ? r + base : nullptr, o + base, v.inner, scale.data() + c, shift.data() + c, 0,
-                          slope);
-      }
-    });
+  auto with_residual = [&](auto residual_flag) {
+    constexpr bool kResidual = decltype(residual_flag)::value;
+    if (!v.channels_last) {
+      at::parallel_for(0, v.batch * v.channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t base = plane * v.inner, c = plane % v.channels;
+          normalize_span<A, kResidual>(x + base, kResidual ? r + base : nullptr, o + base, v.inner, scale.data() + c,
+                                       shift.data() + c, 0, slope);
+        }
+      });
+    } else {
+      at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t base = row * v.channels;
+          normalize_span<A, kResidual>(x + base, kResidual ? r + base : nullptr, o + base, v.channels, scale.data(),
+                                       shift.data(), 1, slope);
+        }
+      });
+    }
+  };
+  if (r != nullptr) {
+    with_residual(std::true_type{});
   } else {
-    at::parallel_for(0, v.rows(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t base = row * v.channels;
-        normalize_span<A>(x + base, r ? r + base : nullptr, o + base, v.channels, scale.data(), shift.data(), 1, slope);
-      }
-    });
+    with_residual(std::false_type{});
   }
 }
 
@@ -291,13 +303,14 @@ SEGFAST_CPU_MULTIVERSION void grad_sums_plane(const BackwardInputs<scalar_t>& s,
   s2 += b;
 }
 
-template <bool kFromOutput, Activation A, typename scalar_t>
+// kResidual a template flag: as for normalize_span
+template <bool kFromOutput, Activation A, bool kResidual, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, int64_t base, int64_t channels,
                                             double* s1, double* s2) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t r = s.r != nullptr ? cpu::widen<acc_t>(s.r[base + c]) : acc_t(0);
+    const acc_t r = kResidual ? cpu::widen<acc_t>(s.r[base + c]) : acc_t(0);
     const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(s.v[base + c]), r, s.scale[c], s.shift[c], s.slope);
     const acc_t g = cpu::widen<acc_t>(s.grad_out[base + c]) * derivative_at<A>(z, s.slope);
     s1[c] += static_cast<double>(g);
@@ -355,7 +368,13 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
         [&](int64_t base, int64_t c, int64_t count, double& s1, double& s2) {
           grad_sums_plane<kFromOutput, A>(s, base, c, count, s1, s2);
         },
-        [&](int64_t base, double* s1, double* s2) { grad_sums_row<kFromOutput, A>(s, base, v.channels, s1, s2); });
+        [&](int64_t base, double* s1, double* s2) {
+          if (s.r != nullptr) {
+            grad_sums_row<kFromOutput, A, true>(s, base, v.channels, s1, s2);
+          } else {
+            grad_sums_row<kFromOutput, A, false>(s, base, v.channels, s1, s2);
+          }
+        });
   }
   std::vector<acc_t> a(v.channels), b(v.channels, acc_t(0)), k(v.channels, acc_t(0));
   const double count = static_cast<double>(v.values());
