@@ -2,7 +2,7 @@
 for augmentation, time and memory, side by side in one run.
 
 >>> from segfast import bench
->>> rows, env = bench.run(["ops"], bench.Settings(quick=True), reps=5)
+>>> rows, env = bench.run(["ops"], bench.Settings(quick=True), reps=15)
 >>> print(bench.report.markdown(rows))
 """
 

@@ -24,15 +24,14 @@ def run(args) -> int:
         raise ValueError(f"--suite: expected some of {', '.join(bench.SUITES)}, got {args.suite!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch here")
-    if args.reps is not None and args.reps < 1:
+    if args.reps < 1:
         raise ValueError(f"--reps must be at least 1, got {args.reps}")
     only = _only(args.only, suites, bench.SUITES)
     suites = [s for s in suites if s in only] if only else suites
     settings = bench.Settings(
         device=args.device, dtype=args.dtype, layout=args.layout, quick=args.quick, compile=not args.no_compile
     )
-    reps = args.reps or (5 if args.quick else 15)
-    rows, env = bench.run(suites, settings, reps, only)
+    rows, env = bench.run(suites, settings, args.reps, only)
     if not rows:
         raise ValueError("nothing ran: every case's baseline failed with these settings")
     stem = f"bench-{args.device}-{args.dtype}-{args.layout}" + ("-quick" if args.quick else "")
