@@ -17,11 +17,10 @@ from segfast.bench.report import README_BEGIN, README_END, readme_section  # noq
 
 # the files the README shows, in order
 RESULTS = [
+    # segfast bench (the full suite: ops, models, augment)
     "benchmarks/results/bench-cpu-float32-nchw.json",
     # segfast bench --suite augment --only bytes --reps 15, in a torch 2.14.1 venv (torchvision 0.29.1 goes with it)
     "benchmarks/results/bench-cpu-augment-bytes-torch2.14.json",
-    # segfast bench --suite ops --only sigmoid_losses,softmax_stats --reps 15 (the families added after the full run)
-    "benchmarks/results/bench-cpu-sigmoid-losses-softmax-stats.json",
     # segfast bench --suite models --only resnet18_unet --reps 11, torch 2.14.1 venv (smp installs there)
     "benchmarks/results/bench-cpu-resnet18-unet-torch2.14.json",
     # segfast bench --layout channels_last --suite ops,models --only batch_norm_act,unet,unet_iabn
