@@ -37,6 +37,7 @@ CHOICE = {
     "direct_conv_forward": "DirectConvForward",
     "direct_conv_weight_grad": "DirectConvWeightGrad",
     "channels_last_backward": "ChannelsLastBackward",
+    "channels_last_forward": "ChannelsLastForward",
 }
 SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+) -> (\d+) k(\d+)")
 
@@ -52,7 +53,11 @@ def points(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
         batch, cin, height, width, cout, k = map(int, SHAPE.fullmatch(shape).groups())
         where = (cin, cout, batch * height * width)
         if name == FORWARD:
-            out[("direct_conv_forward", dtype, k, False)][where] = ms[VENDOR] / ms[DIRECT]
+            out[("channels_last_forward", dtype, k, False)][where] = (
+                min(ms[VENDOR], ms.get(DIRECT, ms[VENDOR])) / ms[CHANNELS_LAST]
+            )
+            if DIRECT in ms:
+                out[("direct_conv_forward", dtype, k, False)][where] = min(ms[VENDOR], ms[CHANNELS_LAST]) / ms[DIRECT]
             continue
         input_grad = name == BACKWARD
         assert name in (BACKWARD, BACKWARD_WEIGHT), name

@@ -103,6 +103,31 @@ def test_few_input_channels_on_every_cpu_path(kernel, padding, activation, dtype
         assert_grads_close_to_reference(names, (ours, theirs, ref), inputs, grad)
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("input_shape, weight_shape, kwargs", GEOMETRIES[:6])
+def test_channels_last_forward_path(input_shape, weight_shape, kwargs, dtype, activation):
+    # an NCHW caller's forward forced onto the channels_last core (dispatch choice
+    # channels_last_forward): the output NCHW as F.conv2d's, values and gradients within the 2x rule
+    (x64, w64, b64), (x, w, b) = _tensors(input_shape, weight_shape, dtype)
+
+    def stock(x, w, b):
+        return ACTS[activation](F.conv2d(x, w, b, **kwargs), 0.0)
+
+    with forcing(FORCED[CHANNELS_LAST]):
+        ours = segfast.ops.conv2d_act(x, w, b, **kwargs, activation=activation)
+        theirs, ref = stock(x, w, b), stock(x64, w64, b64)
+        assert ours.is_contiguous()
+        assert_close_to_reference(ours, theirs, ref, "forward")
+        grad = torch.randn_like(ref)
+        if activation == "relu":
+            margin = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+            grad = grad * (F.conv2d(x64, w64, b64, **kwargs).abs() > margin)
+        assert_grads_close_to_reference(
+            ("input", "weight", "bias"), (ours, theirs, ref), ((x, w, b),) * 2 + ((x64, w64, b64),), grad
+        )
+
+
 @pytest.mark.parametrize("path", [VENDOR, CHANNELS_LAST, DIRECT])
 def test_few_input_channels_gradcheck(path):
     (x, w, b), _ = _tensors((2, 3, 6, 7), (4, 3, 3, 3), torch.float64)

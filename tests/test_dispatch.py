@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import update_dispatch  # noqa: E402
 
-CHOICES = ["direct_conv_forward", "direct_conv_weight_grad", "channels_last_backward"]
+CHOICES = ["direct_conv_forward", "direct_conv_weight_grad", "channels_last_backward", "channels_last_forward"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -113,11 +113,15 @@ def test_quick_dispatch_suite_feeds_the_table_script():
     pixels = {8 * 32 * 32, 8 * 64 * 64}
     assert measured.keys() == {
         ("direct_conv_forward", "float32", 3, False),
+        ("channels_last_forward", "float32", 3, False),
         ("direct_conv_weight_grad", "float32", 3, False),
         ("channels_last_backward", "float32", 3, False),
         ("channels_last_backward", "float32", 3, True),
     }
     assert set(measured[("direct_conv_forward", "float32", 3, False)]) == {(3, 16, p) for p in pixels}
+    assert set(measured[("channels_last_forward", "float32", 3, False)]) == {
+        (c, 16, p) for c in (3, 16) for p in pixels
+    }
     assert set(measured[("channels_last_backward", "float32", 3, True)]) == {
         (c, 16, p) for c in (3, 16) for p in pixels
     }

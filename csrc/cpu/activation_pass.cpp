@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace segfast::cpu {
@@ -40,6 +41,37 @@ SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t
 
 constexpr int64_t kRowBlock = 64;  // rows per partial sum: fixes the summation order
 
+// Channels_last -> NCHW goes through an L1 scratch of kSubTile pixels x channels: pixel rows are
+// read whole and written as scratch columns, then scratch rows are written as channel planes, so
+// both tensors are touched in contiguous runs. The odd stride keeps a scratch column off one set.
+constexpr int64_t kSubTile = 64;
+constexpr int64_t kScratchStride = kSubTile + 1;
+constexpr int64_t kPixelBlock = 1024;  // pixels per parallel task
+
+// Pixels [p0, p1) of one image: z its (pixels, channels) rows, out its (channels, pixels) planes.
+template <Activation A, typename scalar_t>
+SEGFAST_CPU_MULTIVERSION void activation_to_nchw_block(const scalar_t* z, scalar_t* out, int64_t channels,
+                                                       int64_t pixels, int64_t p0, int64_t p1,
+                                                       at::opmath_type<scalar_t> slope,
+                                                       at::opmath_type<scalar_t>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t q0 = p0; q0 < p1; q0 += kSubTile) {
+    const int64_t q1 = std::min(p1, q0 + kSubTile);
+    for (int64_t p = q0; p < q1; ++p) {
+      const scalar_t* zp = z + p * channels;
+      acc_t* sp = scratch + (p - q0);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) sp[c * kScratchStride] = activate<A>(widen<acc_t>(zp[c]), slope);
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t* sc = scratch + c * kScratchStride;
+      scalar_t* oc = out + c * pixels + q0;
+#pragma omp simd
+      for (int64_t j = 0; j < q1 - q0; ++j) oc[j] = narrow<scalar_t>(sc[j]);
+    }
+  }
+}
+
 }  // namespace
 
 void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act, double negative_slope) {
@@ -52,6 +84,29 @@ void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act
       at::parallel_for(0, z.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
         activation_range<decltype(a)::value, scalar_t>(zp + begin, op + begin, end - begin,
                                                        static_cast<acc_t>(negative_slope));
+      });
+    });
+  });
+}
+
+void apply_activation_to_nchw(const at::Tensor& z, const at::Tensor& out, Activation act, double negative_slope) {
+  TORCH_INTERNAL_ASSERT(z.dim() == 4 && z.sizes() == out.sizes() && out.is_contiguous() &&
+                        z.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const int64_t batch = z.size(0), channels = z.size(1), pixels = z.size(2) * z.size(3);
+  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "activate_to_nchw", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto a) {
+      at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> scratch(channels * kScratchStride);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / blocks, p0 = t % blocks * kPixelBlock;
+          activation_to_nchw_block<decltype(a)::value, scalar_t>(
+              zp + n * pixels * channels, op + n * channels * pixels, channels, pixels, p0,
+              std::min(pixels, p0 + kPixelBlock), static_cast<acc_t>(negative_slope), scratch.data());
+        }
       });
     });
   });

@@ -2,8 +2,9 @@
 //
 // The convolution core is ATen's (oneDNN for float32/bfloat16), which adds the bias inside its
 // accumulator (one rounding, as F.conv2d). Ours is the single pass around it: the activation, in
-// place, in forward; in backward, activation derivative x grad_output + the bias-gradient
-// reduction (+ the change to channels_last when the weight gradient is computed that way).
+// place, in forward (+ the change back to NCHW when the convolution ran channels_last); in
+// backward, activation derivative x grad_output + the bias-gradient reduction (+ the change to
+// channels_last when the weight gradient is computed that way).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +24,7 @@
 #include "cpu/activation_pass.h"
 #include "cpu/conv2d_act_direct.h"
 #include "cpu/dispatch.h"
+#include "cpu/output_cache.h"
 #include "cpu/vec_math.h"
 
 namespace segfast {
@@ -51,9 +53,7 @@ cpu::dispatch::ConvKey conv_key(const Tensor& input, const Tensor& weight, int64
 // The format of the backward convolution: channels_last for an NCHW caller where the table says
 // so (oneDNN computes the weight gradient of a layer with few input channels much faster
 // channels_last; converting such an input is cheap, and the fused pass writes grad_z channels_last
-// at no extra cost). The forward stays in the caller's layout: its channels_last convolution is
-// faster too (19 vs 38 ms, 3x3, 8x3x256x256 -> 32) but needs a second output-sized buffer, whose
-// page faults ate the gain.
+// at no extra cost). The forward has its own choice (ChannelsLastForward, in conv2d_act_cpu).
 MemoryFormat backward_format(const Tensor& input, const Tensor& weight, const cpu::dispatch::ConvKey& key) {
   const MemoryFormat out = conv_output_format(input, weight);
   if (out == MemoryFormat::Contiguous &&
@@ -197,6 +197,19 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
       });
     });
     return {out, keep_preact ? preact : empty};
+  }
+  if (act != Activation::None && format == MemoryFormat::Contiguous &&
+      cpu::dispatch::choose(cpu::dispatch::Choice::ChannelsLastForward, key) == cpu::dispatch::Path::Segfast) {
+    // an NCHW caller, run channels_last where the table says it is faster: the pre-activation
+    // (kept for backward where needed) stays channels_last, the output comes out NCHW. The input's
+    // channels_last copy and the output come from the output cache when large: fresh pages there
+    // cost about as much as the layout change saves.
+    const Tensor input_cl = cpu::empty_cached(input.sizes(), input.options(), MemoryFormat::ChannelsLast).copy_(input);
+    const Tensor z =
+        vendor_conv2d(input_cl, weight, bias, stride, padding, dilation, groups, MemoryFormat::ChannelsLast);
+    Tensor out = cpu::empty_cached(z.sizes(), z.options());
+    cpu::apply_activation_to_nchw(z, out, act, negative_slope);
+    return {out, keep_preact ? z : empty};
   }
   Tensor z = vendor_conv2d(input, weight, bias, stride, padding, dilation, groups, format);
   if (act == Activation::None) return {z, empty};

@@ -10,7 +10,7 @@ namespace {
 #include "cpu/dispatch_table.inc"
 
 constexpr int8_t kNotForced = -1;
-std::array<std::atomic<int8_t>, kChoices> forced = {kNotForced, kNotForced, kNotForced};
+std::array<std::atomic<int8_t>, kChoices> forced = {kNotForced, kNotForced, kNotForced, kNotForced};
 
 bool contains(const Row& row, Choice choice, const ConvKey& key) {
   return row.choice == choice && row.dtype == key.dtype && row.kernel == key.kernel &&
@@ -42,6 +42,8 @@ const char* choice_name(Choice choice) {
       return "direct_conv_weight_grad";
     case Choice::ChannelsLastBackward:
       return "channels_last_backward";
+    case Choice::ChannelsLastForward:
+      return "channels_last_forward";
   }
   return "";
 }

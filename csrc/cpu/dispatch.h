@@ -21,8 +21,10 @@ enum class Choice : int8_t {
                          // bias gradients instead of the activation pass + oneDNN's backward
   ChannelsLastBackward,  // conv2d_act backward of an NCHW caller: the activation pass writes grad_z
                          // channels_last and oneDNN's backward runs channels_last, instead of NCHW
+  ChannelsLastForward,   // conv2d_act forward of an NCHW caller: oneDNN's convolution channels_last and the
+                         // activation pass writing the NCHW output, instead of both in NCHW
 };
-constexpr int kChoices = 3;
+constexpr int kChoices = 4;
 
 // What a row is keyed on: the layer's dtype, square kernel size (0 for a non-square one: no row
 // matches), channels, output pixels of the whole batch (batch x height x width: how much memory a

@@ -6,8 +6,9 @@ are what ``benchmarks/update_dispatch.py`` turns into the table the kernels deci
 measured point of a box of shapes.
 
 The providers are paths, not libraries: ``vendor`` (oneDNN in the caller's NCHW layout, the
-baseline), ``channels_last`` (the activation pass writes grad_z channels_last and oneDNN's backward
-runs so) and ``direct`` (segfast's direct convolution for layers with <= 4 input channels).
+baseline), ``channels_last`` (oneDNN runs channels_last: in forward the activation pass writes the
+NCHW output, in backward it writes grad_z channels_last) and ``direct`` (segfast's direct
+convolution for layers with <= 4 input channels).
 Every point is a batch of ``BATCH`` images: the table is keyed on the output pixels of the whole
 batch (what decides between the paths is mostly how much memory a call touches), so the image size
 axis spans it."""
@@ -29,8 +30,18 @@ NAMES = ["forward", "backward"]
 
 # what each provider forces, {choice point: path}; the choices it leaves alone cannot arise in its case
 FORCED = {
-    VENDOR: {"direct_conv_forward": "vendor", "direct_conv_weight_grad": "vendor", "channels_last_backward": "vendor"},
-    CHANNELS_LAST: {"direct_conv_weight_grad": "vendor", "channels_last_backward": "segfast"},
+    VENDOR: {
+        "direct_conv_forward": "vendor",
+        "direct_conv_weight_grad": "vendor",
+        "channels_last_backward": "vendor",
+        "channels_last_forward": "vendor",
+    },
+    CHANNELS_LAST: {
+        "direct_conv_forward": "vendor",
+        "direct_conv_weight_grad": "vendor",
+        "channels_last_backward": "segfast",
+        "channels_last_forward": "segfast",
+    },
     DIRECT: {"direct_conv_forward": "segfast", "direct_conv_weight_grad": "segfast"},
 }
 DIRECT_MAX_CHANNELS = 4  # cpu::direct::kMaxInputChannels
@@ -138,9 +149,11 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
         return
     axes = grid(settings.quick)
     if not only or "forward" in only:
-        for cin, k, cout, size in _points(axes, direct=True):
-            fwd = _lazy(lambda a=(settings, cin, cout, k, size): _forward(*a))
-            yield _case(settings, FORWARD, "fwd", cin, size, cout, k, {VENDOR: fwd, DIRECT: fwd})
+        for direct in (True, False):
+            for cin, k, cout, size in _points(axes, direct):
+                fwd = _lazy(lambda a=(settings, cin, cout, k, size): _forward(*a))
+                paths = {VENDOR: fwd, CHANNELS_LAST: fwd} | ({DIRECT: fwd} if direct else {})
+                yield _case(settings, FORWARD, "fwd", cin, size, cout, k, paths)
     if not only or "backward" in only:
         for direct in (True, False):
             for cin, k, cout, size in _points(axes, direct):
