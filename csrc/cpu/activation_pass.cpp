@@ -41,14 +41,10 @@ SEGFAST_CPU_MULTIVERSION void backward_rows(const scalar_t* grad, const scalar_t
 
 constexpr int64_t kRowBlock = 64;  // rows per partial sum: fixes the summation order
 
-// Channels_last -> NCHW goes through an L1 scratch of kSubTile pixels x channels: pixel rows are
-// read whole and written as scratch columns, then scratch rows are written as channel planes, so
-// both tensors are touched in contiguous runs. The odd stride keeps a scratch column off one set.
-constexpr int64_t kSubTile = 64;
-constexpr int64_t kScratchStride = kSubTile + 1;
-constexpr int64_t kPixelBlock = 1024;  // pixels per parallel task
+constexpr int64_t kPixelBlock = 1024;  // pixels per parallel task of apply_activation_to_nchw
 
-// Pixels [p0, p1) of one image: z its (pixels, channels) rows, out its (channels, pixels) planes.
+// Pixels [p0, p1) of one image: z its (pixels, channels) rows, out its (channels, pixels) planes;
+// pixel rows are read whole into scratch columns, then scratch rows written as channel planes.
 template <Activation A, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void activation_to_nchw_block(const scalar_t* z, scalar_t* out, int64_t channels,
                                                        int64_t pixels, int64_t p0, int64_t p1,

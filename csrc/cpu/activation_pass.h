@@ -7,6 +7,12 @@
 
 namespace segfast::cpu {
 
+// A pass that changes layout (NCHW <-> channels_last) goes through an L1 scratch of kSubTile pixels
+// x channels, each side touched in contiguous runs; the odd stride keeps a scratch column off one
+// cache set.
+constexpr int64_t kSubTile = 64;
+constexpr int64_t kScratchStride = kSubTile + 1;
+
 // out = act(z) elementwise; z and out have the same layout, out may be z.
 void apply_activation(const at::Tensor& z, const at::Tensor& out, Activation act, double negative_slope);
 

@@ -271,39 +271,29 @@ struct BackwardInputs {
 
 // Sums of g = grad_out * act'(z) and g * xhat over `count` values of channel c from `base`, and over
 // one channels_last row. The channel's constants and the pointers are hoisted into locals: read
-// through the struct, GCC reloads them every iteration and does not vectorise the loop.
-template <bool kFromOutput, Activation A, typename scalar_t>
+// through the struct, GCC reloads them every iteration and does not vectorise the loop. kResidual
+// is a template flag, as for normalize_span.
+template <bool kFromOutput, Activation A, bool kResidual, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_plane(const BackwardInputs<scalar_t>& s, int64_t base, int64_t c, int64_t count,
                                               double& s1, double& s2) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ v = s.v + base;
   const scalar_t* __restrict__ go = s.grad_out + base;
-  const scalar_t* __restrict__ r = s.r != nullptr ? s.r + base : nullptr;
+  const scalar_t* __restrict__ r = kResidual ? s.r + base : nullptr;
   const acc_t scale = s.scale[c], shift = s.shift[c], center = s.center[c], spread = s.spread[c], slope = s.slope;
   double a = 0, b = 0;
-  if (r != nullptr) {
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < count; ++i) {
-      const auto [z, u] =
-          recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), cpu::widen<acc_t>(r[i]), scale, shift, slope);
-      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
-      a += static_cast<double>(g);
-      b += static_cast<double>(g * ((u - center) * spread));
-    }
-  } else {
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < count; ++i) {
-      const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), acc_t(0), scale, shift, slope);
-      const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
-      a += static_cast<double>(g);
-      b += static_cast<double>(g * ((u - center) * spread));
-    }
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t ri = kResidual ? cpu::widen<acc_t>(r[i]) : acc_t(0);
+    const auto [z, u] = recover<kFromOutput, A>(cpu::widen<acc_t>(v[i]), ri, scale, shift, slope);
+    const acc_t g = cpu::widen<acc_t>(go[i]) * derivative_at<A>(z, slope);
+    a += static_cast<double>(g);
+    b += static_cast<double>(g * ((u - center) * spread));
   }
   s1 += a;
   s2 += b;
 }
 
-// kResidual a template flag: as for normalize_span
 template <bool kFromOutput, Activation A, bool kResidual, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void grad_sums_row(const BackwardInputs<scalar_t>& s, int64_t base, int64_t channels,
                                             double* s1, double* s2) {
@@ -362,19 +352,23 @@ void batch_norm_act_backward_kernel(const BackwardInputs<scalar_t>& s, const Cha
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sum_g, sum_gxhat;
   const bool need_sums = training || grad_weight.defined() || grad_bias.defined();
-  if (need_sums) {
+  auto sums = [&](auto residual_flag) {
+    constexpr bool kResidual = decltype(residual_flag)::value;
     channel_sums(
         v, sum_g, sum_gxhat,
         [&](int64_t base, int64_t c, int64_t count, double& s1, double& s2) {
-          grad_sums_plane<kFromOutput, A>(s, base, c, count, s1, s2);
+          grad_sums_plane<kFromOutput, A, kResidual>(s, base, c, count, s1, s2);
         },
         [&](int64_t base, double* s1, double* s2) {
-          if (s.r != nullptr) {
-            grad_sums_row<kFromOutput, A, true>(s, base, v.channels, s1, s2);
-          } else {
-            grad_sums_row<kFromOutput, A, false>(s, base, v.channels, s1, s2);
-          }
+          grad_sums_row<kFromOutput, A, kResidual>(s, base, v.channels, s1, s2);
         });
+  };
+  if (need_sums) {
+    if (s.r != nullptr) {
+      sums(std::true_type{});
+    } else {
+      sums(std::false_type{});
+    }
   }
   std::vector<acc_t> a(v.channels), b(v.channels, acc_t(0)), k(v.channels, acc_t(0));
   const double count = static_cast<double>(v.values());

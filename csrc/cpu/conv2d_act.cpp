@@ -104,10 +104,10 @@ enum class PassLayout {
 };
 
 // grad_z = grad_out * act'(saved) over one tile, and bias_partial[c] = sum of the tile's grad_z.
-// Except for NCHW, the tile goes through `scratch` (channels x kScratchStride): computed channel by
-// channel, then stored pixel by pixel, so both sides stay within L1.
-constexpr int64_t kSubTile = 64;
-constexpr int64_t kScratchStride = kSubTile + 1;  // odd: a column of scratch does not hit one cache set
+// Except for NCHW, the tile goes through `scratch` (channels x kScratchStride, cpu/activation_pass.h):
+// computed channel by channel, then stored pixel by pixel, so both sides stay within L1.
+using cpu::kScratchStride;
+using cpu::kSubTile;
 
 template <Activation A, PassLayout L, typename scalar_t>
 SEGFAST_CPU_MULTIVERSION void act_backward_tile(PlaneView<const scalar_t> grad_out, PlaneView<const scalar_t> saved,
