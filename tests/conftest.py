@@ -201,6 +201,20 @@ ACTIVATION_REFERENCES = {
     "sigmoid": lambda z, slope: torch.sigmoid(z),
 }
 
+
+def dynamo_graph_targets(fn, *args) -> list[str]:
+    """The functions and ops in the graph dynamo traces from fn(*args) (fullgraph), by name."""
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record, fullgraph=True)(*args)
+    return targets
+
+
 # ------------------------------------------------------------- comparisons with the CPU twin
 
 # a different summation order: a few ulps of the accumulation type, relative to the values' scale

@@ -10,6 +10,7 @@ from conftest import (
     assert_grads_close_to_reference,
     assert_mixed_devices_refused,
     dtype_id,
+    dynamo_graph_targets,
     seeded_randn,
     skip_unless_supported,
 )
@@ -248,6 +249,34 @@ def test_torch_compile_fullgraph():
     grads_eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# how a call is made: (parameters require grad, grad mode on)
+COMPILE_MODES = {"frozen": (False, True), "no_grad": (True, False), "training": (True, True)}
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_REFERENCES))
+@pytest.mark.parametrize("mode", list(COMPILE_MODES))
+def test_compile_gives_inductor_the_stock_composition_for_inference(activation, mode):
+    # with no gradient to compute, torch.compile sees F.conv2d + the activation (inductor chooses
+    # the layout and fuses); with one, segfast's op, for its fused backward
+    params_grad, grad_mode = COMPILE_MODES[mode]
+    conv = segfast.nn.Conv2dAct(3, 8, 3, padding="same", activation=activation, negative_slope=0.2)
+    conv.requires_grad_(params_grad)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.set_grad_enabled(grad_mode):
+        targets = dynamo_graph_targets(conv, x)
+        ours = "segfast.conv2d_act.default" in targets
+        stock = any("conv2d" in t and "segfast" not in t for t in targets)
+        assert ours == (mode == "training") and stock != ours, targets
+        torch._dynamo.reset()
+        out = torch.compile(conv, fullgraph=True)(x)
+    expected = ACTIVATION_REFERENCES[activation](F.conv2d(x, conv.weight, conv.bias, padding=1), 0.2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(lambda t: segfast.ops.conv2d_act(t, conv.weight, activation="tanh"))(x)
 
 
 def test_module_state_dict_loads_both_ways():

@@ -7,6 +7,7 @@ from conftest import (
     assert_close_to_reference,
     assert_fused_act_same_as_twin,
     dtype_id,
+    dynamo_graph_targets,
     seeded_randn,
     skip_unless_supported,
 )
@@ -125,6 +126,21 @@ def test_torch_compile_fullgraph_and_module_state_dict():
     torch.testing.assert_close(
         torch.autograd.grad(compiled(x).sum(), ours.weight)[0], torch.autograd.grad(ours(x).sum(), ours.weight)[0]
     )
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_REFERENCES))
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
+def test_compile_gives_inductor_the_stock_composition_for_inference(activation, needs_grad):
+    # as conv2d_act: F.linear + the activation where no gradient is computed, else segfast's op
+    layer = segfast.nn.LinearAct(8, 4, activation=activation, negative_slope=0.2)
+    x = torch.randn(5, 8)
+    with torch.set_grad_enabled(needs_grad):
+        targets = dynamo_graph_targets(layer, x)
+        assert ("segfast.linear_act.default" in targets) == needs_grad, targets
+        torch._dynamo.reset()
+        out = torch.compile(layer, fullgraph=True)(x)
+    expected = ACTIVATION_REFERENCES[activation](F.linear(x, layer.weight, layer.bias), 0.2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

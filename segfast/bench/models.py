@@ -129,7 +129,7 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
                 EAGER: stock,
                 COMPILE: torch.compile(stock, options={"freezing": True}),
                 SEGFAST: deployed[SEGFAST],
-                SEGFAST_COMPILE: torch.compile(deployed[SEGFAST]),
+                SEGFAST_COMPILE: torch.compile(deployed[SEGFAST], options={"freezing": True}),
             }
         yield Case(
             SUITE,
@@ -139,5 +139,5 @@ def cases(settings: Settings, only: list[str] | None = None) -> Iterator[Case]:
             {k: _inference(m, images) for k, m in deployed.items()},
             batch,
             settings,
-            note="segfast: fold_batchnorm, channels_last inside; compile: inductor freezing",
+            note="segfast: fold_batchnorm, channels_last inside; both compiles: inductor freezing",
         )

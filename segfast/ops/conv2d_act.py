@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._activation import keeps_preact
+from segfast.ops._activation import check_activation, inductor_takes_inference, keeps_preact, stock_activation
 from segfast.ops._common import check_kernel_available, entry, memory_format, pair
 
 _OP = "conv2d_act"
@@ -108,5 +108,9 @@ def conv2d_act(
             raise ValueError(f"{_OP}: padding must be 'valid', 'same', an int or a pair of ints; got {padding!r}")
     else:
         padding = pair(_OP, "padding", padding)
-    out, _ = entry("conv2d_act")(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope)
+    if inductor_takes_inference(x, weight, bias):
+        negative_slope = check_activation(_OP, activation, negative_slope)
+        out = stock_activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), activation, negative_slope)
+    else:
+        out, _ = entry("conv2d_act")(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope)
     return out.squeeze(0) if unbatched else out
