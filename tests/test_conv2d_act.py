@@ -279,6 +279,21 @@ def test_compile_gives_inductor_the_stock_composition_for_inference(activation, 
             torch.compile(lambda t: segfast.ops.conv2d_act(t, conv.weight, activation="tanh"))(x)
 
 
+@pytest.mark.parametrize("path", ["segfast", "vendor"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+def test_compile_keeps_the_op_for_inference_where_the_direct_kernel_runs(path, layout):
+    # the first layer's direct kernel beats oneDNN (and so inductor) where the table takes it
+    conv = segfast.nn.Conv2dAct(3, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=layout)
+    with forcing({"direct_conv_forward": path}):
+        targets = dynamo_graph_targets(conv, x)
+        torch._dynamo.reset()
+        out = torch.compile(conv, fullgraph=True)(x)
+    direct = path == "segfast" and layout == torch.contiguous_format
+    assert ("segfast.conv2d_act.default" in targets) == direct, targets
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), rtol=1e-5, atol=1e-5)
+
+
 def test_module_state_dict_loads_both_ways():
     stock = torch.nn.Conv2d(3, 5, 3, padding=1, groups=1)
     ours = segfast.nn.Conv2dAct(3, 5, 3, padding=1, activation="none")

@@ -50,6 +50,25 @@ def _conv2d_act_backward_fake(
 # autograd: csrc/autograd/conv2d_act.cpp (C++, registered for the Autograd key)
 
 
+@torch.compiler.assume_constant_result
+def _takes_direct_forward(dtype, input_size, weight_size, stride, padding, dilation, groups) -> bool:
+    from segfast import _C
+
+    return _C.conv2d_act_takes_direct_forward(dtype, input_size, weight_size, stride, padding, dilation, groups)
+
+
+def _runs_direct_kernel(x, weight, stride, padding, dilation, groups, activation) -> bool:
+    """Whether the CPU forward of this call runs segfast's direct kernel (the dispatch table's
+    first-layer rows: there it beats oneDNN, so torch.compile keeps the op for inference too)."""
+    nchw = memory_format(x) == memory_format(weight) == torch.contiguous_format
+    if activation == "none" or not x.is_cpu or not nchw:
+        return False
+    if not all(isinstance(size, int) for size in (*x.shape, *weight.shape)):
+        return True  # symbolic sizes: the table cannot be asked, segfast's op decides when it runs
+    sizes = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation))
+    return _takes_direct_forward(x.dtype, *sizes, groups)
+
+
 def _same_padding(op, weight, stride, dilation):
     """padding="same" as torch computes it: (left, extra right) per spatial dim."""
     if any(s != 1 for s in stride):
@@ -108,7 +127,9 @@ def conv2d_act(
             raise ValueError(f"{_OP}: padding must be 'valid', 'same', an int or a pair of ints; got {padding!r}")
     else:
         padding = pair(_OP, "padding", padding)
-    if inductor_takes_inference(x, weight, bias):
+    if inductor_takes_inference(x, weight, bias) and not _runs_direct_kernel(
+        x, weight, stride, padding, dilation, groups, activation
+    ):
         negative_slope = check_activation(_OP, activation, negative_slope)
         out = stock_activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), activation, negative_slope)
     else:
