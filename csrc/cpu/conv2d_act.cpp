@@ -187,9 +187,11 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
-  const cpu::dispatch::ConvKey key = conv_key(input, weight, conv_output_size(input, weight, stride, padding, dilation, 0),
-                                              conv_output_size(input, weight, stride, padding, dilation, 1), false);
-  if (act != Activation::None && cpu::dispatch::takes_direct_forward(input, weight, stride, padding, dilation, groups)) {
+  const cpu::dispatch::ConvKey key =
+      conv_key(input, weight, conv_output_size(input, weight, stride, padding, dilation, 0),
+               conv_output_size(input, weight, stride, padding, dilation, 1), false);
+  if (act != Activation::None &&
+      cpu::dispatch::takes_direct_forward(input, weight, stride, padding, dilation, groups)) {
     const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
