@@ -12,10 +12,10 @@
 #include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "autograd/autograd.h"
+#include "cpu/conv2d_act_direct.h"
 #include "cpu/dispatch.h"
 
 namespace {
@@ -109,19 +109,6 @@ void bind_dispatch(pybind11::module& m) {
       },
       pybind11::arg("choice"), pybind11::arg("dtype"), pybind11::arg("kernel"), pybind11::arg("in_channels"),
       pybind11::arg("out_channels"), pybind11::arg("pixels"), pybind11::arg("input_grad"));
-  // _C.conv2d_act_takes_direct_forward(...): whether an NCHW CPU caller's conv2d_act forward (with an
-  // activation) runs segfast's direct kernel; sizes only, so torch.compile can ask while it traces
-  m.def(
-      "conv2d_act_takes_direct_forward",
-      [](at::ScalarType dtype, const std::vector<int64_t>& input_size, const std::vector<int64_t>& weight_size,
-         const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-         int64_t groups) {
-        const auto meta = at::TensorOptions().dtype(dtype).device(at::kMeta);
-        return dispatch::takes_direct_forward(at::empty(input_size, meta), at::empty(weight_size, meta), stride,
-                                              padding, dilation, groups);
-      },
-      pybind11::arg("dtype"), pybind11::arg("input_size"), pybind11::arg("weight_size"), pybind11::arg("stride"),
-      pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"));
 }
 
 using Tensor = at::Tensor;
@@ -162,4 +149,8 @@ PYBIND11_MODULE(_C, m) {
   bind_dispatch(m);
   m.doc() = "segfast C++ operators (registered as torch.ops.segfast.*) and build information";
   m.def("build_info", &build_info, "How this segfast extension was built.");
+  // the layers segfast's direct convolution kernel can serve (cpu/conv2d_act_direct.h): torch.compile
+  // keeps conv2d_act for them where it hands inductor other inference layers (segfast/ops/conv2d_act.py)
+  m.attr("direct_conv_max_input_channels") = segfast::cpu::direct::kMaxInputChannels;
+  m.attr("direct_conv_max_kernel") = segfast::cpu::direct::kMaxKernel;
 }

@@ -261,9 +261,9 @@ def test_compile_gives_inductor_the_stock_composition_for_inference(activation, 
     # with no gradient to compute, torch.compile sees F.conv2d + the activation (inductor chooses
     # the layout and fuses); with one, segfast's op, for its fused backward
     params_grad, grad_mode = COMPILE_MODES[mode]
-    conv = segfast.nn.Conv2dAct(3, 8, 3, padding="same", activation=activation, negative_slope=0.2)
+    conv = segfast.nn.Conv2dAct(8, 8, 3, padding="same", activation=activation, negative_slope=0.2)
     conv.requires_grad_(params_grad)
-    x = torch.randn(2, 3, 10, 10)
+    x = torch.randn(2, 8, 10, 10)
     with torch.set_grad_enabled(grad_mode):
         targets = dynamo_graph_targets(conv, x)
         ours = "segfast.conv2d_act.default" in targets
@@ -279,17 +279,17 @@ def test_compile_gives_inductor_the_stock_composition_for_inference(activation, 
             torch.compile(lambda t: segfast.ops.conv2d_act(t, conv.weight, activation="tanh"))(x)
 
 
-@pytest.mark.parametrize("path", ["segfast", "vendor"])
+@pytest.mark.parametrize("in_channels", [3, 8])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
-def test_compile_keeps_the_op_for_inference_where_the_direct_kernel_runs(path, layout):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_keeps_the_op_for_inference_where_the_direct_kernel_may_run(in_channels, layout, dynamic):
     # the first layer's direct kernel beats oneDNN (and so inductor) where the table takes it
-    conv = segfast.nn.Conv2dAct(3, 8, 3, padding=1).requires_grad_(False)
-    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=layout)
-    with forcing({"direct_conv_forward": path}):
-        targets = dynamo_graph_targets(conv, x)
-        torch._dynamo.reset()
-        out = torch.compile(conv, fullgraph=True)(x)
-    direct = path == "segfast" and layout == torch.contiguous_format
+    conv = segfast.nn.Conv2dAct(in_channels, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, in_channels, 16, 16).contiguous(memory_format=layout)
+    targets = dynamo_graph_targets(conv, x)
+    torch._dynamo.reset()
+    out = torch.compile(conv, fullgraph=True, dynamic=dynamic)(x)
+    direct = in_channels <= 4 and layout == torch.contiguous_format
     assert ("segfast.conv2d_act.default" in targets) == direct, targets
     torch.testing.assert_close(out, F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), rtol=1e-5, atol=1e-5)
 

@@ -173,11 +173,6 @@ bool uses_direct_kernel(cpu::dispatch::Choice choice, const cpu::dispatch::ConvK
          cpu::dispatch::choose(choice, key) == cpu::dispatch::Path::Segfast;
 }
 
-int64_t conv_output_size(const Tensor& input, const Tensor& weight, IntArrayRef stride, IntArrayRef padding,
-                         IntArrayRef dilation, int d) {
-  return (input.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
-}
-
 std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                           IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                           c10::string_view activation, double negative_slope) {
@@ -187,11 +182,12 @@ std::tuple<Tensor, Tensor> conv2d_act_cpu(const Tensor& input, const Tensor& wei
   const Tensor empty = at::empty({0}, input.options());
   // backward needs z itself unless the derivative follows from the output
   const bool keep_preact = act != Activation::None && !derivative_from_output(act, negative_slope);
-  const cpu::dispatch::ConvKey key =
-      conv_key(input, weight, conv_output_size(input, weight, stride, padding, dilation, 0),
-               conv_output_size(input, weight, stride, padding, dilation, 1), false);
+  auto out_size = [&](int d) {
+    return (input.size(d + 2) + 2 * padding[d] - dilation[d] * (weight.size(d + 2) - 1) - 1) / stride[d] + 1;
+  };
+  const cpu::dispatch::ConvKey key = conv_key(input, weight, out_size(0), out_size(1), false);
   if (act != Activation::None &&
-      cpu::dispatch::takes_direct_forward(input, weight, stride, padding, dilation, groups)) {
+      uses_direct_kernel(cpu::dispatch::Choice::DirectConvForward, key, input, weight, stride, dilation, groups)) {
     const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     Tensor out = at::empty({d.batch, d.out_channels, d.out_h, d.out_w}, input.options());
     Tensor preact = keep_preact ? at::empty_like(out) : Tensor();
@@ -297,13 +293,6 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
 }
 
 }  // namespace
-
-bool cpu::dispatch::takes_direct_forward(const Tensor& input, const Tensor& weight, IntArrayRef stride,
-                                         IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
-  const ConvKey key = conv_key(input, weight, conv_output_size(input, weight, stride, padding, dilation, 0),
-                               conv_output_size(input, weight, stride, padding, dilation, 1), false);
-  return uses_direct_kernel(Choice::DirectConvForward, key, input, weight, stride, dilation, groups);
-}
 
 TORCH_LIBRARY_IMPL(segfast, CPU, m) {
   m.impl("conv2d_act", &conv2d_act_cpu);

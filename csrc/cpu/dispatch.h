@@ -4,7 +4,6 @@
 // benchmarks/results/dispatch-cpu-<dtype>.json (`segfast bench --suite dispatch` on the 2-core
 // Zen 4 dev machine). A row is a box of shapes in which every measured point ran at least 1.1x
 // faster on segfast's path; outside every row, ATen's path runs.
-#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
@@ -54,11 +53,5 @@ Path choose(Choice choice, const ConvKey& key);
 void force(Choice choice, std::optional<Path> path);
 
 const char* choice_name(Choice choice);
-
-// Whether conv2d_act's forward of an NCHW caller with an activation runs segfast's direct kernel
-// for this layer (defined beside the kernel, cpu/conv2d_act.cpp). torch.compile keeps the op for
-// such a layer where it would otherwise hand inductor the stock composition (segfast/ops/conv2d_act.py).
-bool takes_direct_forward(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace segfast::cpu::dispatch

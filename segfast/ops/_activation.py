@@ -26,8 +26,9 @@ def check_activation(op: str, activation: str, negative_slope: float) -> float:
     return check_float_arg(op, "negative_slope", negative_slope)
 
 
-def stock_activation(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    """``activation`` applied to z as torch.nn.functional computes it."""
+def stock_activation(op: str, z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """``activation`` applied to z as torch.nn.functional computes it (negative_slope as
+    F.leaky_relu takes it: under torch.compile it may be symbolic, where no float check can run)."""
     if activation == "relu":
         return F.relu(z)
     if activation == "leaky_relu":
@@ -38,6 +39,8 @@ def stock_activation(z: torch.Tensor, activation: str, negative_slope: float) ->
         return F.gelu(z)
     if activation == "sigmoid":
         return torch.sigmoid(z)
+    if activation != "none":
+        raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
     return z
 
 

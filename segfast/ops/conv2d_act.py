@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._activation import check_activation, inductor_takes_inference, keeps_preact, stock_activation
+from segfast.ops._activation import inductor_takes_inference, keeps_preact, stock_activation
 from segfast.ops._common import check_kernel_available, entry, memory_format, pair
 
 _OP = "conv2d_act"
@@ -50,23 +50,22 @@ def _conv2d_act_backward_fake(
 # autograd: csrc/autograd/conv2d_act.cpp (C++, registered for the Autograd key)
 
 
-@torch.compiler.assume_constant_result
-def _takes_direct_forward(dtype, input_size, weight_size, stride, padding, dilation, groups) -> bool:
+def _direct_kernel_may_run(x, weight, stride, dilation, groups, activation) -> bool:
+    """Whether segfast's direct kernel can serve this call's CPU forward (an NCHW first layer: few
+    input channels, stride and dilation 1): where the dispatch table takes it, it beats oneDNN and
+    so inductor, and the op decides per call, so torch.compile keeps the op for such a layer."""
     from segfast import _C
 
-    return _C.conv2d_act_takes_direct_forward(dtype, input_size, weight_size, stride, padding, dilation, groups)
-
-
-def _runs_direct_kernel(x, weight, stride, padding, dilation, groups, activation) -> bool:
-    """Whether the CPU forward of this call runs segfast's direct kernel (the dispatch table's
-    first-layer rows: there it beats oneDNN, so torch.compile keeps the op for inference too)."""
     nchw = memory_format(x) == memory_format(weight) == torch.contiguous_format
-    if activation == "none" or not x.is_cpu or not nchw:
-        return False
-    if not all(isinstance(size, int) for size in (*x.shape, *weight.shape)):
-        return True  # symbolic sizes: the table cannot be asked, segfast's op decides when it runs
-    sizes = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation))
-    return _takes_direct_forward(x.dtype, *sizes, groups)
+    return (
+        activation != "none"
+        and x.is_cpu
+        and nchw
+        and groups == 1
+        and tuple(stride) == tuple(dilation) == (1, 1)
+        and weight.shape[1] <= _C.direct_conv_max_input_channels
+        and max(weight.shape[2:]) <= _C.direct_conv_max_kernel
+    )
 
 
 def _same_padding(op, weight, stride, dilation):
@@ -127,11 +126,11 @@ def conv2d_act(
             raise ValueError(f"{_OP}: padding must be 'valid', 'same', an int or a pair of ints; got {padding!r}")
     else:
         padding = pair(_OP, "padding", padding)
-    if inductor_takes_inference(x, weight, bias) and not _runs_direct_kernel(
-        x, weight, stride, padding, dilation, groups, activation
+    if inductor_takes_inference(x, weight, bias) and not _direct_kernel_may_run(
+        x, weight, stride, dilation, groups, activation
     ):
-        negative_slope = check_activation(_OP, activation, negative_slope)
-        out = stock_activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups), activation, negative_slope)
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        out = stock_activation(_OP, z, activation, negative_slope)
     else:
         out, _ = entry("conv2d_act")(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope)
     return out.squeeze(0) if unbatched else out

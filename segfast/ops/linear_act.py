@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segfast.ops._activation import check_activation, inductor_takes_inference, keeps_preact, stock_activation
+from segfast.ops._activation import inductor_takes_inference, keeps_preact, stock_activation
 from segfast.ops._common import check_kernel_available, entry
 
 _OP = "linear_act"
@@ -60,7 +60,6 @@ def linear_act(
     if bias is not None and bias.dim() < 2 and bias.numel() == 1 and weight.dim() == 2:
         bias = bias.reshape(1).expand(weight.shape[0])  # F.linear broadcasts a one-element bias
     if inductor_takes_inference(input, weight, bias):
-        negative_slope = check_activation(_OP, activation, negative_slope)
-        return stock_activation(F.linear(input, weight, bias), activation, negative_slope)
+        return stock_activation(_OP, F.linear(input, weight, bias), activation, negative_slope)
     out, _ = entry("linear_act")(input, weight, bias, activation, negative_slope)
     return out
