@@ -36,7 +36,10 @@ def _build(name: str, backend: str, settings: Settings) -> torch.nn.Module:
         )
     else:
         model = FCN(3, NUM_CLASSES, variant="8s", base_width=width, backend=backend)
-    return model.to(settings.device, settings.torch_dtype, memory_format=settings.memory_format)
+    model = model.to(settings.device, settings.torch_dtype)
+    # the channels_last suite converts both models; in the NCHW suite segfast's keeps the layout it
+    # chose (parameters channels_last: each convolution would otherwise copy its weight every call)
+    return model.to(memory_format=torch.channels_last) if settings.layout == "channels_last" else model
 
 
 def _pair(name: str, settings: Settings) -> tuple[torch.nn.Module, torch.nn.Module]:
