@@ -146,6 +146,24 @@ def test_none_is_bitwise_f_conv2d():
         assert torch.equal(ours, F.conv2d(x, w, b, **kwargs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=dtype_id)
+@pytest.mark.parametrize("bias", [True, False])
+def test_none_backward_with_grad_in_the_other_layout(layout, dtype, bias):
+    # a channels_last model's logits made NCHW send NCHW gradients into a channels_last head: the
+    # layout change and the bias gradient run as one pass
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    (x64, w64, b64), (x, w, b) = _tensors((2, 16, 9, 7), (21, 16, 1, 1), dtype, layout, bias=bias)
+    ours = segfast.ops.conv2d_act(x, w, b, activation="none")
+    theirs, ref = F.conv2d(x, w, b), F.conv2d(x64, w64, b64)
+    grad = seeded_randn(*ref.shape, dtype=torch.float64, layout=other, seed=3)
+    wrt = [(t, u, v) if bias else (t, u) for t, u, v in ((x, w, b), (x, w, b), (x64, w64, b64))]
+    names = ("input", "weight", "bias")[: len(wrt[0])]
+    assert_grads_close_to_reference(names, (ours, theirs, ref), wrt, grad)
+    (gx,) = torch.autograd.grad(segfast.ops.conv2d_act(x, w, b, activation="none"), x, grad.to(dtype))
+    assert gx.is_contiguous(memory_format=layout)
+
+
 @pytest.mark.parametrize("in_channels", [3, 32])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_layout_follows_f_conv2d(layout, in_channels):

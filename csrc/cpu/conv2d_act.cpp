@@ -231,11 +231,13 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
   auto finish = [&](const Tensor& gi, const Tensor& gw, const Tensor& gb) {
     return masked_grads(output_mask, input, weight, [&] { return gi; }, [&] { return gw; }, [&] { return gb; });
   };
-  if (act == Activation::None) {
+  const MemoryFormat caller = conv_output_format(input, weight);
+  if (act == Activation::None && memory_format(grad_output) == caller) {
     // nothing to fuse: ATen reduces the bias gradient itself, in the caller's layout (with no fused
     // pass to absorb it, the channels_last change costs more in copies than it saves; measured in a
-    // UNet step on the dev machine: 32 ms of copies per 5 steps vs 6 ms)
-    const MemoryFormat caller = conv_output_format(input, weight);
+    // UNet step on the dev machine: 32 ms of copies per 5 steps vs 6 ms). A grad_output in the other
+    // layout (a channels_last model's logits made NCHW) goes through the pass below instead: its
+    // layout change and the bias gradient in one pass, where ATen's copy to channels_last is slow.
     const int64_t bias_size[1] = {out_channels};
     auto [gi, gw, gb] = at::convolution_backward(grad_output.contiguous(caller), input.contiguous(caller),
                                                  weight.contiguous(caller), IntArrayRef(bias_size), stride, padding,
@@ -243,7 +245,9 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
     return finish(gi, gw, gb);
   }
   Tensor grad_bias = at::empty({out_channels}, weight.options());
-  if (!output_mask[0] &&
+  // without an activation the derivative is 1 and the pass reads grad_output in saved's place
+  const Tensor& saved_or_grad = act == Activation::None ? grad_output : saved;
+  if (!output_mask[0] && act != Activation::None &&
       uses_direct_kernel(cpu::dispatch::Choice::DirectConvWeightGrad, key, input, weight, stride, dilation, groups)) {
     const cpu::direct::DirectShape d = cpu::direct::direct_shape(input, weight, padding);
     const Tensor g = grad_output.contiguous(), s = saved.contiguous();
@@ -258,7 +262,7 @@ ConvActGrads conv2d_act_backward_cpu(const Tensor& grad_output, const Tensor& sa
     return finish(Tensor(), grad_weight, grad_bias);
   }
   const Tensor g = grad_output.contiguous(memory_format(grad_output));
-  const Tensor s = saved.contiguous(memory_format(saved));
+  const Tensor s = saved_or_grad.contiguous(memory_format(saved_or_grad));
   TORCH_CHECK_VALUE(s.sizes() == g.sizes(), "conv2d_act_backward: saved ", s.sizes(), " and grad_output ", g.sizes(),
                     " differ");
   Tensor grad_z = at::empty(g.sizes(), g.options(), format);
