@@ -104,6 +104,11 @@ def conv2d_act(
     Backward saves input, weight and one output-sized tensor (the output for relu, sigmoid and
     leaky_relu with slope >= 0; the pre-activation otherwise), and reduces the bias gradient in
     the same pass that applies the activation derivative.
+
+    Under ``torch.compile``, a call with no gradient to compute is traced as ``F.conv2d`` + the
+    activation (inductor lays it out, fuses it and, with ``freezing``, prepacks the weight), except
+    where segfast's direct first-layer kernel may run (NCHW, <= 4 input channels, stride and
+    dilation 1); with a gradient, and under ``torch.export``, it is ``torch.ops.segfast.conv2d_act``.
     """
     # the values are checked by the kernels (csrc/common/conv2d_act.h), with the messages of
     # F.conv2d's checks: an eager call pays for them once, in C++

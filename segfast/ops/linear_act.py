@@ -51,6 +51,10 @@ def linear_act(
     Backward saves input, weight and one output-sized tensor (the output for relu, sigmoid and
     leaky_relu with slope >= 0, the pre-activation otherwise), and reduces the bias gradient in the
     pass that applies the activation derivative.
+
+    Under ``torch.compile``, a call with no gradient to compute is traced as ``F.linear`` + the
+    activation (for inductor to fuse); with a gradient, and under ``torch.export``, it is
+    ``torch.ops.segfast.linear_act``.
     """
     # the values are checked by the kernels (csrc/common/linear_act.h), with F.linear's messages
     if not isinstance(input, torch.Tensor):
