@@ -20,15 +20,20 @@ def keeps_preact(activation: str, negative_slope: float) -> bool:
     return activation != "none" and not derivative_from_output(activation, negative_slope)
 
 
-def check_activation(op: str, activation: str, negative_slope: float) -> float:
+def check_activation_name(op: str, activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+
+
+def check_activation(op: str, activation: str, negative_slope: float) -> float:
+    check_activation_name(op, activation)
     return check_float_arg(op, "negative_slope", negative_slope)
 
 
 def stock_activation(op: str, z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
     """``activation`` applied to z as torch.nn.functional computes it (negative_slope as
     F.leaky_relu takes it: under torch.compile it may be symbolic, where no float check can run)."""
+    check_activation_name(op, activation)
     if activation == "relu":
         return F.relu(z)
     if activation == "leaky_relu":
@@ -39,8 +44,6 @@ def stock_activation(op: str, z: torch.Tensor, activation: str, negative_slope: 
         return F.gelu(z)
     if activation == "sigmoid":
         return torch.sigmoid(z)
-    if activation != "none":
-        raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
     return z
 
 
