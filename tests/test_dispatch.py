@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import segfast
 from segfast import _C, bench
-from segfast.bench.dispatch import DIRECT, FORCED, VENDOR, forcing
+from segfast.bench.dispatch import DIRECT, FORCED, VENDOR, forcing, grid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -104,6 +104,13 @@ def test_forced_paths_change_what_runs():
     # the direct kernel computes the forward and the weight gradient without ATen's convolution
     assert "aten::convolution" not in direct and "aten::convolution_backward" not in direct
     assert "aten::convolution" in vendor and "aten::convolution_backward" in vendor
+
+
+def test_grid_reaches_the_direct_kernels_limits():
+    # the first-layer axes span what the direct kernel serves (cpu/conv2d_act_direct.h), no more
+    axes = grid(quick=False)
+    assert max(axes["direct_in"]) == _C.direct_conv_max_input_channels
+    assert max(axes["direct_k"]) == _C.direct_conv_max_kernel
 
 
 def test_quick_dispatch_suite_feeds_the_table_script():

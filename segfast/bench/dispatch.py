@@ -44,7 +44,6 @@ FORCED = {
     },
     DIRECT: {"direct_conv_forward": "segfast", "direct_conv_weight_grad": "segfast"},
 }
-DIRECT_MAX_CHANNELS = 4  # cpu::direct::kMaxInputChannels
 BATCH = 8
 
 
