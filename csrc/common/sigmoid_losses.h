@@ -19,9 +19,15 @@ struct SigmoidTerms {
   T p, bce;
 };
 
+// p = sigmoid(x) from e = exp(-|x|): one division, whichever side (vectorises)
+template <typename T>
+SEGFAST_HOST_DEVICE T sigmoid_of_exp(T x, T e) {
+  return (x >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
 template <typename T>
 SEGFAST_HOST_DEVICE SigmoidTerms<T> sigmoid_terms(T x, T y, T e, T log1p_e) {
-  const T p = (x >= T(0) ? T(1) : e) / (T(1) + e);  // one division, whichever side: vectorises
+  const T p = sigmoid_of_exp(x, e);
   // torch's binary_cross_entropy_with_logits, (1 - y) x - log_sigmoid(x) with log_sigmoid(x) =
   // min(x, 0) - log(1 + exp(-|x|)): the same infinities and NaN (0 * inf at x = +-inf, y = 1)
   return {p, (T(1) - y) * x - (x < T(0) ? x : T(0)) + log1p_e};

@@ -39,9 +39,10 @@ struct ClassTerms {
   acc_t in[kTile], y[kTile], p[kTile], bce[kTile];  // in: 1 for an element counted, else 0
 };
 
-// ClassTerms of elements j < pixels at x[j * stride], target t[j * stride]; returns whether an
-// integer target holds something other than 0, 1 and ignore_index.
-template <bool kUnit, typename scalar_t, typename target_t>
+// ClassTerms of elements j < pixels at x[j * stride], target t[j * stride], bce only if kBce (the
+// Dice + BCE gradient needs p alone: no log); returns whether an integer target holds something
+// other than 0, 1 and ignore_index.
+template <bool kUnit, bool kBce, typename scalar_t, typename target_t>
 SEGFAST_CPU_MULTIVERSION bool class_terms(const scalar_t* x, const target_t* t, int64_t stride, int64_t pixels,
                                           int64_t ignore_index, ClassTerms<at::opmath_type<scalar_t>>& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -71,9 +72,13 @@ SEGFAST_CPU_MULTIVERSION bool class_terms(const scalar_t* x, const target_t* t, 
 #pragma omp simd
   for (int64_t j = 0; j < pixels; ++j) {
     const acc_t e = cpu::exp_of_nonpositive_term(-std::abs(xs[j]));
-    const SigmoidTerms<acc_t> s = sigmoid_terms(xs[j], out.y[j], e, cpu::log_of_sum(acc_t(1) + e));
-    out.p[j] = s.p;
-    out.bce[j] = s.bce;
+    if constexpr (kBce) {
+      const SigmoidTerms<acc_t> s = sigmoid_terms(xs[j], out.y[j], e, cpu::log_of_sum(acc_t(1) + e));
+      out.p[j] = s.p;
+      out.bce[j] = s.bce;
+    } else {
+      out.p[j] = sigmoid_of_exp(xs[j], e);
+    }
   }
   return bad;
 }
@@ -89,8 +94,8 @@ void raise_bad_target(const char* op, const target_t* t, int64_t stride, int64_t
 
 // Runs body(n, s0, pixels, c, terms, offset) for every class row of every tile of chunk `chunk`
 // (image n, tiles chunk * kTilesPerChunk ...), offset = the row's first element in the logits (and
-// the target, which has the logits' strides).
-template <typename scalar_t, typename target_t, bool kUnit, typename Body>
+// the target, which has the logits' strides); terms.bce computed if kBce.
+template <typename scalar_t, typename target_t, bool kUnit, bool kBce, typename Body>
 void for_each_class_row(const TileGrid& g, const scalar_t* x, const target_t* t, int64_t ignore_index, const char* op,
                         int64_t n, int64_t first_tile, int64_t tiles, Body&& body) {
   ClassTerms<at::opmath_type<scalar_t>> terms;
@@ -100,7 +105,8 @@ void for_each_class_row(const TileGrid& g, const scalar_t* x, const target_t* t,
     const int64_t pixels = std::min(kTile, g.pixels - s0);
     for (int64_t c = 0; c < g.classes; ++c) {
       const int64_t offset = n * g.batch_stride + c * g.class_stride + s0 * g.pixel_stride;
-      if (C10_UNLIKELY(class_terms<kUnit>(x + offset, t + offset, g.pixel_stride, pixels, ignore_index, terms))) {
+      const bool bad = class_terms<kUnit, kBce>(x + offset, t + offset, g.pixel_stride, pixels, ignore_index, terms);
+      if (C10_UNLIKELY(bad)) {
         raise_bad_target(op, t + offset, g.pixel_stride, pixels, n, c * g.pixels + s0, ignore_index);
       }
       body(s0, pixels, c, terms, offset);
@@ -183,7 +189,7 @@ Tensor sigmoid_sums_cpu(const Tensor& input_, const Tensor& target_, int64_t ign
     const auto* t = target.const_data_ptr<decltype(target_type)>();
     for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
       acc_t* out = partial.data() + chunk * width;
-      for_each_class_row<scalar_t, decltype(target_type), decltype(unit)::value>(
+      for_each_class_row<scalar_t, decltype(target_type), decltype(unit)::value, true>(
           g, x, t, ignore_index, "sigmoid_sums", n, first_tile, kTilesPerChunk,
           [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t) {
             if (squared) {
@@ -241,7 +247,7 @@ Tensor sigmoid_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_,
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t plane = g.batch * g.classes;
     for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
-      for_each_class_row<scalar_t, decltype(target_type), kUnit>(
+      for_each_class_row<scalar_t, decltype(target_type), kUnit, false>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_sums", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
             const acc_t* at = gs + n * g.classes + c;
@@ -317,7 +323,7 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
     for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
       double sum = 0, count = 0;
-      for_each_class_row<scalar_t, decltype(target_type), kUnit>(
+      for_each_class_row<scalar_t, decltype(target_type), kUnit, true>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
             acc_t value[kTile], row_sum, row_count;
@@ -381,7 +387,7 @@ Tensor sigmoid_focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& in
     const acc_t scale = per_element ? acc_t(0) : reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
     for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
-      for_each_class_row<scalar_t, decltype(target_type), kUnit>(
+      for_each_class_row<scalar_t, decltype(target_type), kUnit, true>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
             acc_t slope[kTile];
