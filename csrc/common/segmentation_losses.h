@@ -19,13 +19,24 @@ struct FocalTerms {
   acc_t loss, a;
 };
 
-// q^gamma by repeated multiplication for the small integer gammas users pick (2 by default; pow
-// is several times slower on the CPU), pow otherwise; q^0 = 1.
+// gamma as an int if it is one of the small integers users pick (0 ... kMaxSmallIntegerGamma; 2 by default), whose
+// powers are taken by repeated multiplication (pow is several times slower on the CPU); else -1.
+constexpr int kMaxSmallIntegerGamma = 8;
+
+template <typename acc_t>
+SEGFAST_HOST_DEVICE int small_integer_gamma(acc_t gamma) {
+  const bool small = gamma >= acc_t(0) && gamma <= acc_t(kMaxSmallIntegerGamma) &&
+                     static_cast<acc_t>(static_cast<int>(gamma)) == gamma;
+  return small ? static_cast<int>(gamma) : -1;
+}
+
+// q^gamma: repeated multiplication for a small integer gamma, pow otherwise; q^0 = 1.
 template <typename acc_t>
 SEGFAST_HOST_DEVICE acc_t focal_power(acc_t q, acc_t gamma) {
-  if (gamma >= acc_t(0) && gamma <= acc_t(8) && static_cast<acc_t>(static_cast<int>(gamma)) == gamma) {
+  const int times = small_integer_gamma(gamma);
+  if (times >= 0) {
     acc_t r = 1;
-    for (int i = 0; i < static_cast<int>(gamma); ++i) r *= q;
+    for (int i = 0; i < times; ++i) r *= q;
     return r;
   }
   return pow(q, gamma);

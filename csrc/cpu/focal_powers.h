@@ -13,10 +13,10 @@ namespace segfast::cpu {
 template <typename acc_t>
 SEGFAST_HOST_DEVICE void focal_powers(const acc_t* q, int64_t count, acc_t gamma, acc_t* q_gamma,
                                       acc_t* q_gamma_less_1) {
-  const bool small_integer = gamma >= acc_t(0) && gamma <= acc_t(8) && acc_t(static_cast<int>(gamma)) == gamma;
-  if (small_integer) {
+  const int times = small_integer_gamma(gamma);
+  if (times >= 0) {
     for (int64_t j = 0; j < count; ++j) q_gamma[j] = q_gamma_less_1[j] = acc_t(1);
-    for (int i = 0; i < static_cast<int>(gamma); ++i) {
+    for (int i = 0; i < times; ++i) {
 #pragma omp simd
       for (int64_t j = 0; j < count; ++j) {
         q_gamma_less_1[j] = q_gamma[j];

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/class_index.h"
@@ -36,19 +37,22 @@ constexpr int64_t kTilesPerChunk = 16;  // the pixels one partial sum covers: 10
 // The terms of one class's elements in one tile, 0 where the element is left out.
 template <typename acc_t>
 struct ClassTerms {
-  acc_t in[kTile], y[kTile], p[kTile], bce[kTile];  // in: 1 for an element counted, else 0
+  acc_t in[kTile], x[kTile], y[kTile], p[kTile], bce[kTile];  // in: 1 for an element counted, else 0
 };
 
-// ClassTerms of elements j < pixels at x[j * stride], target t[j * stride], bce only if kBce (the
-// Dice + BCE gradient needs p alone: no log); returns whether an integer target holds something
-// other than 0, 1 and ignore_index.
-template <bool kUnit, bool kBce, typename scalar_t, typename target_t>
+// Which ClassTerms class_terms computes beyond in, x and y: the Dice + BCE gradient needs p alone
+// (no log), the fused focal forward computes its own from x.
+enum class Derived { None, P, PAndBce };
+
+// ClassTerms of elements j < pixels at x[j * stride], target t[j * stride], p and bce as kDerived
+// says; returns whether an integer target holds something other than 0, 1 and ignore_index.
+template <bool kUnit, Derived kDerived, typename scalar_t, typename target_t>
 SEGFAST_CPU_MULTIVERSION bool class_terms(const scalar_t* x, const target_t* t, int64_t stride, int64_t pixels,
                                           int64_t ignore_index, ClassTerms<at::opmath_type<scalar_t>>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = kUnit ? 1 : stride;
   const acc_t ignored_value = static_cast<acc_t>(ignore_index);
-  acc_t xs[kTile];
+  acc_t* xs = out.x;
   bool bad = false;
   // the row's logits and targets, contiguous: a strided (channels_last) row is gathered here, and
   // the math below runs on plain arrays (GCC 12's v4 clone of a gathering loop with this math did
@@ -69,10 +73,11 @@ SEGFAST_CPU_MULTIVERSION bool class_terms(const scalar_t* x, const target_t* t, 
     out.in[j] = in ? acc_t(1) : acc_t(0);
     out.y[j] = in ? yv : acc_t(0);
   }
+  if constexpr (kDerived == Derived::None) return bad;
 #pragma omp simd
   for (int64_t j = 0; j < pixels; ++j) {
     const acc_t e = cpu::exp_of_nonpositive_term(-std::abs(xs[j]));
-    if constexpr (kBce) {
+    if constexpr (kDerived == Derived::PAndBce) {
       const SigmoidTerms<acc_t> s = sigmoid_terms(xs[j], out.y[j], e, cpu::log_of_sum(acc_t(1) + e));
       out.p[j] = s.p;
       out.bce[j] = s.bce;
@@ -94,8 +99,8 @@ void raise_bad_target(const char* op, const target_t* t, int64_t stride, int64_t
 
 // Runs body(n, s0, pixels, c, terms, offset) for every class row of every tile of chunk `chunk`
 // (image n, tiles chunk * kTilesPerChunk ...), offset = the row's first element in the logits (and
-// the target, which has the logits' strides); terms.bce computed if kBce.
-template <typename scalar_t, typename target_t, bool kUnit, bool kBce, typename Body>
+// the target, which has the logits' strides); terms.p and terms.bce as kDerived says.
+template <typename scalar_t, typename target_t, bool kUnit, Derived kDerived, typename Body>
 void for_each_class_row(const TileGrid& g, const scalar_t* x, const target_t* t, int64_t ignore_index, const char* op,
                         int64_t n, int64_t first_tile, int64_t tiles, Body&& body) {
   ClassTerms<at::opmath_type<scalar_t>> terms;
@@ -105,7 +110,8 @@ void for_each_class_row(const TileGrid& g, const scalar_t* x, const target_t* t,
     const int64_t pixels = std::min(kTile, g.pixels - s0);
     for (int64_t c = 0; c < g.classes; ++c) {
       const int64_t offset = n * g.batch_stride + c * g.class_stride + s0 * g.pixel_stride;
-      const bool bad = class_terms<kUnit, kBce>(x + offset, t + offset, g.pixel_stride, pixels, ignore_index, terms);
+      const bool bad =
+          class_terms<kUnit, kDerived>(x + offset, t + offset, g.pixel_stride, pixels, ignore_index, terms);
       if (C10_UNLIKELY(bad)) {
         raise_bad_target(op, t + offset, g.pixel_stride, pixels, n, c * g.pixels + s0, ignore_index);
       }
@@ -189,7 +195,7 @@ Tensor sigmoid_sums_cpu(const Tensor& input_, const Tensor& target_, int64_t ign
     const auto* t = target.const_data_ptr<decltype(target_type)>();
     for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
       acc_t* out = partial.data() + chunk * width;
-      for_each_class_row<scalar_t, decltype(target_type), decltype(unit)::value, true>(
+      for_each_class_row<scalar_t, decltype(target_type), decltype(unit)::value, Derived::PAndBce>(
           g, x, t, ignore_index, "sigmoid_sums", n, first_tile, kTilesPerChunk,
           [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t) {
             if (squared) {
@@ -247,7 +253,7 @@ Tensor sigmoid_sums_backward_cpu(const Tensor& grad_sums_, const Tensor& input_,
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t plane = g.batch * g.classes;
     for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
-      for_each_class_row<scalar_t, decltype(target_type), kUnit, false>(
+      for_each_class_row<scalar_t, decltype(target_type), kUnit, Derived::P>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_sums", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
             const acc_t* at = gs + n * g.classes + c;
@@ -283,6 +289,41 @@ SEGFAST_CPU_MULTIVERSION void class_focal_terms(const ClassTerms<acc_t>& t, int6
         SigmoidTerms<acc_t>{t.p[j], t.bce[j]}, t.y[j], alpha_t[j], q[j], q_gamma[j], q_gamma_less_1[j], gamma);
     out[j] = t.in[j] != acc_t(0) ? (kSlope ? f.slope : f.loss) : acc_t(0);
   }
+}
+
+// A class row's focal losses (0 where left out) for a small integer gamma, kTimes, in one loop
+// from the gathered logits, everything in registers: class_terms' p and bce, then
+// class_focal_terms' passes over q and its powers, store and load more than the math costs. The
+// same formulas in the same order: the same losses. kTimes and whether there is an alpha are
+// constants and alpha_c is read once: a runtime loop or a load behind a null test in the body is
+// control flow, and GCC would leave the loop scalar.
+template <int kTimes, bool kAlpha, typename acc_t>
+SEGFAST_CPU_MULTIVERSION void class_focal_losses_fused(const ClassTerms<acc_t>& t, int64_t pixels, const double* alpha,
+                                                       int64_t c, acc_t* out) {
+  const double alpha_c = kAlpha ? alpha[c] : 0.0;
+  const double* alpha_at_c = kAlpha ? &alpha_c : nullptr;  // sigmoid_focal_alpha(alpha_at_c, 0, y)
+#pragma omp simd
+  for (int64_t j = 0; j < pixels; ++j) {
+    const acc_t e = cpu::exp_of_nonpositive_term(-std::abs(t.x[j]));
+    const SigmoidTerms<acc_t> s = sigmoid_terms(t.x[j], t.y[j], e, cpu::log_of_sum(acc_t(1) + e));
+    const acc_t q = sigmoid_focal_q(s.p, t.y[j]);
+    acc_t q_gamma = 1;
+    for (int i = 0; i < kTimes; ++i) q_gamma *= q;
+    const acc_t loss = sigmoid_focal_loss_of_power(s.bce, sigmoid_focal_alpha(alpha_at_c, 0, t.y[j]), q_gamma);
+    out[j] = t.in[j] != acc_t(0) ? loss : acc_t(0);
+  }
+}
+
+// class_focal_losses_fused<times, with alpha or not>, times one of kTimes (small_integer_gamma's range).
+template <typename acc_t, int... kTimes>
+void class_focal_losses_small_gamma(std::integer_sequence<int, kTimes...>, int times, const ClassTerms<acc_t>& t,
+                                    int64_t pixels, const double* alpha, int64_t c, acc_t* out) {
+  const auto fused = [&](auto times_constant) {
+    constexpr int k = decltype(times_constant)::value;
+    alpha != nullptr ? class_focal_losses_fused<k, true>(t, pixels, alpha, c, out)
+                     : class_focal_losses_fused<k, false>(t, pixels, alpha, c, out);
+  };
+  ((times == kTimes ? fused(std::integral_constant<int, kTimes>{}) : void()), ...);
 }
 
 // A row's losses written at out[j * step] (when out is given) and summed with its count, the
@@ -321,21 +362,34 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* out = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
-    for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
-      double sum = 0, count = 0;
-      for_each_class_row<scalar_t, decltype(target_type), kUnit, true>(
-          g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
-          kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
-            acc_t value[kTile], row_sum, row_count;
-            class_focal_terms<false>(terms, pixels, a, c, static_cast<acc_t>(gamma), value);
-            store_and_sum(value, terms.in, pixels, out == nullptr ? nullptr : out + offset, kUnit ? 1 : g.pixel_stride,
-                          row_sum, row_count);
-            sum += row_sum;
-            count += row_count;
-          });
-      chunk_loss[chunk] = sum;
-      chunk_count[chunk] = count;
-    });
+    const int times = small_integer_gamma(static_cast<acc_t>(gamma));
+    const auto run = [&](auto derived) {  // Derived::None: the fused loop
+      for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
+        double sum = 0, count = 0;
+        for_each_class_row<scalar_t, decltype(target_type), kUnit, decltype(derived)::value>(
+            g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
+            kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
+              acc_t value[kTile], row_sum, row_count;
+              if constexpr (decltype(derived)::value == Derived::None) {
+                class_focal_losses_small_gamma(std::make_integer_sequence<int, kMaxSmallIntegerGamma + 1>{}, times,
+                                               terms, pixels, a, c, value);
+              } else {
+                class_focal_terms<false>(terms, pixels, a, c, static_cast<acc_t>(gamma), value);
+              }
+              store_and_sum(value, terms.in, pixels, out == nullptr ? nullptr : out + offset,
+                            kUnit ? 1 : g.pixel_stride, row_sum, row_count);
+              sum += row_sum;
+              count += row_count;
+            });
+        chunk_loss[chunk] = sum;
+        chunk_count[chunk] = count;
+      });
+    };
+    if (times >= 0) {
+      run(std::integral_constant<Derived, Derived::None>{});
+    } else {
+      run(std::integral_constant<Derived, Derived::PAndBce>{});
+    }
   });
   const double sum = cpu::sum_in_order(chunk_loss), count = cpu::sum_in_order(chunk_count);
   if (reduction != Reduction::None) {
@@ -387,7 +441,7 @@ Tensor sigmoid_focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& in
     const acc_t scale = per_element ? acc_t(0) : reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
     for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
-      for_each_class_row<scalar_t, decltype(target_type), kUnit, true>(
+      for_each_class_row<scalar_t, decltype(target_type), kUnit, Derived::PAndBce>(
           g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
           kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
             acc_t slope[kTile];

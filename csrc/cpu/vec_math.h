@@ -1,6 +1,8 @@
 #pragma once
 // Elementwise math written so that GCC vectorises it inside `#pragma omp simd` loops (glibc's
-// expf is a scalar call and would dominate the softmax kernels).
+// expf is a scalar call and would dominate the softmax kernels). Every function is always inlined
+// (SEGFAST_HOST_DEVICE): as plain inline functions GCC left them calls in the fused sigmoid focal
+// loop, whose body is larger than the others, and that loop scalar.
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -43,7 +45,7 @@ struct ExpParts {
   int32_t n;
 };
 
-inline ExpParts exp_parts(float x) {
+SEGFAST_HOST_DEVICE ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -63,7 +65,7 @@ inline ExpParts exp_parts(float x) {
 
 // exp(x) for float, within 2 ulp for normal results: exp_parts, the scale 2^n applied in two
 // halves so that results down to the subnormal range stay exact.
-inline float exp_vec(float x) {
+SEGFAST_HOST_DEVICE float exp_vec(float x) {
   const bool underflow = x < -104.0f, overflow = x > 88.8f;
   const ExpParts e = exp_parts(x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x));  // NaN passes through
   const int32_t half = e.n >> 1;
@@ -74,7 +76,7 @@ inline float exp_vec(float x) {
 }
 
 // float64 is the gradcheck dtype: accuracy over speed.
-inline double exp_vec(double x) {
+SEGFAST_HOST_DEVICE double exp_vec(double x) {
   return std::exp(x);
 }
 
@@ -82,7 +84,7 @@ inline double exp_vec(double x) {
 // Recipes, erfc(x) = t exp(-x^2 + P(t)) with t = 1 / (1 + x/2) (relative error 1e-7 in exact
 // arithmetic, 4e-7 for x < 1 and 4e-6 in the far tail in float); x^2's rounding error (an FMA) is
 // applied as a factor, else it would dominate the tail.
-inline float erfc_of_nonnegative(float x) {
+SEGFAST_HOST_DEVICE float erfc_of_nonnegative(float x) {
   const float t = 1.0f / (1.0f + 0.5f * x);
   float p = 0.17087277f;
   p = p * t - 0.82215223f;
@@ -99,7 +101,7 @@ inline float erfc_of_nonnegative(float x) {
   return t * exp_vec(p - x2) * (1.0f - x2_error);
 }
 
-inline double erfc_of_nonnegative(double x) {
+SEGFAST_HOST_DEVICE double erfc_of_nonnegative(double x) {
   return std::erfc(x);
 }
 
@@ -107,19 +109,19 @@ inline double erfc_of_nonnegative(double x) {
 // -87.3 (results under float's smallest normal) it returns exp(-87.3) ~ 1.2e-38, which leaves such
 // a sum unchanged; with no overflow, no subnormal scaling and no selects it is a quarter cheaper
 // than exp_vec (the same exp_parts). NaN passes through.
-inline float exp_of_nonpositive_term(float x) {
+SEGFAST_HOST_DEVICE float exp_of_nonpositive_term(float x) {
   const ExpParts e = exp_parts(x < -87.3f ? -87.3f : x);
   return e.p * std::bit_cast<float>((e.n + 127) << 23);  // n >= -126: a normal power of two
 }
 
-inline double exp_of_nonpositive_term(double x) {
+SEGFAST_HOST_DEVICE double exp_of_nonpositive_term(double x) {
   return std::exp(x);
 }
 
 // log(x) for a sum of exp terms that holds exp(0) = 1 (x >= 1, +inf or NaN), vectorisable: x =
 // m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) for f = m - 1 by Cephes' logf polynomial
 // (within 1 ulp on this range), e ln2 in two parts. +inf and NaN pass through.
-inline float log_of_sum(float x) {
+SEGFAST_HOST_DEVICE float log_of_sum(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
   const int32_t above_sqrt2 = (bits & 0x7fffff) > 0x3504f3 ? 1 : 0;  // mantissa of 1.4142135
   const float e = static_cast<float>((bits >> 23) - 127 + above_sqrt2);
@@ -139,7 +141,7 @@ inline float log_of_sum(float x) {
   return x < INFINITY ? result : x + x;  // +inf stays +inf, NaN stays NaN
 }
 
-inline double log_of_sum(double x) {
+SEGFAST_HOST_DEVICE double log_of_sum(double x) {
   return std::log(x);
 }
 
