@@ -58,19 +58,25 @@ struct SigmoidFocalTerms {
 // a_t ((p - y) q^gamma + gamma BCE q^(gamma - 1) (1 - 2y) p (1 - p)), from the powers q^gamma and
 // q^(gamma - 1); the second term is 0 for gamma = 0 and where q = 0 (p saturated at y, where
 // (1 - 2y) p (1 - p) is 0 too; torch's autograd of the same formula gives 0 * inf = NaN there).
-// (bce, not SigmoidTerms: an aggregate passed by value inside a CPU `omp simd` loop stays in
-// memory, and the loop scalar)
+// The loss and the slope each from scalars (not SigmoidTerms: an aggregate passed by value inside
+// a CPU `omp simd` loop stays in memory, and the loop scalar).
 template <typename T>
 SEGFAST_HOST_DEVICE T sigmoid_focal_loss_of_power(T bce, T alpha_t, T q_gamma) {
   return alpha_t * bce * q_gamma;
 }
 
 template <typename T>
+SEGFAST_HOST_DEVICE T sigmoid_focal_slope_of_powers(T p, T bce, T y, T alpha_t, T q, T q_gamma, T q_gamma_less_1,
+                                                    T gamma) {
+  const T curve = gamma == T(0) || q <= T(0) ? T(0) : gamma * bce * q_gamma_less_1 * (T(1) - T(2) * y) * p * (T(1) - p);
+  return alpha_t * ((p - y) * q_gamma + curve);
+}
+
+template <typename T>
 SEGFAST_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_of_powers(SigmoidTerms<T> s, T y, T alpha_t, T q,
                                                                        T q_gamma, T q_gamma_less_1, T gamma) {
-  const T curve =
-      gamma == T(0) || q <= T(0) ? T(0) : gamma * s.bce * q_gamma_less_1 * (T(1) - T(2) * y) * s.p * (T(1) - s.p);
-  return {sigmoid_focal_loss_of_power(s.bce, alpha_t, q_gamma), alpha_t * ((s.p - y) * q_gamma + curve)};
+  return {sigmoid_focal_loss_of_power(s.bce, alpha_t, q_gamma),
+          sigmoid_focal_slope_of_powers(s.p, s.bce, y, alpha_t, q, q_gamma, q_gamma_less_1, gamma)};
 }
 
 template <typename T>

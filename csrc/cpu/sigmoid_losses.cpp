@@ -41,7 +41,7 @@ struct ClassTerms {
 };
 
 // Which ClassTerms class_terms computes beyond in, x and y: the Dice + BCE gradient needs p alone
-// (no log), the fused focal forward computes its own from x.
+// (no log), the fused focal loops compute their own from x.
 enum class Derived { None, P, PAndBce };
 
 // ClassTerms of elements j < pixels at x[j * stride], target t[j * stride], p and bce as kDerived
@@ -291,39 +291,71 @@ SEGFAST_CPU_MULTIVERSION void class_focal_terms(const ClassTerms<acc_t>& t, int6
   }
 }
 
-// A class row's focal losses (0 where left out) for a small integer gamma, kTimes, in one loop
-// from the gathered logits, everything in registers: class_terms' p and bce, then
-// class_focal_terms' passes over q and its powers, store and load more than the math costs. The
-// same formulas in the same order: the same losses. kTimes and whether there is an alpha are
-// constants and alpha_c is read once: a runtime loop or a load behind a null test in the body is
-// control flow, and GCC would leave the loop scalar.
-template <int kTimes, bool kAlpha, typename acc_t>
-SEGFAST_CPU_MULTIVERSION void class_focal_losses_fused(const ClassTerms<acc_t>& t, int64_t pixels, const double* alpha,
-                                                       int64_t c, acc_t* out) {
+// A class row's focal terms (0 where left out; the loss, or its slope if kSlope) for a small
+// integer gamma, kTimes, in one loop from the gathered logits, everything in registers:
+// class_terms' p and bce, then class_focal_terms' passes over q and its powers, store and load
+// more than the math costs. The same formulas in the same order: the same values. kTimes and
+// whether there is an alpha are constants and alpha_c is read once: a runtime loop or a load
+// behind a null test in the body is control flow, and GCC would leave the loop scalar.
+template <bool kSlope, int kTimes, bool kAlpha, typename acc_t>
+SEGFAST_CPU_MULTIVERSION void class_focal_terms_fused(const ClassTerms<acc_t>& t, int64_t pixels, const double* alpha,
+                                                      int64_t c, acc_t* out) {
   const double alpha_c = kAlpha ? alpha[c] : 0.0;
   const double* alpha_at_c = kAlpha ? &alpha_c : nullptr;  // sigmoid_focal_alpha(alpha_at_c, 0, y)
+  constexpr acc_t gamma = kTimes;
 #pragma omp simd
   for (int64_t j = 0; j < pixels; ++j) {
     const acc_t e = cpu::exp_of_nonpositive_term(-std::abs(t.x[j]));
     const SigmoidTerms<acc_t> s = sigmoid_terms(t.x[j], t.y[j], e, cpu::log_of_sum(acc_t(1) + e));
     const acc_t q = sigmoid_focal_q(s.p, t.y[j]);
-    acc_t q_gamma = 1;
-    for (int i = 0; i < kTimes; ++i) q_gamma *= q;
-    const acc_t loss = sigmoid_focal_loss_of_power(s.bce, sigmoid_focal_alpha(alpha_at_c, 0, t.y[j]), q_gamma);
-    out[j] = t.in[j] != acc_t(0) ? loss : acc_t(0);
+    acc_t q_gamma = 1, q_gamma_less_1 = 1;
+    for (int i = 0; i < kTimes; ++i) {
+      q_gamma_less_1 = q_gamma;
+      q_gamma *= q;
+    }
+    const acc_t alpha_t = sigmoid_focal_alpha(alpha_at_c, 0, t.y[j]);
+    const acc_t value =
+        kSlope ? sigmoid_focal_slope_of_powers(s.p, s.bce, t.y[j], alpha_t, q, q_gamma, q_gamma_less_1, gamma)
+               : sigmoid_focal_loss_of_power(s.bce, alpha_t, q_gamma);
+    out[j] = t.in[j] != acc_t(0) ? value : acc_t(0);
   }
 }
 
-// class_focal_losses_fused<times, with alpha or not>, times one of kTimes (small_integer_gamma's range).
-template <typename acc_t, int... kTimes>
-void class_focal_losses_small_gamma(std::integer_sequence<int, kTimes...>, int times, const ClassTerms<acc_t>& t,
-                                    int64_t pixels, const double* alpha, int64_t c, acc_t* out) {
+// class_focal_terms_fused<kSlope, times, with alpha or not>, times one of kTimes
+// (small_integer_gamma's range).
+template <bool kSlope, typename acc_t, int... kTimes>
+void class_focal_terms_small_gamma(std::integer_sequence<int, kTimes...>, int times, const ClassTerms<acc_t>& t,
+                                   int64_t pixels, const double* alpha, int64_t c, acc_t* out) {
   const auto fused = [&](auto times_constant) {
     constexpr int k = decltype(times_constant)::value;
-    alpha != nullptr ? class_focal_losses_fused<k, true>(t, pixels, alpha, c, out)
-                     : class_focal_losses_fused<k, false>(t, pixels, alpha, c, out);
+    alpha != nullptr ? class_focal_terms_fused<kSlope, k, true>(t, pixels, alpha, c, out)
+                     : class_focal_terms_fused<kSlope, k, false>(t, pixels, alpha, c, out);
   };
   ((times == kTimes ? fused(std::integral_constant<int, kTimes>{}) : void()), ...);
+}
+
+// A class row's focal terms (the loss, or its slope if kSlope): the fused loop for a small integer
+// gamma (`times` >= 0; class_terms computed Derived::None), else class_focal_terms (PAndBce).
+template <bool kSlope, Derived kDerived, typename acc_t>
+void class_focal_values(const ClassTerms<acc_t>& t, int64_t pixels, const double* alpha, int64_t c, int times,
+                        acc_t gamma, acc_t* out) {
+  if constexpr (kDerived == Derived::None) {
+    class_focal_terms_small_gamma<kSlope>(std::make_integer_sequence<int, kMaxSmallIntegerGamma + 1>{}, times, t,
+                                          pixels, alpha, c, out);
+  } else {
+    class_focal_terms<kSlope>(t, pixels, alpha, c, gamma, out);
+  }
+}
+
+// Calls f(std::integral_constant<Derived, ...>) with what class_terms must compute for
+// class_focal_values: nothing for a small integer gamma (the fused loop), else p and bce.
+template <typename F>
+void dispatch_focal_derived(int times, F&& f) {
+  if (times >= 0) {
+    f(std::integral_constant<Derived, Derived::None>{});
+  } else {
+    f(std::integral_constant<Derived, Derived::PAndBce>{});
+  }
 }
 
 // A row's losses written at out[j * step] (when out is given) and summed with its count, the
@@ -363,19 +395,15 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
     scalar_t* out = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
     const int times = small_integer_gamma(static_cast<acc_t>(gamma));
-    const auto run = [&](auto derived) {  // Derived::None: the fused loop
+    dispatch_focal_derived(times, [&](auto derived) {
+      constexpr Derived kDerived = decltype(derived)::value;
       for_each_chunk(g, [&](int64_t n, int64_t chunk, int64_t first_tile) {
         double sum = 0, count = 0;
-        for_each_class_row<scalar_t, decltype(target_type), kUnit, decltype(derived)::value>(
+        for_each_class_row<scalar_t, decltype(target_type), kUnit, kDerived>(
             g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
             kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
               acc_t value[kTile], row_sum, row_count;
-              if constexpr (decltype(derived)::value == Derived::None) {
-                class_focal_losses_small_gamma(std::make_integer_sequence<int, kMaxSmallIntegerGamma + 1>{}, times,
-                                               terms, pixels, a, c, value);
-              } else {
-                class_focal_terms<false>(terms, pixels, a, c, static_cast<acc_t>(gamma), value);
-              }
+              class_focal_values<false, kDerived>(terms, pixels, a, c, times, static_cast<acc_t>(gamma), value);
               store_and_sum(value, terms.in, pixels, out == nullptr ? nullptr : out + offset,
                             kUnit ? 1 : g.pixel_stride, row_sum, row_count);
               sum += row_sum;
@@ -384,12 +412,7 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_cpu(const Tensor& input_, const Te
         chunk_loss[chunk] = sum;
         chunk_count[chunk] = count;
       });
-    };
-    if (times >= 0) {
-      run(std::integral_constant<Derived, Derived::None>{});
-    } else {
-      run(std::integral_constant<Derived, Derived::PAndBce>{});
-    }
+    });
   });
   const double sum = cpu::sum_in_order(chunk_loss), count = cpu::sum_in_order(chunk_count);
   if (reduction != Reduction::None) {
@@ -440,15 +463,19 @@ Tensor sigmoid_focal_loss_backward_cpu(const Tensor& grad_loss, const Tensor& in
     const bool per_element = reduction == Reduction::None;
     const acc_t scale = per_element ? acc_t(0) : reduction == Reduction::Mean ? gl[0] / count.item<acc_t>() : gl[0];
     const double* a = alpha.defined() ? alpha.const_data_ptr<double>() : nullptr;
-    for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
-      for_each_class_row<scalar_t, decltype(target_type), kUnit, Derived::PAndBce>(
-          g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
-          kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
-            acc_t slope[kTile];
-            class_focal_terms<true>(terms, pixels, a, c, static_cast<acc_t>(gamma), slope);
-            store_gradient(slope, terms.in, pixels, per_element ? gl + offset : nullptr, scale, out + offset,
-                           kUnit ? 1 : g.pixel_stride);
-          });
+    const int times = small_integer_gamma(static_cast<acc_t>(gamma));
+    dispatch_focal_derived(times, [&](auto derived) {
+      constexpr Derived kDerived = decltype(derived)::value;
+      for_each_chunk(g, [&](int64_t n, int64_t, int64_t first_tile) {
+        for_each_class_row<scalar_t, decltype(target_type), kUnit, kDerived>(
+            g, x, target.const_data_ptr<decltype(target_type)>(), ignore_index, "sigmoid_focal_loss", n, first_tile,
+            kTilesPerChunk, [&](int64_t, int64_t pixels, int64_t c, const ClassTerms<acc_t>& terms, int64_t offset) {
+              acc_t slope[kTile];
+              class_focal_values<true, kDerived>(terms, pixels, a, c, times, static_cast<acc_t>(gamma), slope);
+              store_gradient(slope, terms.in, pixels, per_element ? gl + offset : nullptr, scale, out + offset,
+                             kUnit ? 1 : g.pixel_stride);
+            });
+      });
     });
   });
   return grad;
