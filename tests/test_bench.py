@@ -4,6 +4,7 @@ generated block against the committed result files."""
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_augment_from_bytes_against_the_augmentation_libraries():
         assert images.is_contiguous() and masks.shape == (4, 224, 224) and masks.dtype == torch.uint8, name
         assert -2.2 < images.min() < -1.5 and 2.2 < images.max() < 2.7, name  # ImageNet-normalised bytes
         assert set(masks.unique().tolist()) <= set(range(21)) | {255}, name
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_timing_orders_let_every_provider_follow_every_other_equally_often(n):
+    orders = bench.measure.carryover_balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = Counter((order[i], order[i + 1]) for order in orders for i in range(n - 1))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1
+
+
+def test_time_side_by_side_runs_the_balanced_orders():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    timings = bench.measure.time_side_by_side(fns, reps=8, warmup=0)
+    assert set(timings) == set("abcd")
+    orders = bench.measure.carryover_balanced_orders(4)
+    assert calls == ["abcd"[i] for rep in range(8) for i in orders[rep % 4]]
 
 
 def test_unsupported_dtype_is_reported_not_timed():

@@ -56,16 +56,20 @@ def time_side_by_side(
     device: str = "cpu",
     progress: Callable[[], None] = lambda: None,
 ) -> dict[str, Timing]:
-    """Times each callable ``reps`` times, interleaved (A B C, B C A, ...: they share the machine's
-    drift, and no provider always follows the same one), after ``warmup`` calls each. CUDA calls
-    are timed with events on the current stream."""
+    """Times each callable ``reps`` times, interleaved, after ``warmup`` calls each: rep r runs them
+    in order ``carryover_balanced_orders(n)[r % len(...)]``, so they share the machine's drift and
+    each one follows every other one equally often. (A plain rotation, A B C, B C A, ..., has each
+    provider follow the same one in most rounds: on CPU, segfast after the compiled stock backward
+    measured 0.69-0.84x its own copy placed elsewhere.) CUDA calls are timed with events on the
+    current stream."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
+    orders = carryover_balanced_orders(len(names))
     samples: dict[str, list] = {name: [] for name in fns}
     for rep in range(reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+        for name in (names[i] for i in orders[rep % len(orders)]):
             if device == "cuda":
                 start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start_event.record()
@@ -85,6 +89,22 @@ def time_side_by_side(
         quartiles = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
         timings[name] = Timing(statistics.median(s), quartiles[0], quartiles[2])
     return timings
+
+
+def carryover_balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which every index directly follows every other one equally often:
+    Williams' crossover design, the n cyclic shifts of 0, 1, n-1, 2, n-2, ... (each ordered pair
+    once), with their reverses for an odd n (each pair twice)."""
+    first, low, high = [0], 1, n - 1
+    for k in range(1, n):
+        if k % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 and n > 1 else orders
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
