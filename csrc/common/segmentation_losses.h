@@ -19,10 +19,11 @@ struct FocalTerms {
   acc_t loss, a;
 };
 
-// gamma as an int if it is one of the small integers users pick (0 ... kMaxSmallIntegerGamma; 2 by default), whose
-// powers are taken by repeated multiplication (pow is several times slower on the CPU); else -1.
 constexpr int kMaxSmallIntegerGamma = 8;
 
+// gamma as an int if it is one of the small integers users pick (0 ... kMaxSmallIntegerGamma; 2 by
+// default), whose powers are taken by repeated multiplication (pow is several times slower on the
+// CPU); else -1.
 template <typename acc_t>
 SEGFAST_HOST_DEVICE int small_integer_gamma(acc_t gamma) {
   const bool small = gamma >= acc_t(0) && gamma <= acc_t(kMaxSmallIntegerGamma) &&

@@ -60,7 +60,7 @@ def time_side_by_side(
     in order ``carryover_balanced_orders(n)[r % len(...)]``, so they share the machine's drift and
     each one follows every other one equally often. (A plain rotation, A B C, B C A, ..., has each
     provider follow the same one in most rounds: on CPU, segfast after the compiled stock backward
-    measured 0.69-0.84x its own copy placed elsewhere.) CUDA calls are timed with events on the
+    ran at 0.66-0.75x the speed of its own copy placed elsewhere.) CUDA calls are timed with events on the
     current stream."""
     for fn in fns.values():
         for _ in range(warmup):
